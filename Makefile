@@ -1,0 +1,31 @@
+# Two commands on a fresh machine: `make run` and `make test`. Everything else is set up
+# on the way (virtual environment, dependencies, the embedded PostgreSQL).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test bench bench-full install clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/python -m gateway
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python -m perf.bench --quick
+
+bench-full: $(STAMP)
+	$(BIN)/python -m perf.bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info

@@ -1,0 +1,15 @@
+"""Identifiers: a prefix, then 48 bits of milliseconds and 64 random bits in hex, so ids
+sort by creation time (cursor pagination by id follows creation order)."""
+import itertools
+import secrets
+import time
+
+_op_ids = itertools.count(1)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{int(time.time() * 1000):012x}{secrets.randbits(64):016x}"
+
+
+def next_op_id() -> int:
+    return next(_op_ids)

@@ -1,0 +1,34 @@
+"""Prometheus metrics of one engine, in its own registry (no globals): the gateway adds
+its request metrics to the same registry and renders it at /metrics."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.batch_size = Histogram("alluse_batch_size", "Operations per committed batch", buckets=BATCH_BUCKETS,
+                                    registry=r)
+        self.commit_latency = Histogram("alluse_commit_latency_seconds", "Time to commit one batch",
+                                        buckets=LATENCY_BUCKETS_S, registry=r)
+        self.operations = Counter("alluse_operations_total", "Engine operations by kind and outcome",
+                                  ["operation", "outcome"], registry=r)
+        self.resident_actors = Gauge("alluse_resident_actors", "Account actors resident in memory", registry=r)
+        self.mailbox_depth_max = Gauge("alluse_mailbox_depth_max", "Deepest account mailbox", registry=r)
+        self.operations_in_flight = Gauge("alluse_operations_in_flight", "Operations admitted and not finished",
+                                          registry=r)
+        self.write_queue_depth = Gauge("alluse_write_queue_depth", "Operations waiting for the writer",
+                                       registry=r)
+        self.activations = Counter("alluse_activations_total", "Account actors activated", registry=r)
+        self.passivations = Counter("alluse_passivations_total", "Account actors passivated", registry=r)
+        self.actor_failures = Counter("alluse_actor_failures_total", "Account actors that failed unexpectedly",
+                                      registry=r)
+
+    def observe_batch(self, size: int, elapsed_s: float) -> None:
+        self.batch_size.observe(size)
+        self.commit_latency.observe(elapsed_s)

@@ -1,0 +1,99 @@
+"""Configuration: `config/default.toml` < the file named by ALLUSE_CONFIG < environment
+variables. Typed with msgspec; an unknown key is an error that names it."""
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated
+
+import msgspec
+from msgspec import Meta, Struct
+
+from engine import limits
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "default.toml"
+
+
+class ServerSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    host: str = "127.0.0.1"
+    port: Annotated[int, Meta(ge=0, le=65535)] = 8080
+    body_max_bytes: Annotated[int, Meta(ge=1024, le=limits.BODY_BYTES_MAX)] = 65536
+    admin_token: str = ""
+
+
+class DatabaseSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    url: str = ""
+    data_dir: str = ".alluse"
+    pool_size: Annotated[int, Meta(ge=1, le=64)] = 8
+
+
+class EngineSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    actor_workers: Annotated[int, Meta(ge=1, le=limits.ACTOR_WORKERS_MAX)] = 4
+    resident_accounts_max: Annotated[int, Meta(ge=16, le=limits.RESIDENT_ACCOUNTS_MAX)] = 100_000
+    passivate_idle_s: Annotated[float, Meta(gt=0)] = 300.0
+    operations_in_flight_max: Annotated[int, Meta(ge=1, le=limits.OPERATIONS_IN_FLIGHT_MAX)] = 4096
+    account_operations_in_flight_max: Annotated[int, Meta(ge=1, le=limits.OPERATIONS_IN_FLIGHT_MAX)] = 256
+    batch_size_max: Annotated[int, Meta(ge=1, le=limits.BATCH_SIZE_MAX)] = 1024
+    batch_wait_ms: Annotated[float, Meta(ge=0, le=100)] = 0.0
+    write_queue_max: Annotated[int, Meta(ge=1, le=limits.WRITE_QUEUE_MAX)] = 8192
+    operation_timeout_s: Annotated[float, Meta(gt=0, le=300)] = 10.0
+
+
+class Settings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    server: ServerSettings = ServerSettings()
+    database: DatabaseSettings = DatabaseSettings()
+    engine: EngineSettings = EngineSettings()
+
+
+class ConfigError(Exception):
+    pass
+
+
+def _merge(base: dict, override: dict) -> dict:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read_toml(path: Path) -> dict:
+    try:
+        with open(path, "rb") as file:
+            return tomllib.load(file)
+    except OSError as error:
+        raise ConfigError(f"cannot read configuration file {path}: {error.strerror}") from error
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"configuration file {path} is not valid TOML: {error}") from error
+
+
+ENVIRONMENT = {
+    "ALLUSE_HOST": ("server", "host", str),
+    "ALLUSE_PORT": ("server", "port", int),
+    "ALLUSE_ADMIN_TOKEN": ("server", "admin_token", str),
+    "ALLUSE_DATA_DIR": ("database", "data_dir", str),
+    "DATABASE_URL": ("database", "url", str),
+}
+
+
+def load_settings(environ: dict | None = None, overrides: dict | None = None) -> Settings:
+    environ = os.environ if environ is None else environ
+    raw = _read_toml(DEFAULT_CONFIG) if DEFAULT_CONFIG.exists() else {}
+    if environ.get("ALLUSE_CONFIG"):
+        raw = _merge(raw, _read_toml(Path(environ["ALLUSE_CONFIG"])))
+    for variable, (section, key, kind) in ENVIRONMENT.items():
+        value = environ.get(variable)
+        if value:
+            try:
+                raw.setdefault(section, {})[key] = kind(value)
+            except ValueError as error:
+                raise ConfigError(f"{variable}={value!r} is not a valid {kind.__name__}") from error
+    if overrides:
+        raw = _merge(raw, overrides)
+    try:
+        return msgspec.convert(raw, Settings)
+    except msgspec.ValidationError as error:
+        raise ConfigError(f"invalid configuration: {error}") from error

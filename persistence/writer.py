@@ -1,0 +1,335 @@
+"""The persistence actor: the one writer. An asyncio task fed through a bounded queue;
+it takes every operation waiting (up to `batch_size_max`), applies them in arrival order
+to the committed account rows with the core's own `mutate` (a last safety check: a leg
+that would overdraw is a bug upstream and fails alone), and commits the whole batch as
+one PostgreSQL transaction. Replies go out only after COMMIT returns.
+
+If a batch fails, every operation in it fails, and the accounts it touched are
+*poisoned*: later operations on them fail too until their actor reloads its state from
+the database through this same queue (`ReloadOp`), so nothing decided on a state that
+did not survive can be written."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import msgspec
+
+from engine.errors import DatabaseUnavailable, EngineError, Overloaded, Unavailable
+from engine.model import Account, Event, LegPosted, StatusChanged, Transaction
+from engine.rules import mutate, transition
+from persistence import store as sql
+from persistence.store import Store, account_from_row, translated_errors
+
+log = logging.getLogger("alluse.writer")
+
+RECONNECT_INTERVAL_S = 0.5
+encode_json = msgspec.json.Encoder().encode
+
+
+@dataclass(slots=True, eq=False)
+class WriteOp:
+    """One operation's writes. `done(result, error)` runs on the writer's loop after the
+    batch commits (or fails); `render` builds the result from the committed legs."""
+
+    op_id: int
+    accounts: tuple[str, ...]
+    done: Callable[[Any, BaseException | None], None]
+    render: Callable[[list[Transaction], dict[str, Account]], Any]
+    events: tuple[Event, ...] = ()
+    creates: tuple[Account, ...] = ()
+    idempotency: tuple[str, str] | None = None
+
+
+@dataclass(slots=True, eq=False)
+class ReloadOp:
+    """Read one account's committed row after every earlier operation, and lift its poison."""
+
+    account_id: str
+    done: Callable[[Account | None, BaseException | None], None]
+
+
+@dataclass(slots=True)
+class Resolution:
+    """What the writer tells an account's actor after a batch: which of its operations
+    committed (with the committed state) and which failed."""
+
+    committed_op_ids: list[int] = field(default_factory=list)
+    failed_op_ids: list[int] = field(default_factory=list)
+    state: Account | None = None
+
+
+class Writer:
+    def __init__(self, store: Store, *, batch_size_max: int, queue_max: int,
+                 notify: Callable[[dict[str, Resolution]], None], metrics=None, batch_wait_s: float = 0.0):
+        self.store = store
+        self.batch_size_max = batch_size_max
+        self.batch_wait_s = batch_wait_s
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.queue_max = queue_max
+        self.notify = notify
+        self.metrics = metrics
+        self.poisoned: set[str] = set()
+        self.connection = None
+        self.healthy = False
+        self._last_connect_attempt = 0.0
+        self._task: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.batches = 0
+        self.operations = 0
+
+    # -- lifecycle -------------------------------------------------------------------
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        await self._ensure_connection()
+        self._task = asyncio.create_task(self._run(), name="alluse-writer")
+
+    async def stop(self) -> None:
+        """Flushes what is queued, then stops."""
+        if self._task is not None:
+            await self.queue.put(None)
+            await self._task
+            self._task = None
+        if self.connection is not None:
+            await self.connection.close()
+            self.connection = None
+
+    # -- submission (any thread) -----------------------------------------------------
+    def submit(self, op: WriteOp | ReloadOp) -> None:
+        """Thread-safe: hands `op` to the writer's loop."""
+        self._loop.call_soon_threadsafe(self.enqueue, op)
+
+    def enqueue(self, op: WriteOp | ReloadOp) -> None:
+        """On the writer's loop. A full queue refuses at once (bounded memory)."""
+        if self.queue.qsize() >= self.queue_max and isinstance(op, WriteOp):
+            self._fail([op], Overloaded("the write queue is full", {"queue_max": self.queue_max}))
+            return
+        self.queue.put_nowait(op)
+
+    # -- the loop --------------------------------------------------------------------
+    async def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            first = await self.queue.get()
+            if first is None:
+                break
+            if self.batch_wait_s > 0 and self.queue.qsize() < self.batch_size_max:
+                await asyncio.sleep(self.batch_wait_s)
+            batch: list[WriteOp] = []
+            item = first
+            while True:
+                if item is None:
+                    stopping = True
+                elif isinstance(item, ReloadOp):
+                    await self._commit(batch)
+                    batch = []
+                    await self._reload(item)
+                else:
+                    batch.append(item)
+                if stopping or len(batch) >= self.batch_size_max or self.queue.empty():
+                    break
+                item = self.queue.get_nowait()
+            await self._commit(batch)
+
+    async def _ensure_connection(self) -> bool:
+        if self.connection is not None and not self.connection.is_closed():
+            return True
+        now = time.monotonic()
+        if now - self._last_connect_attempt < RECONNECT_INTERVAL_S:
+            return False
+        self._last_connect_attempt = now
+        try:
+            self.connection = await asyncio.wait_for(self.store.connect(), timeout=3.0)
+            self.healthy = True
+            log.info("writer connected")
+            return True
+        except (EngineError, asyncio.TimeoutError) as error:
+            self.connection = None
+            self.healthy = False
+            log.warning("writer cannot reach the database: %s", error)
+            return False
+
+    async def _reload(self, op: ReloadOp) -> None:
+        try:
+            if not await self._ensure_connection():
+                raise DatabaseUnavailable("the database is unavailable")
+            async with translated_errors():
+                row = await self.connection.fetchrow(sql.SELECT_ACCOUNT, op.account_id)
+        except EngineError as error:
+            self._drop_connection()
+            op.done(None, error)
+            return
+        self.poisoned.discard(op.account_id)
+        op.done(account_from_row(row) if row else None, None)
+
+    def _drop_connection(self) -> None:
+        if self.connection is not None:
+            self.connection.terminate()
+            self.connection = None
+        self.healthy = False
+
+    # -- one batch -------------------------------------------------------------------
+    async def _commit(self, batch: list[WriteOp]) -> None:
+        if not batch:
+            return
+        ready = [op for op in batch if not self.poisoned.intersection(op.accounts)]
+        if len(ready) < len(batch):
+            self._fail([op for op in batch if op not in ready],
+                       Unavailable("the account is reloading after a failed write; retry", code="account_reloading"))
+        if not ready:
+            return
+        if not await self._ensure_connection():
+            self._fail(ready, DatabaseUnavailable("the database is unavailable"), poison=True)
+            return
+        started = time.perf_counter()
+        try:
+            async with translated_errors(), self.connection.transaction():
+                applied, refused, states = await self._apply(ready)
+        except EngineError as error:
+            log.warning("batch of %d failed: %s", len(ready), error.message)
+            self._drop_connection()
+            self._fail(ready, error, poison=True)
+            return
+        except Exception as error:  # a bug: fail the batch, keep the writer alive
+            log.exception("batch of %d failed unexpectedly", len(ready))
+            self._drop_connection()
+            self._fail(ready, Unavailable("internal error while committing", {"reason": type(error).__name__}),
+                       poison=True)
+            return
+        elapsed = time.perf_counter() - started
+        self.batches += 1
+        self.operations += len(applied)
+        if self.metrics is not None:
+            self.metrics.observe_batch(len(ready), elapsed)
+        self._fail([op for op, _ in refused], None, poison=True, errors=[e for _, e in refused])
+        self._succeed(applied, states)
+
+    async def _apply(self, ops: list[WriteOp]):
+        """Inside the transaction: lock and read the touched rows, apply each op in order,
+        write entries, account rows and idempotency keys in four statements."""
+        conn = self.connection
+        existing_ids = {e.leg.account_id if isinstance(e, LegPosted) else None for op in ops for e in op.events}
+        existing_ids.update(account_id for op in ops for account_id in op.accounts)
+        existing_ids.difference_update(a.id for op in ops for a in op.creates)
+        existing_ids.discard(None)
+        rows = await conn.fetch(sql.SELECT_ACCOUNTS_FOR_UPDATE, list(existing_ids)) if existing_ids else []
+        states: dict[str, Account] = {r["id"]: account_from_row(r) for r in rows}
+        before_versions = {account_id: s.version for account_id, s in states.items()}
+        created: set[str] = set()
+        applied, refused, transactions_all = [], [], []
+        for op in ops:
+            if self.poisoned.intersection(op.accounts):
+                refused.append((op, Unavailable("the account is reloading; retry", code="account_reloading")))
+                continue
+            try:
+                transactions, touched = _apply_op(op, states)
+            except (AssertionError, EngineError, KeyError) as error:
+                log.error("op %s refused at commit: %r", op.op_id, error)
+                self.poisoned.update(op.accounts)
+                refused.append((op, Unavailable("the operation conflicted at commit; retry",
+                                                {"reason": type(error).__name__}, code="commit_conflict")))
+                continue
+            for account_id, state in touched.items():
+                states[account_id] = state
+            created.update(a.id for a in op.creates)
+            transactions_all.extend(transactions)
+            result = op.render(transactions, states)
+            applied.append((op, result, encode_json(result) if op.idempotency else None))
+        await _write_rows(conn, states, before_versions, created, transactions_all, applied)
+        return applied, refused, states
+
+    def _succeed(self, applied, states: dict[str, Account]) -> None:
+        """Actors learn first (one message per account per batch, carrying the state the
+        whole batch left), callers second: a caller that reads after its reply is queued
+        behind the news in the account's mailbox."""
+        resolutions: dict[str, Resolution] = defaultdict(Resolution)
+        for op, _, _ in applied:
+            for account_id in op.accounts:
+                resolution = resolutions[account_id]
+                resolution.committed_op_ids.append(op.op_id)
+                resolution.state = states[account_id]
+        if resolutions:
+            self.notify(resolutions)
+        for op, result, _ in applied:
+            op.done(result, None)
+
+    def _fail(self, ops: list[WriteOp], error: BaseException | None, *, poison: bool = False,
+              errors: list[BaseException] | None = None) -> None:
+        if not ops:
+            return
+        resolutions: dict[str, Resolution] = defaultdict(Resolution)
+        for op in ops:
+            for account_id in op.accounts:
+                resolutions[account_id].failed_op_ids.append(op.op_id)
+                if poison:
+                    self.poisoned.add(account_id)
+        self.notify(resolutions)
+        for index, op in enumerate(ops):
+            op.done(None, errors[index] if errors else error)
+
+
+def _apply_op(op: WriteOp, states: dict[str, Account]):
+    """Applies one op to copies of the committed states; raises (and changes nothing) if
+    the op no longer holds against them."""
+    touched: dict[str, Account] = {}
+    for account in op.creates:
+        assert account.id not in states, f"account {account.id} exists"
+        touched[account.id] = account
+    transactions: list[Transaction] = []
+    for event in op.events:
+        account_id = event.leg.account_id if isinstance(event, LegPosted) else op.accounts[0]
+        current = touched.get(account_id) or states[account_id]
+        if isinstance(event, StatusChanged):
+            transition(current, event.status)
+            assert event.status != "closed" or current.balance == 0, "closing a non-empty account"
+        if isinstance(event, LegPosted):
+            assert current.status == "active", f"{account_id} is {current.status}"
+        after = mutate(current, event)
+        touched[account_id] = after
+        if isinstance(event, LegPosted):
+            leg = event.leg
+            transactions.append(Transaction(
+                id=leg.id, kind=leg.kind, account_id=leg.account_id,
+                counterparty_account_id=leg.counterparty_account_id, amount=leg.amount,
+                direction=leg.direction, balance_after=after.balance, memo=leg.memo,
+                effective_date=leg.effective_date, created_at=leg.created_at,
+                correlation_id=leg.correlation_id, sequence=after.version))
+    return transactions, touched
+
+
+async def _write_rows(conn, states, before_versions, created, transactions, applied) -> None:
+    if created:
+        accounts = [states[account_id] for account_id in created]
+        await conn.execute(sql.INSERT_ACCOUNTS, *_columns(accounts, (
+            "id", "name", "type", "status", "owner", "portfolio_id", "balance", "baseline",
+            lambda a: a.allocations.contracts, lambda a: a.allocations.leaps, "version", "opened_on",
+            "latest_effective_date", "created_at", "updated_at")))
+    if transactions:
+        await conn.execute(sql.INSERT_ENTRIES, *_columns(transactions, (
+            "id", "account_id", "sequence", "kind", "direction", "amount", "balance_after",
+            "counterparty_account_id", "memo", "correlation_id", "effective_date", "created_at")))
+    changed = [s for account_id, s in states.items()
+               if account_id in before_versions and s.version != before_versions[account_id]]
+    if changed:
+        status = await conn.execute(sql.UPDATE_ACCOUNTS, *_columns(changed, (
+            "id", "name", "status", "balance", "version", lambda a: before_versions[a.id],
+            "latest_effective_date", "updated_at")))
+        assert status == f"UPDATE {len(changed)}", f"optimistic version check failed: {status}"
+    keys = [(op.idempotency[0], op.idempotency[1], body) for op, _, body in applied if op.idempotency]
+    if keys:
+        await conn.execute(sql.INSERT_IDEMPOTENCY, [k[0] for k in keys], [k[1] for k in keys],
+                           [k[2] for k in keys])
+
+
+def _columns(items, getters) -> list[list]:
+    columns = []
+    for getter in getters:
+        if callable(getter):
+            columns.append([getter(item) for item in items])
+        else:
+            columns.append([getattr(item, getter) for item in items])
+    return columns
