@@ -1,0 +1,66 @@
+"""`python -m gateway` (what `make run` starts): loads configuration, starts the engine
+(and the embedded PostgreSQL unless DATABASE_URL is set) and serves HTTP on uvloop."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import sys
+from pathlib import Path
+
+import msgspec
+import uvloop
+from aiohttp import web
+
+from actors.settings import ConfigError, load_settings
+from gateway.app import create_app
+
+
+def _admin_token(data_dir: str) -> tuple[str, bool]:
+    """ALLUSE_ADMIN_TOKEN when set; otherwise one generated at first start and kept in
+    `<data_dir>/admin-token` (mode 0600) so restarts keep working with it."""
+    path = Path(data_dir).expanduser() / "admin-token"
+    if path.exists():
+        return path.read_text().strip(), False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(32)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        file.write(token)
+    return token, True
+
+
+def main() -> int:
+    logging.basicConfig(level=os.environ.get("ALLUSE_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        settings = load_settings()
+    except ConfigError as error:
+        print(f"configuration error: {error}", file=sys.stderr)
+        return 2
+    generated = False
+    if not settings.server.admin_token:
+        token, generated = _admin_token(settings.database.data_dir)
+        settings = msgspec.structs.replace(settings, server=msgspec.structs.replace(settings.server,
+                                                                                    admin_token=token))
+    server = settings.server
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    app = create_app(settings)
+
+    async def announce(_app):
+        print(f"ALL-USE Account Engine listening on http://{server.host}:{server.port}", flush=True)
+        if generated:
+            print(f"admin token (generated, kept in {settings.database.data_dir}/admin-token): "
+                  f"{server.admin_token}", flush=True)
+        elif not os.environ.get("ALLUSE_ADMIN_TOKEN"):
+            print(f"admin token: in {settings.database.data_dir}/admin-token", flush=True)
+
+    app.on_startup.append(announce)
+    web.run_app(app, host=server.host, port=server.port, print=None, access_log=None,
+                shutdown_timeout=15)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

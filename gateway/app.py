@@ -1,0 +1,364 @@
+"""The aiohttp application: `create_app(settings, engine=None)`. Routes live in one table
+(`ROUTES`, also the source of /openapi.json); middlewares give every response a request
+id, map every failure to the SPEC's error shape, check the bearer token, and record
+metrics. The event loop never blocks on an actor: the engine replies through futures."""
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+import secrets
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
+
+import msgspec
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+
+from engine import limits
+from engine.errors import (
+    EngineError, IdempotencyKeyReused, NotFound, Overloaded, Refused, Unavailable, ValidationFailed,
+)
+from engine.requests import (
+    CreateAccountRequest, DepositRequest, TradeRequest, TransferRequest, UpdateAccountRequest, WithdrawalRequest,
+)
+from actors.api import Engine
+from actors.metrics import LATENCY_BUCKETS_S
+from actors.settings import Settings
+from gateway import views
+
+log = logging.getLogger("alluse.gateway")
+
+ENGINE = web.AppKey("engine", Engine)
+SETTINGS = web.AppKey("settings", Settings)
+ADMIN_TOKEN = web.AppKey("admin_token", str)
+HTTP_METRICS = web.AppKey("http_metrics", object)
+
+JSON = "application/json"
+RETRY_AFTER_S = "1"
+
+
+class HttpError(Exception):
+    """A client mistake found by the gateway itself (before the engine)."""
+
+    def __init__(self, status: int, code: str, message: str, details: dict | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.details = status, code, message, details or {}
+
+
+def _status_of(error: EngineError) -> int:
+    if isinstance(error, ValidationFailed) or error.code == "validation_failed":
+        return 422
+    if isinstance(error, NotFound):
+        return 404
+    if isinstance(error, (Refused, IdempotencyKeyReused)):
+        return 409
+    if isinstance(error, Unavailable):
+        return 503
+    return 500
+
+
+def error_response(request: web.Request, status: int, code: str, message: str, details: dict | None = None,
+                   headers: dict | None = None) -> web.Response:
+    body = views.ErrorResponse(error=views.ErrorBody(code=code, message=message, details=details or {}),
+                               request_id=request.get("request_id", ""))
+    return web.Response(status=status, body=views.encode(body), content_type=JSON, headers=headers)
+
+
+_FIELD = re.compile(r"at `\$\.?([^`]*)`|field `([^`]+)`")
+
+
+def _validation_details(error: msgspec.ValidationError) -> dict:
+    message = str(error)
+    match = _FIELD.search(message)
+    field = (match.group(1) or match.group(2)) if match else ""
+    return {"field": field, "reason": message}
+
+
+# -- middlewares -------------------------------------------------------------------------
+@web.middleware
+async def errors_middleware(request: web.Request, handler):
+    request["request_id"] = request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex
+    started = time.perf_counter()
+    try:
+        response = await handler(request)
+    except HttpError as error:
+        response = error_response(request, error.status, error.code, error.message, error.details)
+    except EngineError as error:
+        status = _status_of(error)
+        headers = {"Retry-After": RETRY_AFTER_S} if status == 503 else None
+        code = error.code if status != 500 else "internal_error"
+        response = error_response(request, status, code, error.message, error.details, headers)
+    except web.HTTPRequestEntityTooLarge:
+        response = error_response(request, 413, "payload_too_large", "the request body is too large",
+                                  {"body_max_bytes": request.app[SETTINGS].server.body_max_bytes})
+    except web.HTTPNotFound:
+        response = error_response(request, 404, "not_found", "no such route")
+    except web.HTTPMethodNotAllowed as error:
+        response = error_response(request, 405, "method_not_allowed", "method not allowed on this route",
+                                  {"allowed": sorted(error.allowed_methods)})
+    except web.HTTPException as error:
+        response = error_response(request, error.status, "http_error", error.reason)
+    except Exception:  # a bug: log it with the request id, leak nothing
+        log.exception("unhandled error in %s %s (request %s)", request.method, request.path, request["request_id"])
+        response = error_response(request, 500, "internal_error", "internal error; quote the request id")
+    response.headers["X-Request-Id"] = request["request_id"]
+    metrics = request.app[HTTP_METRICS]
+    route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
+    metrics.requests.labels(request.method, route, str(response.status)).inc()
+    metrics.latency.labels(request.method, route).observe(time.perf_counter() - started)
+    return response
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler):
+    if request.path.startswith("/v1/"):
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise HttpError(401, "unauthorized", "missing bearer token")
+        if not hmac.compare_digest(token.strip().encode(), request.app[ADMIN_TOKEN].encode()):
+            raise HttpError(401, "unauthorized", "invalid token")
+    return await handler(request)
+
+
+# -- request helpers ---------------------------------------------------------------------
+_decoders: dict[type, msgspec.json.Decoder] = {}
+
+
+async def body_of(request: web.Request, request_type: type) -> Any:
+    """Decodes the JSON body into `request_type`: 415 when not JSON, 400 when malformed,
+    422 (with the field) when the shape or a value is wrong, 413 when too large."""
+    declared = request.content_length
+    if declared is not None and declared > request.app[SETTINGS].server.body_max_bytes:
+        raise web.HTTPRequestEntityTooLarge(max_size=request.app[SETTINGS].server.body_max_bytes,
+                                            actual_size=declared)
+    raw = await request.read()
+    if not raw.strip():
+        raw = b"{}" if request_type in EMPTY_BODY_OK else raw
+    elif request.content_type != JSON:
+        raise HttpError(415, "unsupported_media_type", "send the body as application/json")
+    decoder = _decoders.get(request_type)
+    if decoder is None:
+        decoder = _decoders[request_type] = msgspec.json.Decoder(request_type)
+    try:
+        return decoder.decode(raw)
+    except msgspec.ValidationError as error:
+        raise HttpError(422, "validation_failed", str(error), _validation_details(error)) from None
+    except msgspec.DecodeError as error:
+        raise HttpError(400, "malformed_json", f"the body is not valid JSON: {error}") from None
+
+
+class NoBody(msgspec.Struct, forbid_unknown_fields=True):
+    pass
+
+
+EMPTY_BODY_OK = {NoBody, UpdateAccountRequest}
+
+
+def idempotency_key(request: web.Request) -> str | None:
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    if not 1 <= len(key) <= limits.IDEMPOTENCY_KEY_LENGTH_MAX:
+        raise HttpError(422, "validation_failed", "Idempotency-Key must be 1 to 200 characters",
+                        {"field": "Idempotency-Key"})
+    return key
+
+
+def query_int(request: web.Request, name: str, default: int) -> int:
+    value = request.query.get(name)
+    if value is None:
+        return default
+    if not value.isdigit() or len(value) > 6:
+        raise HttpError(422, "validation_failed", f"{name} must be a positive integer", {"field": name})
+    return int(value)
+
+
+def json_response(value: Any, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=views.encode(value), content_type=JSON)
+
+
+# -- handlers ----------------------------------------------------------------------------
+def _engine(request: web.Request) -> Engine:
+    return request.app[ENGINE]
+
+
+def _account(request: web.Request, account) -> views.AccountView:
+    return views.account_view(account, _engine(request).rules)
+
+
+async def create_account(request: web.Request) -> web.Response:
+    body = await body_of(request, CreateAccountRequest)
+    account = await _engine(request).create_account(name=body.name, type=body.type, owner=body.owner,
+                                                    opened_on=body.opened_on,
+                                                    idempotency_key=idempotency_key(request))
+    return json_response(_account(request, account), 201)
+
+
+async def list_accounts(request: web.Request) -> web.Response:
+    query = request.query
+    page = await _engine(request).list_accounts(
+        limit=query_int(request, "limit", limits.PAGE_SIZE_DEFAULT), cursor=query.get("cursor"),
+        type=query.get("type"), status=query.get("status"), owner=query.get("owner"),
+        portfolio_id=query.get("portfolio_id"))
+    return json_response(views.AccountPage(items=[_account(request, a) for a in page.items],
+                                           next_cursor=page.next_cursor))
+
+
+async def get_account(request: web.Request) -> web.Response:
+    account = await _engine(request).get_account(request.match_info["account_id"])
+    return json_response(_account(request, account))
+
+
+async def update_account(request: web.Request) -> web.Response:
+    body = await body_of(request, UpdateAccountRequest)
+    account = await _engine(request).update_account(request.match_info["account_id"], name=body.name,
+                                                    status=body.status, idempotency_key=idempotency_key(request))
+    return json_response(_account(request, account))
+
+
+async def close_account(request: web.Request) -> web.Response:
+    await body_of(request, NoBody)
+    account = await _engine(request).close_account(request.match_info["account_id"],
+                                                   idempotency_key=idempotency_key(request))
+    return json_response(_account(request, account))
+
+
+async def deposit(request: web.Request) -> web.Response:
+    body = await body_of(request, DepositRequest)
+    result = await _engine(request).deposit(request.match_info["account_id"], body.amount, memo=body.memo,
+                                            idempotency_key=idempotency_key(request))
+    return json_response(result, 201)
+
+
+async def withdraw(request: web.Request) -> web.Response:
+    body = await body_of(request, WithdrawalRequest)
+    result = await _engine(request).withdraw(request.match_info["account_id"], body.amount, memo=body.memo,
+                                             idempotency_key=idempotency_key(request))
+    return json_response(result, 201)
+
+
+async def book_trade(request: web.Request) -> web.Response:
+    body = await body_of(request, TradeRequest)
+    result = await _engine(request).book_trade(request.match_info["account_id"], kind=body.kind,
+                                               amount=body.amount, effective_date=body.effective_date,
+                                               memo=body.memo, idempotency_key=idempotency_key(request))
+    return json_response(result, 201)
+
+
+async def list_transactions(request: web.Request) -> web.Response:
+    page = await _engine(request).list_transactions(
+        request.match_info["account_id"], limit=query_int(request, "limit", limits.PAGE_SIZE_DEFAULT),
+        cursor=request.query.get("cursor"))
+    return json_response(views.TransactionPage(items=page.items, next_cursor=page.next_cursor))
+
+
+async def transfer(request: web.Request) -> web.Response:
+    body = await body_of(request, TransferRequest)
+    result = await _engine(request).transfer(body.from_account, body.to_account, body.amount, memo=body.memo,
+                                             idempotency_key=idempotency_key(request))
+    return json_response(result, 201)
+
+
+async def get_transaction(request: web.Request) -> web.Response:
+    return json_response(await _engine(request).get_transaction(request.match_info["transaction_id"]))
+
+
+async def health(request: web.Request) -> web.Response:
+    return json_response(views.HealthView(status="ok"))
+
+
+async def ready(request: web.Request) -> web.Response:
+    if await _engine(request).check_ready():
+        return json_response(views.HealthView(status="ready"))
+    return error_response(request, 503, "not_ready", "the engine is starting or the database is unreachable",
+                          headers={"Retry-After": RETRY_AFTER_S})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = generate_latest(_engine(request).metrics.registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    from gateway.openapi import document
+    return json_response(document())
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    summary: str
+    request: type | None = None
+    response: type | None = None
+    status: int = 200
+    authenticated: bool = True
+
+
+ROUTES: tuple[Route, ...] = (
+    Route("POST", "/v1/accounts", create_account, "Create a standalone account (balance 0)",
+          CreateAccountRequest, views.AccountView, 201),
+    Route("GET", "/v1/accounts", list_accounts, "List accounts (filters: type, status, owner, portfolio_id; "
+          "cursor pagination)", None, views.AccountPage),
+    Route("GET", "/v1/accounts/{account_id}", get_account, "One account (committed state)", None,
+          views.AccountView),
+    Route("PATCH", "/v1/accounts/{account_id}", update_account, "Rename and/or freeze/unfreeze",
+          UpdateAccountRequest, views.AccountView),
+    Route("POST", "/v1/accounts/{account_id}/close", close_account, "Close an account with a zero balance",
+          None, views.AccountView),
+    Route("POST", "/v1/accounts/{account_id}/deposits", deposit, "Deposit", DepositRequest,
+          views.Transaction, 201),
+    Route("POST", "/v1/accounts/{account_id}/withdrawals", withdraw, "Withdraw", WithdrawalRequest,
+          views.Transaction, 201),
+    Route("POST", "/v1/accounts/{account_id}/trades", book_trade, "Book a trade result (premium, loss, fee)",
+          TradeRequest, views.Transaction, 201),
+    Route("GET", "/v1/accounts/{account_id}/transactions", list_transactions,
+          "Transaction history, newest first, with balance_after", None, views.TransactionPage),
+    Route("POST", "/v1/transfers", transfer, "Transfer between two accounts; both legs commit atomically",
+          TransferRequest, views.Transfer, 201),
+    Route("GET", "/v1/transactions/{transaction_id}", get_transaction, "One transaction (a ledger entry)", None,
+          views.Transaction),
+    Route("GET", "/health", health, "Liveness", None, views.HealthView, authenticated=False),
+    Route("GET", "/ready", ready, "Readiness: recovery done and the database reachable", None, views.HealthView,
+          authenticated=False),
+    Route("GET", "/metrics", metrics, "Prometheus metrics (text exposition format)", authenticated=False),
+    Route("GET", "/openapi.json", openapi, "This API description (OpenAPI 3.1)", authenticated=False),
+)
+
+
+class HttpMetrics:
+    def __init__(self, registry) -> None:
+        self.requests = Counter("alluse_http_requests_total", "HTTP requests", ["method", "route", "status"],
+                                registry=registry)
+        self.latency = Histogram("alluse_http_request_seconds", "HTTP request latency", ["method", "route"],
+                                 buckets=LATENCY_BUCKETS_S, registry=registry)
+
+
+def create_app(settings: Settings, engine: Engine | None = None) -> web.Application:
+    """The whole service as an aiohttp app. With no `engine`, the app starts and stops
+    its own (in `cleanup_ctx`); tests may pass one they manage."""
+    app = web.Application(middlewares=[errors_middleware, auth_middleware],
+                          client_max_size=settings.server.body_max_bytes)
+    own_engine = engine is None
+    engine = engine or Engine(settings)
+    app[SETTINGS] = settings
+    app[ENGINE] = engine
+    app[ADMIN_TOKEN] = settings.server.admin_token or secrets.token_urlsafe(32)
+    app[HTTP_METRICS] = HttpMetrics(engine.metrics.registry)
+    for route in ROUTES:
+        app.router.add_route(route.method, route.path, route.handler)
+
+    async def engine_context(app: web.Application):
+        if own_engine:
+            await engine.start()
+        yield
+        if own_engine:
+            await engine.stop()
+
+    app.cleanup_ctx.append(engine_context)
+    return app

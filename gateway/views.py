@@ -1,0 +1,65 @@
+"""Public response shapes (SPEC section 4) and their rendering from domain values."""
+from __future__ import annotations
+
+from datetime import date, datetime
+
+import msgspec
+from msgspec import Struct
+
+from engine.model import Account, Allocations, Transaction, Transfer
+from engine.rules import Rules, deployable
+
+
+class AccountView(Struct, frozen=True, kw_only=True):
+    id: str
+    name: str
+    type: str
+    status: str
+    owner: str
+    portfolio_id: str | None
+    balance: int
+    deployable: int
+    baseline: int
+    allocations: Allocations
+    version: int
+    opened_on: date
+    created_at: datetime
+    updated_at: datetime
+
+
+class AccountPage(Struct, frozen=True, kw_only=True):
+    items: list[AccountView]
+    next_cursor: str | None = None
+
+
+class TransactionPage(Struct, frozen=True, kw_only=True):
+    items: list[Transaction]
+    next_cursor: str | None = None
+
+
+class ErrorBody(Struct, frozen=True, kw_only=True):
+    code: str
+    message: str
+    details: dict = {}
+
+
+class ErrorResponse(Struct, frozen=True, kw_only=True):
+    error: ErrorBody
+    request_id: str
+
+
+class HealthView(Struct, frozen=True, kw_only=True):
+    status: str
+
+
+def account_view(account: Account, rules: Rules) -> AccountView:
+    return AccountView(
+        id=account.id, name=account.name, type=account.type, status=account.status, owner=account.owner,
+        portfolio_id=account.portfolio_id, balance=account.balance, deployable=deployable(account, rules),
+        baseline=account.baseline, allocations=account.allocations, version=account.version,
+        opened_on=account.opened_on, created_at=account.created_at, updated_at=account.updated_at)
+
+
+encode = msgspec.json.Encoder().encode
+
+RESPONSE_TYPES = (AccountView, AccountPage, Transaction, TransactionPage, Transfer, ErrorResponse, HealthView)
