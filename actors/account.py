@@ -96,6 +96,11 @@ class Resolved:
 
 
 @dataclass(slots=True)
+class ReloadIfStale:
+    """The database is back: a stale account need not wait for its next write."""
+
+
+@dataclass(slots=True)
 class Reloaded:
     state: Account | None
     error: BaseException | None
@@ -149,6 +154,16 @@ class AccountActor(PooledActor):
 
     # -- messages ----------------------------------------------------------------------
     def on_receive(self, message: Any) -> Any:
+        try:
+            self._receive(message)
+        except Exception:
+            # An unexpected failure (a bug, not a refusal): answer the message's caller
+            # now, then let the exception stop the actor so its supervisor starts a
+            # fresh one from committed state.
+            self.on_dropped(message)
+            raise
+
+    def _receive(self, message: Any) -> None:
         match message:
             case Operation():
                 self._execute(message)
@@ -167,6 +182,9 @@ class AccountActor(PooledActor):
                 operation.reply.send(error=error)
             case Reloaded(state=state, error=error):
                 self._reloaded(state, error)
+            case ReloadIfStale():
+                if self.stale:
+                    self._maybe_reload()
             case _:
                 raise AssertionError(f"unexpected message {message!r}")
 

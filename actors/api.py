@@ -28,7 +28,7 @@ from engine.requests import (
     CreateAccountRequest, DepositRequest, TradeRequest, TransferRequest, UpdateAccountRequest, WithdrawalRequest,
 )
 from engine.rules import DEFAULT_RULES, open_account
-from actors.account import AccountActor, AccountActorHooks, Operation, Read, Reply, Resolved
+from actors.account import AccountActor, AccountActorHooks, Operation, Read, ReloadIfStale, Reply, Resolved
 from actors.ids import new_id, next_op_id
 from actors.metrics import Metrics
 from actors.registry import Registry
@@ -153,7 +153,10 @@ class Engine:
             await asyncio.sleep(MAINTENANCE_INTERVAL_S)
             self.registry.passivate_idle(self.settings.engine.passivate_idle_s)
             if not self.writer.healthy and not self.writer.queue.qsize():
-                await self.writer._ensure_connection()
+                await self.writer.ensure_connection()
+            if self.writer.healthy:
+                for account_id in list(self.writer.poisoned):
+                    self.registry.tell(account_id, ReloadIfStale())
 
     async def check_ready(self) -> bool:
         """Readiness: recovery done and the database reachable."""
@@ -189,10 +192,13 @@ class Engine:
             raise Overloaded("too many operations in flight; retry shortly",
                              {"operations_in_flight_max": self.settings.engine.operations_in_flight_max})
 
-    async def _bounded(self, future: Awaitable[T]) -> T:
+    async def _bounded(self, awaitable: Awaitable[T]) -> T:
+        """Waits at most `operation_timeout_s`. A keyed operation is a task that goes on
+        after the wait ends (its key stays in flight until it resolves)."""
         try:
-            return await asyncio.wait_for(asyncio.shield(future), self.settings.engine.operation_timeout_s)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(self.settings.engine.operation_timeout_s):
+                return await awaitable
+        except TimeoutError:
             raise Unavailable("the operation did not finish in time; retry with the same idempotency key",
                               code="operation_timeout") from None
 
@@ -203,19 +209,19 @@ class Engine:
         restart); the same key with another request is refused."""
         if key is None:
             self._admit()
-            return await self._bounded(asyncio.ensure_future(self._counted(run(None))))
+            return await self._bounded(self._counted(run(None)))
         if not isinstance(key, str) or not 1 <= len(key) <= limits.IDEMPOTENCY_KEY_LENGTH_MAX:
             raise ValidationFailed("the idempotency key must be 1 to 200 characters", {"field": "Idempotency-Key"})
         in_flight = self._idempotent_ops.get(key)
         if in_flight is not None:
             if in_flight[0] != fingerprint:
                 raise IdempotencyKeyReused("this idempotency key was used with a different request", {"key": key})
-            return await self._bounded(in_flight[1])
+            return await self._bounded(asyncio.shield(in_flight[1]))
         self._admit()
         task = asyncio.ensure_future(self._counted(self._lookup_or_run(key, fingerprint, result_type, run)))
         self._idempotent_ops[key] = (fingerprint, task)
         task.add_done_callback(lambda _: self._idempotent_ops.pop(key, None))
-        return await self._bounded(task)
+        return await self._bounded(asyncio.shield(task))
 
     async def _lookup_or_run(self, key, fingerprint, result_type, run):
         stored = await self.store.idempotent_response(key)

@@ -21,33 +21,47 @@ ENTRY_COLUMNS = ("id, account_id, sequence, kind, direction, amount, balance_aft
                  "memo, correlation_id, effective_date, created_at")
 
 SELECT_ACCOUNT = f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = $1"
-SELECT_ACCOUNTS_FOR_UPDATE = f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = ANY($1::text[]) FOR UPDATE"
 SELECT_ENTRY = f"SELECT {ENTRY_COLUMNS} FROM entries WHERE id = $1"
 SELECT_ENTRIES_PAGE = (f"SELECT {ENTRY_COLUMNS} FROM entries WHERE account_id = $1 AND sequence < $2 "
                        "ORDER BY sequence DESC LIMIT $3")
 SELECT_ENTRIES_BY_CORRELATION = f"SELECT {ENTRY_COLUMNS} FROM entries WHERE correlation_id = $1 ORDER BY direction DESC"
 SELECT_IDEMPOTENCY = "SELECT fingerprint, response FROM idempotency_keys WHERE key = $1"
 
-INSERT_ACCOUNTS = f"""
-INSERT INTO accounts ({ACCOUNT_COLUMNS})
-SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::bigint[],
-                     $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[], $12::date[], $13::date[],
-                     $14::timestamptz[], $15::timestamptz[])"""
-INSERT_ENTRIES = f"""
-INSERT INTO entries ({ENTRY_COLUMNS})
-SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::bigint[], $7::bigint[],
-                     $8::text[], $9::text[], $10::text[], $11::date[], $12::timestamptz[])"""
-UPDATE_ACCOUNTS = """
-UPDATE accounts AS a
-SET name = u.name, status = u.status, balance = u.balance, version = u.version,
-    latest_effective_date = u.latest_effective_date, updated_at = u.updated_at
-FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[], $7::date[],
-            $8::timestamptz[]) AS u(id, name, status, balance, version, previous_version,
-                                    latest_effective_date, updated_at)
-WHERE a.id = u.id AND a.version = u.previous_version"""
-INSERT_IDEMPOTENCY = """
-INSERT INTO idempotency_keys (key, fingerprint, response)
-SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[]) ON CONFLICT (key) DO NOTHING"""
+SELECT_ACCOUNTS = f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = ANY($1::text[])"
+
+# One batch is one statement, hence one implicit transaction and one round trip: new
+# accounts, new entries, account updates (each guarded by the version it was read at)
+# and idempotency keys. Data-modifying CTEs always run to completion; the final SELECT
+# divides by zero - failing, so rolling back, the whole statement - unless every
+# guarded update found its row at the expected version.
+WRITE_BATCH = f"""
+WITH new_accounts AS (
+    INSERT INTO accounts ({ACCOUNT_COLUMNS})
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::bigint[],
+                         $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[], $12::date[], $13::date[],
+                         $14::timestamptz[], $15::timestamptz[])
+    RETURNING 1
+), new_entries AS (
+    INSERT INTO entries ({ENTRY_COLUMNS})
+    SELECT * FROM unnest($16::text[], $17::text[], $18::bigint[], $19::text[], $20::text[], $21::bigint[],
+                         $22::bigint[], $23::text[], $24::text[], $25::text[], $26::date[], $27::timestamptz[])
+    RETURNING 1
+), changed AS (
+    UPDATE accounts AS a
+    SET name = u.name, status = u.status, balance = u.balance, version = u.version,
+        latest_effective_date = u.latest_effective_date, updated_at = u.updated_at
+    FROM unnest($28::text[], $29::text[], $30::text[], $31::bigint[], $32::bigint[], $33::bigint[], $34::date[],
+                $35::timestamptz[]) AS u(id, name, status, balance, version, previous_version,
+                                         latest_effective_date, updated_at)
+    WHERE a.id = u.id AND a.version = u.previous_version
+    RETURNING 1
+), new_keys AS (
+    INSERT INTO idempotency_keys (key, fingerprint, response)
+    SELECT * FROM unnest($36::text[], $37::text[], $38::bytea[])
+    ON CONFLICT (key) DO NOTHING
+    RETURNING 1
+)
+SELECT 1 / (CASE WHEN (SELECT count(*) FROM changed) = $39 THEN 1 ELSE 0 END)"""
 
 DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError,
                  ConnectionError)

@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import defaultdict
+import collections
+from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -28,6 +29,8 @@ from persistence.store import Store, account_from_row, translated_errors
 log = logging.getLogger("alluse.writer")
 
 RECONNECT_INTERVAL_S = 0.5
+# Committed account rows the writer keeps (it is the only writer, so they stay true).
+CACHE_ACCOUNTS_MAX = 200_000
 encode_json = msgspec.json.Encoder().encode
 
 
@@ -74,18 +77,22 @@ class Writer:
         self.notify = notify
         self.metrics = metrics
         self.poisoned: set[str] = set()
+        self.cache: OrderedDict[str, Account] = OrderedDict()
+        self._inbox: collections.deque = collections.deque()
+        self._wakeup_pending = False
         self.connection = None
         self.healthy = False
         self._last_connect_attempt = 0.0
         self._task: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._connect_lock = asyncio.Lock()
         self.batches = 0
         self.operations = 0
 
     # -- lifecycle -------------------------------------------------------------------
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        await self._ensure_connection()
+        await self.ensure_connection()
         self._task = asyncio.create_task(self._run(), name="alluse-writer")
 
     async def stop(self) -> None:
@@ -100,8 +107,19 @@ class Writer:
 
     # -- submission (any thread) -----------------------------------------------------
     def submit(self, op: WriteOp | ReloadOp) -> None:
-        """Thread-safe: hands `op` to the writer's loop."""
-        self._loop.call_soon_threadsafe(self.enqueue, op)
+        """Thread-safe: hands `op` to the writer's loop. Ops from actor threads gather in a
+        deque; one loop wake-up moves all that arrived meanwhile (each wake-up costs a
+        write to the loop's self-pipe)."""
+        self._inbox.append(op)
+        if not self._wakeup_pending:
+            self._wakeup_pending = True
+            self._loop.call_soon_threadsafe(self._drain_inbox)
+
+    def _drain_inbox(self) -> None:
+        self._wakeup_pending = False
+        inbox = self._inbox
+        while inbox:
+            self.enqueue(inbox.popleft())
 
     def enqueue(self, op: WriteOp | ReloadOp) -> None:
         """On the writer's loop. A full queue refuses at once (bounded memory)."""
@@ -135,7 +153,11 @@ class Writer:
                 item = self.queue.get_nowait()
             await self._commit(batch)
 
-    async def _ensure_connection(self) -> bool:
+    async def ensure_connection(self) -> bool:
+        async with self._connect_lock:
+            return await self._connect_if_needed()
+
+    async def _connect_if_needed(self) -> bool:
         if self.connection is not None and not self.connection.is_closed():
             return True
         now = time.monotonic()
@@ -155,7 +177,7 @@ class Writer:
 
     async def _reload(self, op: ReloadOp) -> None:
         try:
-            if not await self._ensure_connection():
+            if not await self.ensure_connection():
                 raise DatabaseUnavailable("the database is unavailable")
             async with translated_errors():
                 row = await self.connection.fetchrow(sql.SELECT_ACCOUNT, op.account_id)
@@ -164,7 +186,12 @@ class Writer:
             op.done(None, error)
             return
         self.poisoned.discard(op.account_id)
-        op.done(account_from_row(row) if row else None, None)
+        state = account_from_row(row) if row else None
+        if state is not None:
+            self.cache[op.account_id] = state
+        else:
+            self.cache.pop(op.account_id, None)
+        op.done(state, None)
 
     def _drop_connection(self) -> None:
         if self.connection is not None:
@@ -176,26 +203,30 @@ class Writer:
     async def _commit(self, batch: list[WriteOp]) -> None:
         if not batch:
             return
-        ready = [op for op in batch if not self.poisoned.intersection(op.accounts)]
-        if len(ready) < len(batch):
-            self._fail([op for op in batch if op not in ready],
-                       Unavailable("the account is reloading after a failed write; retry", code="account_reloading"))
+        ready, blocked = [], []
+        for op in batch:
+            (blocked if self.poisoned.intersection(op.accounts) else ready).append(op)
+        if blocked:
+            self._fail(blocked, Unavailable("the account is reloading after a failed write; retry",
+                                            code="account_reloading"))
         if not ready:
             return
-        if not await self._ensure_connection():
+        if not await self.ensure_connection():
             self._fail(ready, DatabaseUnavailable("the database is unavailable"), poison=True)
             return
         started = time.perf_counter()
         try:
-            async with translated_errors(), self.connection.transaction():
+            async with translated_errors():
                 applied, refused, states = await self._apply(ready)
         except EngineError as error:
-            log.warning("batch of %d failed: %s", len(ready), error.message)
+            log.warning("batch of %d failed: %s (%s)", len(ready), error.message, error.details)
+            self.cache.clear()
             self._drop_connection()
             self._fail(ready, error, poison=True)
             return
         except Exception as error:  # a bug: fail the batch, keep the writer alive
             log.exception("batch of %d failed unexpectedly", len(ready))
+            self.cache.clear()
             self._drop_connection()
             self._fail(ready, Unavailable("internal error while committing", {"reason": type(error).__name__}),
                        poison=True)
@@ -209,15 +240,9 @@ class Writer:
         self._succeed(applied, states)
 
     async def _apply(self, ops: list[WriteOp]):
-        """Inside the transaction: lock and read the touched rows, apply each op in order,
-        write entries, account rows and idempotency keys in four statements."""
-        conn = self.connection
-        existing_ids = {e.leg.account_id if isinstance(e, LegPosted) else None for op in ops for e in op.events}
-        existing_ids.update(account_id for op in ops for account_id in op.accounts)
-        existing_ids.difference_update(a.id for op in ops for a in op.creates)
-        existing_ids.discard(None)
-        rows = await conn.fetch(sql.SELECT_ACCOUNTS_FOR_UPDATE, list(existing_ids)) if existing_ids else []
-        states: dict[str, Account] = {r["id"]: account_from_row(r) for r in rows}
+        """Reads the committed rows it does not have cached, applies each op in order to
+        them, and writes the batch as one statement."""
+        states = await self._committed_states(ops)
         before_versions = {account_id: s.version for account_id, s in states.items()}
         created: set[str] = set()
         applied, refused, transactions_all = [], [], []
@@ -239,8 +264,36 @@ class Writer:
             transactions_all.extend(transactions)
             result = op.render(transactions, states)
             applied.append((op, result, encode_json(result) if op.idempotency else None))
-        await _write_rows(conn, states, before_versions, created, transactions_all, applied)
+        await _write_batch(self.connection, states, before_versions, created, transactions_all, applied)
+        for account_id, state in states.items():
+            self.cache[account_id] = state
+            self.cache.move_to_end(account_id)
+        while len(self.cache) > CACHE_ACCOUNTS_MAX:
+            self.cache.popitem(last=False)
         return applied, refused, states
+
+    async def _committed_states(self, ops: list[WriteOp]) -> dict[str, Account]:
+        """The committed state of every existing account the batch touches. The writer
+        is the only writer, so its cache of rows it read or wrote is the committed state;
+        a failed batch clears it, and the version guard in the batch statement catches
+        any writer that should not exist."""
+        created = {a.id for op in ops for a in op.creates}
+        states: dict[str, Account] = {}
+        missing: list[str] = []
+        for op in ops:
+            for account_id in op.accounts:
+                if account_id in states or account_id in created:
+                    continue
+                cached = self.cache.get(account_id)
+                if cached is None:
+                    missing.append(account_id)
+                else:
+                    states[account_id] = cached
+        if missing:
+            rows = await self.connection.fetch(sql.SELECT_ACCOUNTS, list(dict.fromkeys(missing)))
+            for row in rows:
+                states[row["id"]] = account_from_row(row)
+        return states
 
     def _succeed(self, applied, states: dict[str, Account]) -> None:
         """Actors learn first (one message per account per batch, carrying the state the
@@ -301,28 +354,23 @@ def _apply_op(op: WriteOp, states: dict[str, Account]):
     return transactions, touched
 
 
-async def _write_rows(conn, states, before_versions, created, transactions, applied) -> None:
-    if created:
-        accounts = [states[account_id] for account_id in created]
-        await conn.execute(sql.INSERT_ACCOUNTS, *_columns(accounts, (
-            "id", "name", "type", "status", "owner", "portfolio_id", "balance", "baseline",
-            lambda a: a.allocations.contracts, lambda a: a.allocations.leaps, "version", "opened_on",
-            "latest_effective_date", "created_at", "updated_at")))
-    if transactions:
-        await conn.execute(sql.INSERT_ENTRIES, *_columns(transactions, (
-            "id", "account_id", "sequence", "kind", "direction", "amount", "balance_after",
-            "counterparty_account_id", "memo", "correlation_id", "effective_date", "created_at")))
+ACCOUNT_ROW = ("id", "name", "type", "status", "owner", "portfolio_id", "balance", "baseline",
+               lambda a: a.allocations.contracts, lambda a: a.allocations.leaps, "version", "opened_on",
+               "latest_effective_date", "created_at", "updated_at")
+ENTRY_ROW = ("id", "account_id", "sequence", "kind", "direction", "amount", "balance_after",
+             "counterparty_account_id", "memo", "correlation_id", "effective_date", "created_at")
+
+
+async def _write_batch(conn, states, before_versions, created, transactions, applied) -> None:
+    accounts = [states[account_id] for account_id in created]
     changed = [s for account_id, s in states.items()
                if account_id in before_versions and s.version != before_versions[account_id]]
-    if changed:
-        status = await conn.execute(sql.UPDATE_ACCOUNTS, *_columns(changed, (
-            "id", "name", "status", "balance", "version", lambda a: before_versions[a.id],
-            "latest_effective_date", "updated_at")))
-        assert status == f"UPDATE {len(changed)}", f"optimistic version check failed: {status}"
+    update_row = ("id", "name", "status", "balance", "version", lambda a: before_versions[a.id],
+                  "latest_effective_date", "updated_at")
     keys = [(op.idempotency[0], op.idempotency[1], body) for op, _, body in applied if op.idempotency]
-    if keys:
-        await conn.execute(sql.INSERT_IDEMPOTENCY, [k[0] for k in keys], [k[1] for k in keys],
-                           [k[2] for k in keys])
+    await conn.fetchval(sql.WRITE_BATCH, *_columns(accounts, ACCOUNT_ROW), *_columns(transactions, ENTRY_ROW),
+                        *_columns(changed, update_row), [k[0] for k in keys], [k[1] for k in keys],
+                        [k[2] for k in keys], len(changed))
 
 
 def _columns(items, getters) -> list[list]:
