@@ -43,6 +43,7 @@ T = TypeVar("T")
 
 MAINTENANCE_INTERVAL_S = 1.0
 SHUTDOWN_DRAIN_S = 10.0
+DATABASE_START_WAIT_S = 30.0
 
 
 class Page(msgspec.Struct, frozen=True, kw_only=True):
@@ -61,6 +62,10 @@ def _validate(request_type: type[T], **fields: Any) -> T:
 def _fingerprint(operation: str, target: str | None, request: msgspec.Struct) -> str:
     body = msgspec.json.encode(request)
     return hashlib.sha256(b"%s|%s|%s" % (operation.encode(), (target or "").encode(), body)).hexdigest()
+
+
+def _clean_text(value: Any, length_max: int) -> bool:
+    return isinstance(value, str) and 1 <= len(value) <= length_max and "\x00" not in value
 
 
 def _utc_now() -> datetime:
@@ -103,7 +108,7 @@ class Engine:
             url = await asyncio.to_thread(self._embedded.start)
         self.database_url = url
         self.store = Store(url, pool_size=database.pool_size)
-        await self.store.open()
+        await self._open_store()
         applied = await self.store.migrate()
         if applied:
             log.info("applied migrations: %s", ", ".join(applied))
@@ -124,6 +129,20 @@ class Engine:
         self._maintenance = asyncio.create_task(self._maintain(), name="alluse-maintenance")
         self.ready = True
         log.info("engine ready")
+
+    async def _open_store(self) -> None:
+        """A database that is still starting (or finishing crash recovery) refuses
+        connections for a moment: retry for a bounded time before giving up."""
+        deadline = self._loop.time() + DATABASE_START_WAIT_S
+        while True:
+            try:
+                await self.store.open()
+                return
+            except Unavailable as error:
+                if self._loop.time() >= deadline:
+                    raise
+                log.warning("database not reachable yet (%s); retrying", error.details.get("reason"))
+                await asyncio.sleep(0.5)
 
     async def stop(self) -> None:
         """Graceful: stop admitting, let operations in flight finish (bounded), flush the
@@ -302,8 +321,11 @@ class Engine:
             raise ValidationFailed("unknown account type", {"field": "type"})
         if status is not None and status not in ("active", "frozen", "closed", "merged"):
             raise ValidationFailed("unknown account status", {"field": "status"})
-        if cursor is not None:
-            self._check_id(cursor, field="cursor")
+        for name, value, length_max in (("cursor", cursor, limits.ID_LENGTH_MAX),
+                                        ("owner", owner, limits.OWNER_LENGTH_MAX),
+                                        ("portfolio_id", portfolio_id, limits.ID_LENGTH_MAX)):
+            if value is not None and not _clean_text(value, length_max):
+                raise ValidationFailed(f"malformed {name}", {"field": name})
         items = await self.store.list_accounts(limit=limit + 1, after_id=cursor, type=type, status=status,
                                                owner=owner, portfolio_id=portfolio_id)
         next_cursor = items[limit - 1].id if len(items) > limit else None
@@ -403,8 +425,9 @@ class Engine:
 
     @staticmethod
     def _check_id(value: Any, field: str = "id") -> None:
-        if not isinstance(value, str) or not 1 <= len(value) <= limits.ID_LENGTH_MAX:
-            raise NotFound("no such resource", {field: str(value)[:limits.ID_LENGTH_MAX]})
+        """An id that cannot exist is simply not found (no database round trip)."""
+        if not _clean_text(value, limits.ID_LENGTH_MAX):
+            raise NotFound("no such resource", {field: str(value)[:limits.ID_LENGTH_MAX].replace("\x00", "")})
 
     # -- status ------------------------------------------------------------------------
     def status(self) -> dict:

@@ -20,10 +20,12 @@ EntryKind = Literal["deposit", "withdrawal", "premium", "loss", "fee", "transfer
 ACCOUNT_TYPES: tuple[str, ...] = ("generation", "revenue", "compounding")
 ACCOUNT_STATUSES: tuple[str, ...] = ("active", "frozen", "closed", "merged")
 
+# PostgreSQL text cannot hold NUL; refuse it at the edge like any other bad value.
+NO_NUL = r"^[^\x00]*$"
 Amount = Annotated[int, Meta(ge=limits.AMOUNT_MIN_CENTS, le=limits.AMOUNT_MAX_CENTS)]
-Name = Annotated[str, Meta(min_length=1, max_length=limits.NAME_LENGTH_MAX)]
-Owner = Annotated[str, Meta(min_length=1, max_length=limits.OWNER_LENGTH_MAX)]
-Memo = Annotated[str, Meta(max_length=limits.MEMO_LENGTH_MAX)]
+Name = Annotated[str, Meta(min_length=1, max_length=limits.NAME_LENGTH_MAX, pattern=NO_NUL)]
+Owner = Annotated[str, Meta(min_length=1, max_length=limits.OWNER_LENGTH_MAX, pattern=NO_NUL)]
+Memo = Annotated[str, Meta(max_length=limits.MEMO_LENGTH_MAX, pattern=NO_NUL)]
 
 
 class Allocations(Struct, frozen=True, kw_only=True):

@@ -10,9 +10,9 @@ from typing import Annotated, Literal
 from msgspec import Meta, Struct
 
 from engine import limits
-from engine.model import AccountType, Amount, Memo, Name, Owner, TradeKind
+from engine.model import NO_NUL, AccountType, Amount, Memo, Name, Owner, TradeKind
 
-AccountId = Annotated[str, Meta(min_length=1, max_length=limits.ID_LENGTH_MAX)]
+AccountId = Annotated[str, Meta(min_length=1, max_length=limits.ID_LENGTH_MAX, pattern=NO_NUL)]
 
 
 class Request(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -35,6 +35,7 @@ ENGINE = web.AppKey("engine", Engine)
 SETTINGS = web.AppKey("settings", Settings)
 ADMIN_TOKEN = web.AppKey("admin_token", str)
 HTTP_METRICS = web.AppKey("http_metrics", object)
+REQUEST_ID = web.RequestKey("request_id", str)
 
 JSON = "application/json"
 RETRY_AFTER_S = "1"
@@ -63,7 +64,7 @@ def _status_of(error: EngineError) -> int:
 def error_response(request: web.Request, status: int, code: str, message: str, details: dict | None = None,
                    headers: dict | None = None) -> web.Response:
     body = views.ErrorResponse(error=views.ErrorBody(code=code, message=message, details=details or {}),
-                               request_id=request.get("request_id", ""))
+                               request_id=request.get(REQUEST_ID, ""))
     return web.Response(status=status, body=views.encode(body), content_type=JSON, headers=headers)
 
 
@@ -80,7 +81,7 @@ def _validation_details(error: msgspec.ValidationError) -> dict:
 # -- middlewares -------------------------------------------------------------------------
 @web.middleware
 async def errors_middleware(request: web.Request, handler):
-    request["request_id"] = request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex
+    request[REQUEST_ID] = request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex
     started = time.perf_counter()
     try:
         response = await handler(request)
@@ -102,9 +103,9 @@ async def errors_middleware(request: web.Request, handler):
     except web.HTTPException as error:
         response = error_response(request, error.status, "http_error", error.reason)
     except Exception:  # a bug: log it with the request id, leak nothing
-        log.exception("unhandled error in %s %s (request %s)", request.method, request.path, request["request_id"])
+        log.exception("unhandled error in %s %s (request %s)", request.method, request.path, request[REQUEST_ID])
         response = error_response(request, 500, "internal_error", "internal error; quote the request id")
-    response.headers["X-Request-Id"] = request["request_id"]
+    response.headers["X-Request-Id"] = request[REQUEST_ID]
     metrics = request.app[HTTP_METRICS]
     route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
     metrics.requests.labels(request.method, route, str(response.status)).inc()

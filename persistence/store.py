@@ -63,8 +63,15 @@ WITH new_accounts AS (
 )
 SELECT 1 / (CASE WHEN (SELECT count(*) FROM changed) = $39 THEN 1 ELSE 0 END)"""
 
-DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError,
-                 ConnectionError)
+# Failures of the connection or the server: the outcome of a write in flight is unknown.
+CONNECTION_ERRORS = (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, asyncpg.InternalClientError,
+                     asyncpg.exceptions.OperatorInterventionError, asyncpg.exceptions.InsufficientResourcesError,
+                     OSError, asyncio.TimeoutError, ConnectionError)
+
+
+class StatementRejected(Exception):
+    """PostgreSQL refused a statement (a constraint, a value it cannot store, the batch's
+    version guard): it did not commit. Only the writer sees this."""
 
 
 def account_from_row(row) -> Account:
@@ -86,12 +93,17 @@ def transaction_from_row(row) -> Transaction:
 
 
 @contextlib.asynccontextmanager
-async def translated_errors():
-    """Driver failures become `DatabaseUnavailable`; nothing above this sees asyncpg."""
+async def translated_errors(rejections: bool = False):
+    """Driver failures become `DatabaseUnavailable` (or, for the writer, a refused
+    statement becomes `StatementRejected`); nothing above this sees asyncpg."""
     try:
         yield
-    except DRIVER_ERRORS as error:
+    except CONNECTION_ERRORS as error:
         raise DatabaseUnavailable("the database is unavailable", {"reason": type(error).__name__}) from error
+    except asyncpg.PostgresError as error:
+        if rejections:
+            raise StatementRejected(f"{type(error).__name__}: {error}") from error
+        raise DatabaseUnavailable("the database refused the query", {"reason": type(error).__name__}) from error
 
 
 class Store:

@@ -24,7 +24,7 @@ from engine.errors import DatabaseUnavailable, EngineError, Overloaded, Unavaila
 from engine.model import Account, Event, LegPosted, StatusChanged, Transaction
 from engine.rules import mutate, transition
 from persistence import store as sql
-from persistence.store import Store, account_from_row, translated_errors
+from persistence.store import StatementRejected, Store, account_from_row, translated_errors
 
 log = logging.getLogger("alluse.writer")
 
@@ -216,8 +216,21 @@ class Writer:
             return
         started = time.perf_counter()
         try:
-            async with translated_errors():
+            async with translated_errors(rejections=True):
                 applied, refused, states = await self._apply(ready)
+        except StatementRejected as rejection:
+            # Nothing committed, and the connection is fine. One operation is bad (a bug
+            # upstream, since validation should have caught it): commit the others alone.
+            self.cache.clear()
+            if len(ready) > 1:
+                log.warning("batch of %d rejected (%s); committing its operations one by one", len(ready), rejection)
+                for op in ready:
+                    await self._commit([op])
+                return
+            log.error("operation %s rejected by the database: %s", ready[0].op_id, rejection)
+            self._fail(ready, Unavailable("the database rejected the operation", {"reason": str(rejection)[:200]},
+                                          code="write_rejected"), poison=True)
+            return
         except EngineError as error:
             log.warning("batch of %d failed: %s (%s)", len(ready), error.message, error.details)
             self.cache.clear()
