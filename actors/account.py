@@ -14,13 +14,14 @@ queue, behind every earlier write."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Callable
 
 from engine.errors import EngineError, Unavailable
-from engine.model import Account, Command, Event, TransferCredit
+from engine.model import Account, ChangeStatus, Close, Command, Event, TransferCredit, UpdateAccount
 from engine.rules import DEFAULT_RULES, Rules, decide, mutate
 from actors.runtime import ActorPool, PooledActor
 from persistence.writer import ReloadOp, Resolution, WriteOp
@@ -127,6 +128,8 @@ class AccountActor(PooledActor):
         self.stale = False
         self.reloading = False
         self.hooks = hooks
+        # Operations held back until nothing is in flight (see `_must_wait`), in order.
+        self.stash: collections.deque[Operation] = collections.deque()
 
     # -- lifecycle ---------------------------------------------------------------------
     def on_start(self) -> None:
@@ -136,6 +139,8 @@ class AccountActor(PooledActor):
             self._turn_stale()
 
     def on_failure(self, exception_type, exception_value, traceback) -> None:
+        while self.stash:
+            self.on_dropped(self.stash.popleft())
         self.hooks.on_failed(self.account_id, self.actor_ref)
 
     def on_dropped(self, message: Any) -> None:
@@ -150,7 +155,7 @@ class AccountActor(PooledActor):
             message.reply.send(error=error)
 
     def is_idle(self) -> bool:
-        return not self.pending and not self.stale and self.mailbox_depth() == 0
+        return not self.pending and not self.stale and not self.stash and self.mailbox_depth() == 0
 
     # -- messages ----------------------------------------------------------------------
     def on_receive(self, message: Any) -> Any:
@@ -180,6 +185,7 @@ class AccountActor(PooledActor):
                 else:
                     self._recompute()
                 operation.reply.send(error=error)
+                self._release_stash()
             case Reloaded(state=state, error=error):
                 self._reloaded(state, error)
             case ReloadIfStale():
@@ -199,9 +205,35 @@ class AccountActor(PooledActor):
         return decide(self.tentative, command, transaction_id=transaction_id, now=operation.now,
                       correlation_id=operation.correlation_id, rules=self.hooks.rules)
 
+    @staticmethod
+    def _changes_status(command: Command) -> bool:
+        return isinstance(command, (Close, ChangeStatus)) or (
+            isinstance(command, UpdateAccount) and command.status is not None)
+
+    def _must_wait(self, operation: Operation) -> bool:
+        """A status change waits until nothing is in flight. A transfer's debit is written
+        by the *target's* actor, so it can reach the writer after commands this account
+        decided later; a freeze or close overtaking it would make the writer refuse the
+        debit. Once one operation waits, later ones queue behind it to keep their order."""
+        return bool(self.stash) or (bool(self.pending) and self._changes_status(operation.command))
+
+    def _release_stash(self) -> None:
+        while self.stash and not self.stale:
+            operation = self.stash[0]
+            if self.pending and self._changes_status(operation.command):
+                return
+            self.stash.popleft()
+            self._decide_and_submit(operation)
+
     def _execute(self, operation: Operation) -> None:
         if self._refuse_if_stale(lambda e: operation.reply.send(error=e)):
             return
+        if self._must_wait(operation):
+            self.stash.append(operation)
+            return
+        self._decide_and_submit(operation)
+
+    def _decide_and_submit(self, operation: Operation) -> None:
         try:
             events = self._decide(operation, operation.command, operation.transaction_id)
         except EngineError as refusal:
@@ -256,6 +288,7 @@ class AccountActor(PooledActor):
             self._maybe_reload()
         else:
             self._recompute()
+            self._release_stash()
 
     def _recompute(self) -> None:
         """tentative = committed + every operation still in flight, in decision order."""
@@ -272,6 +305,9 @@ class AccountActor(PooledActor):
 
     def _turn_stale(self) -> None:
         self.stale = True
+        while self.stash:
+            self.stash.popleft().reply.send(error=Unavailable(
+                "the account is reloading after a failed write; retry", code="account_reloading"))
         self._maybe_reload()
 
     def _maybe_reload(self) -> None:
@@ -292,3 +328,4 @@ class AccountActor(PooledActor):
         self.tentative = state
         self.pending.clear()
         self.stale = False
+        self._release_stash()

@@ -78,7 +78,7 @@ class Registry:
                     self.resident[account_id] = entry
                     if self.metrics:
                         self.metrics.activations.inc()
-                    self._evict_over_cap()
+                    self._evict_over_cap(keep=account_id)
                 loading.set_result(entry)
             except BaseException as error:
                 loading.set_exception(error)
@@ -116,14 +116,17 @@ class Registry:
         if self.metrics:
             self.metrics.passivations.inc()
 
-    def _evict_over_cap(self) -> None:
+    def _evict_over_cap(self, keep: str) -> None:
+        """Passivates idle accounts, least recently used first, until the cap holds. When
+        every resident account is busy the cap is exceeded for a while rather than
+        failing the caller: it is bounded by the operations in flight."""
         excess = len(self.resident) - self.resident_max
         if excess <= 0:
             return
         for entry in list(self.resident.values()):
             if excess <= 0:
                 break
-            if entry.leases == 0 and entry.actor.is_idle():
+            if entry.account_id != keep and entry.leases == 0 and entry.actor.is_idle():
                 self._passivate(entry)
                 excess -= 1
 

