@@ -10,7 +10,13 @@ Two views of the account:
   order); decisions are taken against it.
 After a failed write the actor turns *stale*: it refuses writes (503, safe to retry)
 until every in-flight operation has resolved, then reloads its row through the writer's
-queue, behind every earlier write."""
+queue, behind every earlier write.
+
+Operations on several accounts (transfers, merges, a portfolio's reinvestment) travel as
+a `Chain`: each account in turn decides its part on its tentative state, holds it, and
+passes the chain on; the last one submits every part as one write. A refusal walks the
+chain back (`Unwind`), each account dropping what it held, and the first one answers.
+No actor ever waits for another, so no order of requests can deadlock."""
 from __future__ import annotations
 
 import asyncio
@@ -20,9 +26,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Callable
 
-from engine.errors import EngineError, Unavailable
-from engine.model import Account, ChangeStatus, Close, Command, Event, TransferCredit, UpdateAccount
-from engine.rules import DEFAULT_RULES, Rules, decide, mutate
+from engine.errors import EngineError, Unavailable, refuse
+from engine.model import Account, ChangeStatus, Close, Command, Event, MergeOut, UpdateAccount
+from engine.rules import DEFAULT_RULES, Rules, decide, mutate_all
+from actors.ids import new_id
 from actors.runtime import ActorPool, PooledActor
 from persistence.writer import ReloadOp, Resolution, WriteOp
 
@@ -57,7 +64,7 @@ class Reply:
 
 @dataclass(slots=True)
 class Operation:
-    """What the engine asks of an account actor: the command, the ids and time the core
+    """What the engine asks of one account actor: the command, the ids and time the core
     needs, the idempotency record to commit with it, and where the answer goes."""
 
     op_id: int
@@ -68,21 +75,31 @@ class Operation:
     render: Callable
     correlation_id: str | None = None
     idempotency: tuple[str, str] | None = None
-    target: Any = None            # ActorRef of a transfer's target
-    credit_transaction_id: str | None = None
 
 
 @dataclass(slots=True)
-class TransferIn:
-    operation: Operation
-    debit_events: list[Event]
-    source: Any                   # ActorRef of the source
-    source_id: str
+class ChainStep:
+    account_id: str
+    ref: Any
+    transaction_id: str
+    # The command, or a function of the events decided so far (a merge's last step).
+    command: Command | Callable[[list[Event]], Command]
+    # Refusals with these codes skip the step instead of failing the chain.
+    skip_codes: frozenset[str] = frozenset()
 
 
 @dataclass(slots=True)
-class Undo:
-    operation: Operation
+class Chain:
+    operation: Operation          # its `command` is unused; each step carries its own
+    steps: list[ChainStep]
+    index: int = 0
+    events: list[Event] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Unwind:
+    chain: Chain
     error: BaseException
 
 
@@ -108,18 +125,32 @@ class Reloaded:
 
 
 @dataclass(slots=True)
+class InjectFault:
+    """Tests only (ALLUSE_FAULT_INJECTION=1): fail unexpectedly on the next message."""
+
+
+class InjectedFault(RuntimeError):
+    pass
+
+
+@dataclass(slots=True)
 class AccountActorHooks:
     """What an account actor needs from the engine around it."""
 
     submit: Callable[[WriteOp | ReloadOp], None]
     is_poisoned: Callable[[str], bool]
-    self_tell: Callable[[str, Any], None]   # tell the resident actor of an account id
-    on_failed: Callable[[str, Any], None]   # the actor died unexpectedly
+    self_tell: Callable[[str, Any], None]        # tell the resident actor of an account id
+    on_failed: Callable[[str, Any, BaseException | None], None]  # the actor died unexpectedly
     rules: Rules = field(default_factory=lambda: DEFAULT_RULES)
 
 
+def _changes_status(command: Any) -> bool:
+    return isinstance(command, (Close, ChangeStatus, MergeOut)) or (
+        isinstance(command, UpdateAccount) and command.status is not None)
+
+
 class AccountActor(PooledActor):
-    def __init__(self, pool: ActorPool, account: Account, hooks: AccountActorHooks):
+    def __init__(self, pool: ActorPool, account: Account, hooks: AccountActorHooks, *, restarted: bool = False):
         super().__init__(pool)
         self.account_id = account.id
         self.committed = account
@@ -127,9 +158,14 @@ class AccountActor(PooledActor):
         self.pending: dict[int, list[Event]] = {}
         self.stale = False
         self.reloading = False
+        self.fault_armed = False
+        # A restarted actor re-reads its row through the writer's queue (behind every
+        # write its predecessor handed over) before it decides anything; until then it
+        # holds operations back instead of refusing them.
+        self.restarted = restarted
         self.hooks = hooks
-        # Operations held back until nothing is in flight (see `_must_wait`), in order.
-        self.stash: collections.deque[Operation] = collections.deque()
+        # Operations and chain steps held back until nothing is in flight (`_must_wait`).
+        self.stash: collections.deque[Operation | Chain] = collections.deque()
 
     # -- lifecycle ---------------------------------------------------------------------
     def on_start(self) -> None:
@@ -137,20 +173,27 @@ class AccountActor(PooledActor):
         resident is still poisoned in the writer: reload it before taking writes."""
         if self.hooks.is_poisoned(self.account_id):
             self._turn_stale()
+        elif self.restarted:
+            self.stale = True
+            self._maybe_reload()
 
     def on_failure(self, exception_type, exception_value, traceback) -> None:
+        """pykka's supervision hook: an exception escaped a message. Everything waiting
+        here is answered with 503 (safe to retry); the supervisor decides what next."""
         while self.stash:
             self.on_dropped(self.stash.popleft())
-        self.hooks.on_failed(self.account_id, self.actor_ref)
+        self.hooks.on_failed(self.account_id, self.actor_ref, exception_value)
 
     def on_dropped(self, message: Any) -> None:
-        error = Unavailable("the account actor stopped; retry", code="account_restarting")
+        error = Unavailable("the account actor failed; retry with the same idempotency key",
+                            code="account_restarting")
         if isinstance(message, Operation):
             message.reply.send(error=error)
-        elif isinstance(message, TransferIn):
-            message.source.tell(Undo(message.operation, error))
-        elif isinstance(message, (Undo,)):
-            message.operation.reply.send(error=message.error)
+        elif isinstance(message, Chain):
+            self._unwind(message, error)
+        elif isinstance(message, Unwind):
+            message.chain.index -= 1
+            self._unwind(message.chain, message.error)
         elif isinstance(message, Read):
             message.reply.send(error=error)
 
@@ -159,6 +202,10 @@ class AccountActor(PooledActor):
 
     # -- messages ----------------------------------------------------------------------
     def on_receive(self, message: Any) -> Any:
+        if self.fault_armed and isinstance(message, (Operation, Chain, Read)):
+            self.fault_armed = False
+            self.on_dropped(message)
+            raise InjectedFault(f"injected fault in account {self.account_id}")
         try:
             self._receive(message)
         except Exception:
@@ -172,63 +219,55 @@ class AccountActor(PooledActor):
         match message:
             case Operation():
                 self._execute(message)
-            case TransferIn():
-                self._credit(message)
+            case Chain():
+                self._step(message)
             case Resolved(resolution=resolution):
                 self._resolve(resolution)
             case Read(reply=reply):
                 reply.send(self.committed)
-            case Undo(operation=operation, error=error):
-                self.pending.pop(operation.op_id, None)
-                if self.stale:
-                    self._maybe_reload()
-                else:
-                    self._recompute()
-                operation.reply.send(error=error)
-                self._release_stash()
+            case Unwind(chain=chain, error=error):
+                self.pending.pop(chain.operation.op_id, None)
+                self._settle()
+                chain.index -= 1
+                self._unwind(chain, error)
             case Reloaded(state=state, error=error):
                 self._reloaded(state, error)
             case ReloadIfStale():
                 if self.stale:
                     self._maybe_reload()
+            case InjectFault():
+                self.fault_armed = True
             case _:
                 raise AssertionError(f"unexpected message {message!r}")
 
-    def _refuse_if_stale(self, reply_to: Callable[[BaseException], None]) -> bool:
-        if not self.stale:
-            return False
-        self._maybe_reload()
-        reply_to(Unavailable("the account is reloading after a failed write; retry", code="account_reloading"))
-        return True
+    # -- deciding ----------------------------------------------------------------------
+    def _must_wait(self, command: Any) -> bool:
+        """A status change waits until nothing is in flight. A transfer's debit is written
+        by the *last* account of its chain, so it can reach the writer after commands this
+        account decided later; a freeze, close or merge overtaking it would make the
+        writer refuse the debit. Once one operation waits, later ones queue behind it."""
+        return self.restarted or bool(self.stash) or (bool(self.pending) and _changes_status(command))
+
+    def _release_stash(self) -> None:
+        while self.stash and not self.stale and not self.restarted:
+            message = self.stash[0]
+            command = message.command if isinstance(message, Operation) else self._command_of(message)
+            if self.pending and _changes_status(command):
+                return
+            self.stash.popleft()
+            if isinstance(message, Operation):
+                self._decide_and_submit(message)
+            else:
+                self._decide_step(message)
 
     def _decide(self, operation: Operation, command: Command, transaction_id: str) -> list[Event]:
         return decide(self.tentative, command, transaction_id=transaction_id, now=operation.now,
-                      correlation_id=operation.correlation_id, rules=self.hooks.rules)
-
-    @staticmethod
-    def _changes_status(command: Command) -> bool:
-        return isinstance(command, (Close, ChangeStatus)) or (
-            isinstance(command, UpdateAccount) and command.status is not None)
-
-    def _must_wait(self, operation: Operation) -> bool:
-        """A status change waits until nothing is in flight. A transfer's debit is written
-        by the *target's* actor, so it can reach the writer after commands this account
-        decided later; a freeze or close overtaking it would make the writer refuse the
-        debit. Once one operation waits, later ones queue behind it to keep their order."""
-        return bool(self.stash) or (bool(self.pending) and self._changes_status(operation.command))
-
-    def _release_stash(self) -> None:
-        while self.stash and not self.stale:
-            operation = self.stash[0]
-            if self.pending and self._changes_status(operation.command):
-                return
-            self.stash.popleft()
-            self._decide_and_submit(operation)
+                      correlation_id=operation.correlation_id, rules=self.hooks.rules, new_id=new_id)
 
     def _execute(self, operation: Operation) -> None:
         if self._refuse_if_stale(lambda e: operation.reply.send(error=e)):
             return
-        if self._must_wait(operation):
+        if self._must_wait(operation.command):
             self.stash.append(operation)
             return
         self._decide_and_submit(operation)
@@ -243,37 +282,72 @@ class AccountActor(PooledActor):
             operation.reply.send(operation.render([], {self.account_id: self.committed}))
             return
         self._hold(operation.op_id, events)
-        if operation.target is not None:
-            operation.target.tell(TransferIn(operation, events, self.actor_ref, self.account_id))
-            return
         self.hooks.submit(WriteOp(op_id=operation.op_id, accounts=(self.account_id,), events=tuple(events),
                                   idempotency=operation.idempotency, render=operation.render,
                                   done=operation.reply.done_on_loop))
 
-    def _credit(self, message: TransferIn) -> None:
-        """The target's half of a transfer: check and tentatively credit, then submit both
-        legs as one write; a refusal travels back to the source, which undoes its debit."""
-        operation = message.operation
-        source_undo = lambda error: message.source.tell(Undo(operation, error))  # noqa: E731
-        if self._refuse_if_stale(source_undo):
+    # -- chains ------------------------------------------------------------------------
+    @staticmethod
+    def _command_of(chain: Chain) -> Command:
+        command = chain.steps[chain.index].command
+        return command(chain.events) if callable(command) else command
+
+    def _step(self, chain: Chain) -> None:
+        if self._refuse_if_stale(lambda e: self._unwind(chain, e)):
             return
-        debit = operation.command
-        command = TransferCredit(from_account=message.source_id, amount=debit.amount, memo=debit.memo)
+        if self._must_wait(self._command_of(chain)):
+            self.stash.append(chain)
+            return
+        self._decide_step(chain)
+
+    def _decide_step(self, chain: Chain) -> None:
+        step = chain.steps[chain.index]
+        assert step.account_id == self.account_id
         try:
-            events = self._decide(operation, command, operation.credit_transaction_id)
+            events = self._decide(chain.operation, self._command_of(chain), step.transaction_id)
         except EngineError as refusal:
-            source_undo(refusal)
+            if refusal.code not in step.skip_codes:
+                self._unwind(chain, refusal)
+                return
+            chain.skipped.append((self.account_id, refusal.code))
+            events = []
+        if events:
+            self._hold(chain.operation.op_id, events)
+        chain.events.extend(events)
+        chain.index += 1
+        if chain.index < len(chain.steps):
+            chain.steps[chain.index].ref.tell(chain)
             return
-        self._hold(operation.op_id, events)
-        self.hooks.submit(WriteOp(op_id=operation.op_id, accounts=(message.source_id, self.account_id),
-                                  events=tuple(message.debit_events) + tuple(events),
-                                  idempotency=operation.idempotency, render=operation.render,
-                                  done=operation.reply.done_on_loop))
+        operation = chain.operation
+        if not chain.events:
+            code = chain.skipped[0][1] if chain.skipped else "nothing_to_do"
+            operation.reply.send(error=refuse(code, "no account had anything to do",
+                                              accounts=[account_id for account_id, _ in chain.skipped]))
+            return
+        self.hooks.submit(WriteOp(op_id=operation.op_id, accounts=tuple(s.account_id for s in chain.steps),
+                                  events=tuple(chain.events), idempotency=operation.idempotency,
+                                  render=operation.render, done=operation.reply.done_on_loop))
+
+    def _unwind(self, chain: Chain, error: BaseException) -> None:
+        """Steps before `chain.index` hold their part: walk back; the first one answers."""
+        if chain.index == 0:
+            chain.operation.reply.send(error=error)
+            return
+        chain.steps[chain.index - 1].ref.tell(Unwind(chain, error))
+
+    # -- bookkeeping -------------------------------------------------------------------
+    def _refuse_if_stale(self, reply_to: Callable[[BaseException], None]) -> bool:
+        if not self.stale:
+            return False
+        if self.restarted:
+            return False  # `_must_wait` holds it until the first reload lands
+        self._maybe_reload()
+        reply_to(Unavailable("the account is reloading after a failed write; retry", code="account_reloading"))
+        return True
 
     def _hold(self, op_id: int, events: list[Event]) -> None:
         self.pending[op_id] = events
-        for event in events:
-            self.tentative = mutate(self.tentative, event)
+        self.tentative = mutate_all(self.tentative, events)
 
     def _resolve(self, resolution: Resolution) -> None:
         for op_id in resolution.committed_op_ids:
@@ -284,19 +358,24 @@ class AccountActor(PooledActor):
             self.committed = resolution.state
         if resolution.failed_op_ids:
             self._turn_stale()
-        elif self.stale:
-            self._maybe_reload()
         else:
-            self._recompute()
-            self._release_stash()
+            self._settle()
+
+    def _settle(self) -> None:
+        """After an operation left `pending`: recompute the tentative view (or go on
+        towards a reload), then let waiting operations through."""
+        if self.stale:
+            self._maybe_reload()
+            return
+        self._recompute()
+        self._release_stash()
 
     def _recompute(self) -> None:
         """tentative = committed + every operation still in flight, in decision order."""
         tentative = self.committed
         try:
             for events in self.pending.values():
-                for event in events:
-                    tentative = mutate(tentative, event)
+                tentative = mutate_all(tentative, events)
         except AssertionError:
             log.warning("account %s: in-flight operations no longer fit its committed state", self.account_id)
             self._turn_stale()
@@ -306,8 +385,12 @@ class AccountActor(PooledActor):
     def _turn_stale(self) -> None:
         self.stale = True
         while self.stash:
-            self.stash.popleft().reply.send(error=Unavailable(
-                "the account is reloading after a failed write; retry", code="account_reloading"))
+            message = self.stash.popleft()
+            error = Unavailable("the account is reloading after a failed write; retry", code="account_reloading")
+            if isinstance(message, Operation):
+                message.reply.send(error=error)
+            else:
+                self._unwind(message, error)
         self._maybe_reload()
 
     def _maybe_reload(self) -> None:
@@ -323,7 +406,11 @@ class AccountActor(PooledActor):
         self.reloading = False
         if error is not None or state is None:
             log.warning("account %s: reload failed: %s", self.account_id, error)
+            if self.restarted:  # nothing to wait for any more: refuse what was held
+                self.restarted = False
+                self._turn_stale()
             return
+        self.restarted = False
         self.committed = state
         self.tentative = state
         self.pending.clear()

@@ -14,21 +14,32 @@ import asyncio
 import hashlib
 import logging
 import threading
+import time
 from datetime import date, datetime, timezone
 from typing import Any, Awaitable, Callable, TypeVar
 
 import msgspec
 
 from engine import limits
-from engine.errors import EngineError, IdempotencyKeyReused, NotFound, Overloaded, Unavailable, ValidationFailed
+from engine.errors import (
+    EngineError, IdempotencyKeyReused, NotFound, Overloaded, Refused, Unavailable, ValidationFailed,
+)
 from engine.model import (
-    Account, BookTrade, Close, Deposit, Transaction, Transfer, TransferDebit, UpdateAccount, Withdraw,
+    Account, BookTrade, Close, Deposit, Fork, GrowthOperation, Portfolio, Reinvest, Transaction, Transfer,
+    TransferCredit, TransferDebit, UpdateAccount, Withdraw,
 )
 from engine.requests import (
-    CreateAccountRequest, DepositRequest, TradeRequest, TransferRequest, UpdateAccountRequest, WithdrawalRequest,
+    CreateAccountRequest, CreatePortfolioRequest, DepositRequest, ForkRequest, ProjectionRequest, ReinvestRequest,
+    TradeRequest, TransferRequest, UpdateAccountRequest, WithdrawalRequest,
 )
-from engine.rules import DEFAULT_RULES, open_account
-from actors.account import AccountActor, AccountActorHooks, Operation, Read, ReloadIfStale, Reply, Resolved
+from engine import growth, projection, reports
+from engine.rules import open_account, previous_quarter
+from actors.account import (
+    AccountActor, AccountActorHooks, Chain, ChainStep, InjectFault, Operation, Read, ReloadIfStale, Reply,
+    Resolved,
+)
+from actors.supervisor import STANDALONE, ChildFailed, Release, RestartPolicy, Restarted, Snapshot, Supervisor, \
+    SupervisorHooks
 from actors.ids import new_id, next_op_id
 from actors.metrics import Metrics
 from actors.registry import Registry
@@ -42,6 +53,8 @@ log = logging.getLogger("alluse.engine")
 T = TypeVar("T")
 
 MAINTENANCE_INTERVAL_S = 1.0
+NO_SKIP: frozenset[str] = frozenset()
+REINVEST_SKIPS = frozenset({"already_reinvested", "account_not_active", "quarter_before_opening"})
 SHUTDOWN_DRAIN_S = 10.0
 DATABASE_START_WAIT_S = 30.0
 
@@ -77,7 +90,7 @@ class Engine:
         self.settings = settings or load_settings()
         self.clock = clock
         self.metrics = Metrics()
-        self.rules = DEFAULT_RULES
+        self.rules = self.settings.rules
         self.ready = False
         self.database_url: str | None = None
         self._embedded: EmbeddedServer | None = None
@@ -90,6 +103,13 @@ class Engine:
         self._idempotent_ops: dict[str, tuple[str, asyncio.Future]] = {}
         self._maintenance: asyncio.Task | None = None
         self._hooks: AccountActorHooks | None = None
+        self.supervisors: dict[str, Any] = {}
+        self._supervisor_hooks: SupervisorHooks | None = None
+        self._failed_at: dict[str, float] = {}
+        self._merge_locks: dict[str, asyncio.Lock] = {}
+        self._commit_signal: asyncio.Event | None = None
+        self._background: set[asyncio.Task] = set()
+        self._scheduled_quarter: str | None = None
 
     # -- lifecycle -------------------------------------------------------------------
     async def __aenter__(self) -> "Engine":
@@ -113,9 +133,10 @@ class Engine:
         if applied:
             log.info("applied migrations: %s", ", ".join(applied))
         settings = self.settings.engine
+        self._commit_signal = asyncio.Event()
         self.writer = Writer(self.store, batch_size_max=settings.batch_size_max, queue_max=settings.write_queue_max,
                              notify=self._notify_resolved, metrics=self.metrics,
-                             batch_wait_s=settings.batch_wait_ms / 1000)
+                             batch_wait_s=settings.batch_wait_ms / 1000, on_commit=self._signal_commit)
         await self.writer.start()
         self._pool = ActorPool(settings.actor_workers, name="account")
         self.registry = Registry(load=self.store.load_account, spawn=self._spawn,
@@ -123,6 +144,13 @@ class Engine:
         self._hooks = AccountActorHooks(submit=self.writer.submit, is_poisoned=self.writer.poisoned.__contains__,
                                         self_tell=self._tell_from_any_thread, on_failed=self._actor_failed,
                                         rules=self.rules)
+        self._policy = RestartPolicy(restarts_max=self.settings.supervision.restarts_max,
+                                     window_s=self.settings.supervision.window_s)
+        self._supervisor_hooks = SupervisorHooks(
+            restart=lambda account_id, _: self._loop.call_soon_threadsafe(self._restart, account_id),
+            quarantine=lambda account_id, why: self._loop.call_soon_threadsafe(self._quarantine, account_id, why),
+            release=lambda account_id: self._loop.call_soon_threadsafe(self.registry.quarantined.pop, account_id,
+                                                                       None))
         self.metrics.resident_actors.set_function(lambda: len(self.registry))
         self.metrics.operations_in_flight.set_function(lambda: self._in_flight)
         self.metrics.write_queue_depth.set_function(lambda: self.writer.queue.qsize())
@@ -156,8 +184,13 @@ class Engine:
             await asyncio.sleep(0.01)
         if self.writer is not None:
             await self.writer.stop()
+        for task in list(self._background):
+            task.cancel()
         if self.registry is not None:
             self.registry.stop_all()
+        for ref in self.supervisors.values():
+            ref.stop(block=False)
+        self.supervisors.clear()
         if self._pool is not None:
             await asyncio.to_thread(self._pool.stop)
             self._pool = None
@@ -176,6 +209,12 @@ class Engine:
             if self.writer.healthy:
                 for account_id in list(self.writer.poisoned):
                     self.registry.tell(account_id, ReloadIfStale())
+            self._passivate_idle_supervisors()
+            if self.settings.engine.reinvest_schedule:
+                quarter = previous_quarter(self.clock().date())
+                if quarter != self._scheduled_quarter:
+                    self._scheduled_quarter = quarter
+                    self._in_background(self._reinvest_everything(quarter))
 
     async def check_ready(self) -> bool:
         """Readiness: recovery done and the database reachable."""
@@ -188,20 +227,79 @@ class Engine:
             return False
 
     # -- wiring ----------------------------------------------------------------------
-    def _spawn(self, account: Account):
-        return AccountActor.start(self._pool, account, self._hooks)
+    def _spawn(self, account: Account, restarted: bool = False):
+        self._supervisor(account.portfolio_id or STANDALONE)
+        return AccountActor.start(self._pool, account, self._hooks, restarted=restarted)
 
     def _notify_resolved(self, resolutions) -> None:
         for account_id, resolution in resolutions.items():
             self.registry.tell(account_id, Resolved(resolution))
 
+    def _signal_commit(self) -> None:
+        """Wakes every event-feed reader: something committed."""
+        signal, self._commit_signal = self._commit_signal, asyncio.Event()
+        signal.set()
+
+    def _in_background(self, coroutine) -> asyncio.Task:
+        task = asyncio.ensure_future(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
     def _tell_from_any_thread(self, account_id: str, message: Any) -> None:
         self._loop.call_soon_threadsafe(self.registry.tell, account_id, message)
 
-    def _actor_failed(self, account_id: str, ref: Any) -> None:
-        log.error("account actor %s failed; it will be activated anew from committed state", account_id)
+    # -- supervision -----------------------------------------------------------------
+    def _supervisor(self, supervisor_id: str):
+        ref = self.supervisors.get(supervisor_id)
+        if ref is None or not ref.is_alive():
+            ref = Supervisor.start(self._pool, supervisor_id, self._policy, self._supervisor_hooks)
+            self.supervisors[supervisor_id] = ref
+        return ref
+
+    def _actor_failed(self, account_id: str, ref: Any, error: BaseException | None) -> None:
+        """From the failed actor's thread (pykka's `on_failure`)."""
+        portfolio_id = ref.actor_inbox.actor.committed.portfolio_id
+        reason = f"{type(error).__name__}: {error}"[:300] if error is not None else "unknown"
+        log.error("account actor %s failed (%s); reporting to its supervisor", account_id, reason)
         self.metrics.actor_failures.inc()
-        self._loop.call_soon_threadsafe(self.registry.forget, account_id, ref)
+        self._loop.call_soon_threadsafe(self._on_actor_failed, account_id, ref, portfolio_id, reason)
+
+    def _on_actor_failed(self, account_id: str, ref: Any, portfolio_id: str | None, reason: str) -> None:
+        self.registry.forget(account_id, ref)
+        self._failed_at[account_id] = time.monotonic()
+        self._supervisor(portfolio_id or STANDALONE).tell(ChildFailed(account_id, reason))
+
+    def _restart(self, account_id: str) -> None:
+        self._in_background(self._restart_now(account_id))
+
+    async def _restart_now(self, account_id: str) -> None:
+        try:
+            entry = await self.registry.restart(account_id)
+        except EngineError as error:
+            log.warning("restart of %s deferred to its next use: %s", account_id, error.message)
+            return
+        failed_at = self._failed_at.pop(account_id, None)
+        if failed_at is not None and entry is not None:
+            latency = time.monotonic() - failed_at
+            self.metrics.restart_latency.observe(latency)
+            self.metrics.restarts.inc()
+            self._supervisor(entry.actor.committed.portfolio_id or STANDALONE).tell(Restarted(account_id, latency))
+
+    def _quarantine(self, account_id: str, why: str) -> None:
+        log.error("account %s quarantined: %s", account_id, why)
+        self.metrics.quarantines.inc()
+        self.registry.quarantined[account_id] = why
+
+    def _passivate_idle_supervisors(self) -> None:
+        """A supervisor with no resident account and nothing to remember goes too."""
+        busy = {e.actor.committed.portfolio_id or STANDALONE for e in self.registry.resident.values()}
+        busy.add(STANDALONE)
+        for supervisor_id, ref in list(self.supervisors.items()):
+            if supervisor_id not in busy and not ref.actor_inbox.actor.quarantined \
+                    and not ref.actor_inbox.actor.recent:
+                ref.stop(block=False)
+                del self.supervisors[supervisor_id]
 
     # -- admission, idempotency, timeouts --------------------------------------------
     def _admit(self) -> None:
@@ -258,29 +356,54 @@ class Engine:
             self._in_flight -= 1
 
     async def _on_account(self, account_id: str, command, render, idempotency, *, transaction_id=None,
-                          correlation_id=None, target_id: str | None = None):
+                          correlation_id=None):
         """Sends one command to an account actor (leased for the duration) and waits for
         the continuation the writer or the actor completes."""
-        source = await self.registry.acquire(account_id)
-        target = None
+        entry = await self.registry.acquire(account_id)
         try:
-            if source.leases > self.settings.engine.account_operations_in_flight_max:
-                raise Overloaded("too many operations in flight on this account", {"account_id": account_id})
-            if target_id is not None:
-                target = await self.registry.acquire(target_id)
+            self._check_account_load(entry)
             future = self._loop.create_future()
-            operation = Operation(
-                op_id=next_op_id(), command=command, reply=Reply(self._loop, future), now=self.clock(),
-                transaction_id=transaction_id or new_id("txn"), render=render, correlation_id=correlation_id,
-                idempotency=idempotency, target=target.ref if target else None,
-                credit_transaction_id=new_id("txn") if target else None)
+            operation = Operation(op_id=next_op_id(), command=command, reply=Reply(self._loop, future),
+                                  now=self.clock(), transaction_id=transaction_id or new_id("txn"), render=render,
+                                  correlation_id=correlation_id, idempotency=idempotency)
             if not self.registry.tell(account_id, operation):
                 raise Unavailable("the account actor stopped; retry", code="account_restarting")
             return await future
         finally:
-            self.registry.release(source)
-            if target is not None:
-                self.registry.release(target)
+            self.registry.release(entry)
+
+    def _check_account_load(self, entry) -> None:
+        if entry.leases > self.settings.engine.account_operations_in_flight_max:
+            raise Overloaded("too many operations in flight on this account", {"account_id": entry.account_id})
+
+    async def _run_chain(self, steps: list[tuple[str, Any, frozenset[str]]], render, idempotency, *,
+                         correlation_id: str, chain_holder: list | None = None):
+        """A multi-account operation: `steps` are (account id, command or function of the
+        events so far, refusal codes that skip the step). Every account is leased (and
+        activated) first; the chain then travels actor to actor and the last one submits
+        all the parts as one write."""
+        entries = []
+        try:
+            for account_id, _, _ in steps:
+                entries.append(await self.registry.acquire(account_id))
+            # Like a single-account operation, a chain is bounded where it enters: at its
+            # first account (the others see one message each, within the global bound).
+            self._check_account_load(entries[0])
+            future = self._loop.create_future()
+            operation = Operation(op_id=next_op_id(), command=None, reply=Reply(self._loop, future), now=self.clock(),
+                                  transaction_id="", render=render, correlation_id=correlation_id,
+                                  idempotency=idempotency)
+            chain = Chain(operation=operation, steps=[
+                ChainStep(account_id=account_id, ref=entry.ref, transaction_id=new_id("txn"), command=command,
+                          skip_codes=skip) for (account_id, command, skip), entry in zip(steps, entries)])
+            if chain_holder is not None:
+                chain_holder.append(chain)
+            if not self.registry.tell(steps[0][0], chain):
+                raise Unavailable("the account actor stopped; retry", code="account_restarting")
+            return await future
+        finally:
+            for entry in entries:
+                self.registry.release(entry)
 
     # -- accounts --------------------------------------------------------------------
     async def create_account(self, *, name: str, type: str, owner: str, opened_on: date | None = None,
@@ -371,9 +494,14 @@ class Engine:
 
     async def _single_leg(self, operation: str, account_id: str, request, command, idempotency_key) -> Transaction:
         self._check_id(account_id)
-        return await self._idempotent(
-            idempotency_key, _fingerprint(operation, account_id, request), Transaction,
-            lambda idempotency: self._on_account(account_id, command, _render_first_leg, idempotency))
+
+        async def run(idempotency):
+            result = await self._on_account(account_id, command, _render_first_leg, idempotency)
+            if result.direction == "credit":
+                await self._after_credit(account_id)
+            return result
+
+        return await self._idempotent(idempotency_key, _fingerprint(operation, account_id, request), Transaction, run)
 
     async def transfer(self, from_account: str, to_account: str, amount: int, *, memo: str | None = None,
                        idempotency_key: str | None = None) -> Transfer:
@@ -392,11 +520,253 @@ class Engine:
                                 to_account=request.to_account, amount=request.amount, memo=request.memo,
                                 created_at=now, legs=legs)
 
-            command = TransferDebit(to_account=request.to_account, amount=request.amount, memo=request.memo)
-            return await self._on_account(request.from_account, command, render, idempotency,
-                                          correlation_id=transfer_id, target_id=request.to_account)
+            steps = [(request.from_account,
+                      TransferDebit(to_account=request.to_account, amount=request.amount, memo=request.memo), NO_SKIP),
+                     (request.to_account,
+                      TransferCredit(from_account=request.from_account, amount=request.amount, memo=request.memo),
+                      NO_SKIP)]
+            result = await self._run_chain(steps, render, idempotency, correlation_id=transfer_id)
+            await self._after_credit(request.to_account)
+            return result
 
         return await self._idempotent(idempotency_key, _fingerprint("transfer", None, request), Transfer, run)
+
+    # -- portfolios and growth --------------------------------------------------------
+    async def create_portfolio(self, *, name: str, owner: str, initial_capital: int, opened_on: date | None = None,
+                               idempotency_key: str | None = None) -> reports.PortfolioView:
+        """A root portfolio: its capital split 40/30/30 (remainder of rounding to the
+        Com-Acc) into Gen-Acc, Rev-Acc and Com-Acc, all in one commit."""
+        request = _validate(CreatePortfolioRequest, name=name, owner=owner, initial_capital=initial_capital,
+                            opened_on=opened_on)
+
+        async def run(idempotency):
+            events = growth.open_portfolio(name=request.name, owner=request.owner, capital=request.initial_capital,
+                                           now=self.clock(), new_id=new_id, opened_on=request.opened_on,
+                                           rules=self.rules)
+            portfolio = events[0].portfolio
+            future = self._loop.create_future()
+            self.writer.enqueue(WriteOp(
+                op_id=next_op_id(), accounts=(), events=tuple(events), idempotency=idempotency,
+                done=Reply(self._loop, future).done_on_loop,
+                render=lambda _, states: reports.portfolio_view(portfolio, states, [], {}, self.rules)))
+            return await future
+
+        return await self._idempotent(idempotency_key, _fingerprint("create_portfolio", None, request),
+                                      reports.PortfolioView, run)
+
+    async def _portfolio(self, portfolio_id: str) -> Portfolio:
+        self._check_id(portfolio_id)
+        portfolio = await self.store.load_portfolio(portfolio_id)
+        if portfolio is None:
+            raise NotFound("no such portfolio", {"portfolio_id": portfolio_id})
+        return portfolio
+
+    async def get_portfolio(self, portfolio_id: str) -> reports.PortfolioView:
+        """The portfolio's accounts, its direct units and totals (committed state)."""
+        portfolio = await self._portfolio(portfolio_id)
+        tree = await self.store.portfolio_tree(portfolio_id, depth_max=1, nodes_max=self.settings.engine.tree_nodes_max)
+        units = tree[1:]
+        ids = list(portfolio.account_ids) + [i for unit in units for i in unit.account_ids]
+        accounts = await self.store.load_accounts(ids)
+        return reports.portfolio_view(portfolio, accounts, units, accounts, self.rules)
+
+    async def portfolio_tree(self, portfolio_id: str) -> reports.PortfolioTree:
+        """The whole fork tree below a portfolio (breadth first, bounded)."""
+        await self._portfolio(portfolio_id)
+        nodes_max = self.settings.engine.tree_nodes_max
+        portfolios = await self.store.portfolio_tree(portfolio_id, depth_max=self.rules.portfolio_depth_max + 1,
+                                                     nodes_max=nodes_max + 1)
+        truncated = len(portfolios) > nodes_max
+        portfolios = portfolios[:nodes_max]
+        accounts = await self.store.load_accounts([i for p in portfolios for i in p.account_ids])
+        return reports.portfolio_tree(portfolio_id, portfolios, accounts, truncated, self.rules)
+
+    async def fork(self, account_id: str, *, amount: int | None = None,
+                   idempotency_key: str | None = None) -> GrowthOperation:
+        """A manual fork of a portfolio's Gen-Acc: `amount` (default: the whole surplus
+        over its baseline) leaves for a new unit, half to its Gen-Acc, the rest to its
+        Com-Acc, in one commit."""
+        request = _validate(ForkRequest, amount=amount)
+        self._check_id(account_id)
+        return await self._idempotent(
+            idempotency_key, _fingerprint("fork", account_id, request), GrowthOperation,
+            lambda idempotency: self._on_account(account_id, Fork(amount=request.amount), _render_fork, idempotency))
+
+    async def merge_portfolio(self, portfolio_id: str, *, idempotency_key: str | None = None) -> GrowthOperation:
+        """Merges a forked unit now: all its money to the root's Com-Acc in one commit;
+        its accounts become `merged`. Units below it stay where they are."""
+        self._check_id(portfolio_id)
+        return await self._idempotent(
+            idempotency_key, _fingerprint("merge", portfolio_id, ForkRequest()), GrowthOperation,
+            lambda idempotency: self._merge(portfolio_id, idempotency, force=True))
+
+    async def _after_credit(self, account_id: str) -> None:
+        """The merge check that follows every credit to an account of a forked unit; it
+        completes before the credit is answered, so a caller sees the merge it caused."""
+        entry = self.registry.peek(account_id)
+        if entry is None or entry.actor.committed.portfolio_depth == 0:
+            return
+        try:
+            await self._merge(entry.actor.committed.portfolio_id, None, force=False)
+        except EngineError as error:
+            log.warning("merge check of %s after a credit failed: %s", entry.actor.committed.portfolio_id,
+                        error.message)
+
+    async def _merge(self, portfolio_id: str, idempotency, *, force: bool) -> GrowthOperation | None:
+        lock = self._merge_locks.setdefault(portfolio_id, asyncio.Lock())
+        try:
+            async with lock:
+                unit = await self._portfolio(portfolio_id)
+                if not unit.is_unit or unit.status != "active":
+                    if force:
+                        raise Refused("only an active forked unit can merge", {"portfolio_id": portfolio_id,
+                                                                              "status": unit.status},
+                                      code="merge_not_allowed")
+                    return None
+                if not force:
+                    balances = [(await self.get_account(i)).balance for i in unit.account_ids]
+                    if not growth.merge_due(unit, balances, self.rules):
+                        return None
+                root = await self._portfolio(unit.root_id)
+                return await self._run_merge(unit, root, idempotency)
+        finally:
+            if not lock.locked() and not lock._waiters:
+                self._merge_locks.pop(portfolio_id, None)
+
+    async def _run_merge(self, unit: Portfolio, root: Portfolio, idempotency) -> GrowthOperation:
+        merge_id = new_id("mrg")
+        now = self.clock()
+        steps = []
+        for account_id, command in growth.merge_steps(unit, root.compounding_account_id):
+            steps.append((account_id, command or (lambda events: growth.merge_in(unit, events)), NO_SKIP))
+
+        def render(legs, _states):
+            amount = sum(leg.amount for leg in legs if leg.direction == "credit")
+            return GrowthOperation(id=merge_id, kind="merge", portfolio_id=unit.id, amount=amount, created_at=now,
+                                   legs=legs)
+
+        return await self._run_chain(steps, render, idempotency, correlation_id=merge_id)
+
+    async def reinvest_portfolio(self, portfolio_id: str, quarter: str, *,
+                                 idempotency_key: str | None = None) -> reports.Reinvestment:
+        """Quarterly reinvestment of every Rev-Acc and Com-Acc in the portfolio and the
+        units below it, in one commit. Accounts already reinvested for the quarter (or
+        opened after it, or closed) are skipped; if all are, 409 already_reinvested."""
+        request = _validate(ReinvestRequest, quarter=quarter)
+        self._check_id(portfolio_id)
+
+        async def run(idempotency):
+            tree = await self.portfolio_tree(portfolio_id)
+            steps = [(account.id, Reinvest(quarter=request.quarter), REINVEST_SKIPS)
+                     for node in tree.nodes for account in node.accounts
+                     if account.type in self.rules.reinvested_types and account.status not in ("closed", "merged")]
+            if not steps:
+                raise Refused("no account of this portfolio reinvests", {"portfolio_id": portfolio_id},
+                              code="already_reinvested")
+            holder: list[Chain] = []
+
+            def render(_legs, _states):
+                chain = holder[0]
+                return reports.reinvestment_report(portfolio_id, request.quarter, chain.events, chain.skipped)
+
+            return await self._run_chain(steps, render, idempotency, correlation_id=new_id("rnv"),
+                                         chain_holder=holder)
+
+        return await self._idempotent(idempotency_key, _fingerprint("reinvest", portfolio_id, request),
+                                      reports.Reinvestment, run)
+
+    async def _reinvest_everything(self, quarter: str) -> None:
+        """The quarterly schedule: once a quarter has ended, reinvest it for every root
+        portfolio (idempotent: accounts already done are skipped)."""
+        after, done = "", 0
+        while True:
+            rows = await self.store.fetch("SELECT id FROM portfolios WHERE parent_id IS NULL AND id > $1 "
+                                          "ORDER BY id LIMIT 200", after)
+            if not rows:
+                break
+            for row in rows:
+                after = row["id"]
+                try:
+                    await self.reinvest_portfolio(after, quarter)
+                    done += 1
+                except EngineError:
+                    continue
+        if done:
+            log.info("scheduled reinvestment of %s: %d portfolios", quarter, done)
+
+    async def project(self, *, initial_capital: int, weeks: int, weekly_return_bps: dict, start_date: date | None = None,
+                      include_weeks: bool = True, **overrides) -> projection.Projection:
+        """Simulates a new portfolio week by week with the live rule functions (on a
+        worker thread: ten years take a fraction of a second)."""
+        request = _validate(ProjectionRequest, initial_capital=initial_capital, weeks=weeks,
+                            weekly_return_bps=weekly_return_bps, start_date=start_date, include_weeks=include_weeks,
+                            **overrides)
+        return await asyncio.to_thread(run_projection, request, self.rules, self.clock().date())
+
+    # -- events ------------------------------------------------------------------------
+    async def events_page(self, *, after: int = 0, limit: int = limits.PAGE_SIZE_DEFAULT) -> list:
+        if not isinstance(after, int) or isinstance(after, bool) or after < 0:
+            raise ValidationFailed("after must be a non-negative integer", {"field": "after"})
+        if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= limits.PAGE_SIZE_MAX:
+            raise ValidationFailed(f"limit must be 1 to {limits.PAGE_SIZE_MAX}", {"field": "limit"})
+        return await self.store.events_after(after, limit)
+
+    async def events(self, *, after: int | None = None):
+        """Every committed event after `after` (default: from now on), in commit order,
+        forever: an async iterator. Resume after a restart by passing the last `seq`."""
+        if after is None:
+            rows = await self.store.fetch("SELECT coalesce(max(seq), 0) AS seq FROM events")
+            after = rows[0]["seq"]
+        while True:
+            signal = self._commit_signal
+            page = await self.store.events_after(after, 500)
+            for event in page:
+                after = event.seq
+                yield event
+            if not page:
+                try:
+                    await asyncio.wait_for(signal.wait(), timeout=1.0)
+                except asyncio.TimeoutError:
+                    pass
+
+    def subscribe(self, callback: Callable[[Any], Any], *, after: int | None = None) -> asyncio.Task:
+        """Calls `callback(event)` (a function or a coroutine function) for every event
+        committed after `after`; cancel the returned task to stop."""
+        async def deliver():
+            async for event in self.events(after=after):
+                outcome = callback(event)
+                if asyncio.iscoroutine(outcome):
+                    await outcome
+
+        return self._in_background(deliver())
+
+    # -- supervision and faults --------------------------------------------------------
+    async def inject_fault(self, account_id: str) -> dict:
+        """Tests only (`engine.fault_injection`): the account's actor fails on its next
+        message. Refused as unknown when fault injection is off."""
+        if not self.settings.engine.fault_injection:
+            raise NotFound("fault injection is disabled", {})
+        self._check_id(account_id)
+        entry = await self.registry.acquire(account_id)
+        try:
+            self.registry.tell(account_id, InjectFault())
+        finally:
+            self.registry.release(entry)
+        return {"account_id": account_id, "fault": "crash", "armed": True}
+
+    def release_quarantine(self, account_id: str) -> None:
+        """An operator's decision: let a quarantined account work again."""
+        if account_id not in self.registry.quarantined:
+            raise NotFound("the account is not quarantined", {"account_id": account_id})
+        for ref in self.supervisors.values():
+            ref.tell(Release(account_id))
+        self.registry.quarantined.pop(account_id, None)
+
+    async def supervisor_status(self) -> dict:
+        """The supervision tree: each supervisor's accounts (running, passivated or
+        quarantined), restarts and mailbox depths, and its resident child units."""
+        from actors.status import supervisor_tree
+        return await supervisor_tree(self)
 
     # -- reads from the database -----------------------------------------------------
     async def get_transaction(self, transaction_id: str) -> Transaction:
@@ -448,6 +818,32 @@ class Engine:
 
 def _render_first_leg(legs, _states):
     return legs[0]
+
+
+def _render_fork(legs, states):
+    debit = legs[0]
+    unit = states[debit.counterparty_account_id].portfolio_id
+    return GrowthOperation(id=debit.correlation_id, kind="fork", portfolio_id=unit, amount=debit.amount,
+                           created_at=debit.created_at, legs=legs)
+
+
+def run_projection(request: ProjectionRequest, rules, today: date) -> projection.Projection:
+    overrides = {name: getattr(request, name) for name in ("fork_threshold_cents", "merge_threshold_cents")
+                 if getattr(request, name) is not None}
+    for name in ("cash_buffer_bps", "capital_share_bps"):
+        value = getattr(request, name)
+        if value is not None:
+            overrides[name] = {**getattr(rules, name), **value}
+    if overrides:
+        try:
+            rules = msgspec.structs.replace(rules, **overrides)
+            rules.__post_init__()
+        except ValueError as error:
+            raise ValidationFailed(str(error), {"reason": str(error)}) from None
+    returns = msgspec.structs.asdict(request.weekly_return_bps)
+    result = projection.project(initial_capital=request.initial_capital, weeks=request.weeks,
+                                weekly_return_bps=returns, start=request.start_date or today, rules=rules)
+    return result if request.include_weeks else msgspec.structs.replace(result, weeks=[])
 
 
 def _render_account(account_id: str):

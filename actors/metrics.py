@@ -29,6 +29,15 @@ class Metrics:
         self.actor_failures = Counter("alluse_actor_failures_total", "Account actors that failed unexpectedly",
                                       registry=r)
 
+        self.restarts = Counter("alluse_actor_restarts_total", "Account actors restarted by their supervisor",
+                                registry=r)
+        self.restart_latency = Histogram("alluse_actor_restart_seconds", "From an actor's failure to its successor "
+                                         "being resident", buckets=LATENCY_BUCKETS_S, registry=r)
+        self.quarantines = Counter("alluse_quarantines_total", "Accounts quarantined after too many restarts",
+                                   registry=r)
+        self.forks = Counter("alluse_forks_total", "Units forked", registry=r)
+        self.merges = Counter("alluse_merges_total", "Units merged", registry=r)
+
     def observe_batch(self, size: int, elapsed_s: float) -> None:
         self.batch_size.observe(size)
         self.commit_latency.observe(elapsed_s)

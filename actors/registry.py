@@ -13,7 +13,7 @@ from typing import Any, Awaitable, Callable
 
 from pykka import ActorDeadError
 
-from engine.errors import NotFound
+from engine.errors import NotFound, Unavailable
 from engine.model import Account
 
 log = logging.getLogger("alluse.registry")
@@ -37,6 +37,8 @@ class Registry:
         self.metrics = metrics
         self.resident: OrderedDict[str, Resident] = OrderedDict()
         self._loading: dict[str, asyncio.Future] = {}
+        # Accounts whose supervisor gave up on them: they refuse work until released.
+        self.quarantined: dict[str, str] = {}
 
     def __len__(self) -> int:
         return len(self.resident)
@@ -50,6 +52,10 @@ class Registry:
 
     async def acquire(self, account_id: str) -> Resident:
         """The resident actor of `account_id`, activated if needed, with one more lease."""
+        if account_id in self.quarantined:
+            raise Unavailable("the account is quarantined after repeated failures; an operator must release it",
+                              {"account_id": account_id, "reason": self.quarantined[account_id]},
+                              code="account_quarantined")
         entry = self.peek(account_id)
         if entry is None:
             entry = await self._activate(account_id)
@@ -62,7 +68,15 @@ class Registry:
         entry.leases -= 1
         assert entry.leases >= 0
 
-    async def _activate(self, account_id: str) -> Resident:
+    async def restart(self, account_id: str) -> Resident | None:
+        """A fresh actor for an account whose actor failed (unless something else
+        activated it meanwhile, or it is quarantined)."""
+        if account_id in self.quarantined:
+            return None
+        entry = self.peek(account_id)
+        return entry if entry is not None else await self._activate(account_id, restarted=True)
+
+    async def _activate(self, account_id: str, restarted: bool = False) -> Resident:
         loading = self._loading.get(account_id)
         if loading is None:
             loading = asyncio.get_running_loop().create_future()
@@ -73,7 +87,7 @@ class Registry:
                 if entry is None:
                     if account is None:
                         raise NotFound("no such account", {"account_id": account_id})
-                    ref = self._spawn(account)
+                    ref = self._spawn(account, restarted)
                     entry = Resident(account_id, ref, ref.actor_inbox.actor)
                     self.resident[account_id] = entry
                     if self.metrics:

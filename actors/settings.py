@@ -11,6 +11,7 @@ import msgspec
 from msgspec import Meta, Struct
 
 from engine import limits
+from engine.rules import Rules
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "default.toml"
 
@@ -38,12 +39,24 @@ class EngineSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     batch_wait_ms: Annotated[float, Meta(ge=0, le=100)] = 0.0
     write_queue_max: Annotated[int, Meta(ge=1, le=limits.WRITE_QUEUE_MAX)] = 8192
     operation_timeout_s: Annotated[float, Meta(gt=0, le=300)] = 10.0
+    # Tests only: lets POST /v1/admin/faults crash an account actor. ALLUSE_FAULT_INJECTION=1.
+    fault_injection: bool = False
+    # Reinvest every portfolio for the quarter that just ended, once it has ended.
+    reinvest_schedule: bool = True
+    tree_nodes_max: Annotated[int, Meta(ge=1, le=100_000)] = 10_000
+
+
+class SupervisionSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    restarts_max: Annotated[int, Meta(ge=0, le=1000)] = 5
+    window_s: Annotated[float, Meta(gt=0, le=86_400)] = 60.0
 
 
 class Settings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     server: ServerSettings = ServerSettings()
     database: DatabaseSettings = DatabaseSettings()
     engine: EngineSettings = EngineSettings()
+    supervision: SupervisionSettings = SupervisionSettings()
+    rules: Rules = Rules()
 
 
 class ConfigError(Exception):
@@ -76,6 +89,7 @@ ENVIRONMENT = {
     "ALLUSE_ADMIN_TOKEN": ("server", "admin_token", str),
     "ALLUSE_DATA_DIR": ("database", "data_dir", str),
     "DATABASE_URL": ("database", "url", str),
+    "ALLUSE_FAULT_INJECTION": ("engine", "fault_injection", lambda v: v.strip().lower() in ("1", "true", "yes")),
 }
 
 
@@ -90,7 +104,7 @@ def load_settings(environ: dict | None = None, overrides: dict | None = None) ->
             try:
                 raw.setdefault(section, {})[key] = kind(value)
             except ValueError as error:
-                raise ConfigError(f"{variable}={value!r} is not a valid {kind.__name__}") from error
+                raise ConfigError(f"{variable}={value!r} is not a valid {getattr(kind, '__name__', 'value')}") from error
     if overrides:
         raw = _merge(raw, overrides)
     try:

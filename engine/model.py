@@ -15,7 +15,8 @@ AccountType = Literal["generation", "revenue", "compounding"]
 AccountStatus = Literal["active", "frozen", "closed", "merged"]
 Direction = Literal["credit", "debit"]
 TradeKind = Literal["premium", "loss", "fee"]
-EntryKind = Literal["deposit", "withdrawal", "premium", "loss", "fee", "transfer"]
+EntryKind = Literal["deposit", "withdrawal", "premium", "loss", "fee", "transfer", "fork", "merge"]
+PortfolioStatus = Literal["active", "merged"]
 
 ACCOUNT_TYPES: tuple[str, ...] = ("generation", "revenue", "compounding")
 ACCOUNT_STATUSES: tuple[str, ...] = ("active", "frozen", "closed", "merged")
@@ -42,15 +43,49 @@ class Account(Struct, frozen=True, kw_only=True):
     status: AccountStatus = "active"
     owner: str
     portfolio_id: str | None = None
+    # The root of the portfolio tree this account's portfolio belongs to (itself for a
+    # root portfolio) and that portfolio's depth (0 for a root): the fork rule needs them.
+    root_portfolio_id: str | None = None
+    portfolio_depth: int = 0
     balance: int = 0
     baseline: int = 0
     allocations: Allocations = Allocations()
+    # Net trade income (premiums less losses and fees) since the last reinvestment.
+    trade_income_cents: int = 0
+    last_reinvested_quarter: str | None = None
     version: int = 0
     opened_on: date
     latest_effective_date: date | None = None
     created_at: datetime
     updated_at: datetime
 
+
+class Portfolio(Struct, frozen=True, kw_only=True):
+    """A root portfolio (Gen-Acc, Rev-Acc, Com-Acc) or a forked unit (Gen-Acc, Com-Acc).
+    Portfolios form a tree through `parent_id`; every unit knows its root."""
+
+    id: str
+    name: str
+    owner: str
+    parent_id: str | None = None
+    root_id: str
+    depth: int = 0
+    status: PortfolioStatus = "active"
+    generation_account_id: str
+    revenue_account_id: str | None = None
+    compounding_account_id: str
+    opened_on: date
+    created_at: datetime
+    merged_at: datetime | None = None
+
+    @property
+    def is_unit(self) -> bool:
+        return self.parent_id is not None
+
+    @property
+    def account_ids(self) -> tuple[str, ...]:
+        ids = (self.generation_account_id, self.revenue_account_id, self.compounding_account_id)
+        return tuple(i for i in ids if i is not None)
 
 class Leg(Struct, frozen=True, kw_only=True):
     """One ledger entry as decided; the writer adds `balance_after` and `sequence` when it
@@ -98,6 +133,18 @@ class Transfer(Struct, frozen=True, kw_only=True):
     to_account: str
     amount: int
     memo: str | None = None
+    created_at: datetime
+    legs: list[Transaction]
+
+
+class GrowthOperation(Struct, frozen=True, kw_only=True):
+    """A fork or a merge: `id` is its correlation id; `portfolio_id` is the unit created
+    (fork) or emptied (merge)."""
+
+    id: str
+    kind: Literal["fork", "merge"]
+    portfolio_id: str
+    amount: int
     created_at: datetime
     legs: list[Transaction]
 
@@ -151,25 +198,81 @@ class Close(Struct, frozen=True, kw_only=True, tag=True):
     pass
 
 
+class Fork(Struct, frozen=True, kw_only=True, tag=True):
+    """A manual fork of a portfolio Gen-Acc: `amount` (default: the whole surplus) must
+    not exceed the surplus over its baseline."""
+
+    amount: int | None = None
+
+
+class MergeOut(Struct, frozen=True, kw_only=True, tag=True):
+    """A unit account's part of a merge: all its money leaves, it becomes `merged`."""
+
+    to_account: str
+
+
+class MergeIn(Struct, frozen=True, kw_only=True, tag=True):
+    """The root Com-Acc's part of a merge: it receives everything the unit held."""
+
+    portfolio_id: str
+    amount: int
+    effective_date: date | None = None
+
+
+class Reinvest(Struct, frozen=True, kw_only=True, tag=True):
+    quarter: str
+
+
 Command = Union[Deposit, Withdraw, BookTrade, TransferDebit, TransferCredit, Rename, ChangeStatus, UpdateAccount,
-                Close]
+                Close, Fork, MergeOut, MergeIn, Reinvest]
 
 
-# Events: what a decision says happened to one account.
+# Events: what a decision says happened. Account events name their account; a decision
+# on one account may also open a unit (a fork) or close a portfolio (a merge).
 class LegPosted(Struct, frozen=True, kw_only=True, tag=True):
     leg: Leg
 
+    @property
+    def account_id(self) -> str:
+        return self.leg.account_id
+
 
 class StatusChanged(Struct, frozen=True, kw_only=True, tag=True):
+    account_id: str
     status: AccountStatus
     at: datetime
 
 
 class Renamed(Struct, frozen=True, kw_only=True, tag=True):
+    account_id: str
     name: str
     at: datetime
 
 
-Event = Union[LegPosted, StatusChanged, Renamed]
+class Reinvested(Struct, frozen=True, kw_only=True, tag=True):
+    account_id: str
+    quarter: str
+    net_income: int
+    contracts: int
+    leaps: int
+    at: datetime
+
+
+class PortfolioOpened(Struct, frozen=True, kw_only=True, tag=True):
+    """A portfolio and its accounts were opened (a root by its owner, a unit by a fork),
+    with zero balances: the credit legs that follow fund them."""
+
+    portfolio: Portfolio
+    accounts: list[Account]
+    account_id: None = None
+
+
+class PortfolioMerged(Struct, frozen=True, kw_only=True, tag=True):
+    portfolio_id: str
+    at: datetime
+    account_id: None = None
+
+
+Event = Union[LegPosted, StatusChanged, Renamed, Reinvested, PortfolioOpened, PortfolioMerged]
 
 to_builtins = msgspec.to_builtins

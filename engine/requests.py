@@ -12,6 +12,8 @@ from msgspec import Meta, Struct
 from engine import limits
 from engine.model import NO_NUL, AccountType, Amount, Memo, Name, Owner, TradeKind
 
+Quarter = Annotated[str, Meta(pattern=r"^[0-9]{4}-Q[1-4]$")]
+Bps = Annotated[int, Meta(ge=-10_000, le=10_000)]
 AccountId = Annotated[str, Meta(min_length=1, max_length=limits.ID_LENGTH_MAX, pattern=NO_NUL)]
 
 
@@ -56,3 +58,43 @@ class TradeRequest(MoneyRequest, kw_only=True):
 class TransferRequest(MoneyRequest, kw_only=True):
     from_account: AccountId
     to_account: AccountId
+
+
+class CreatePortfolioRequest(Request, kw_only=True):
+    name: Name
+    owner: Owner
+    initial_capital: Amount
+    opened_on: date | None = None
+
+
+class ReinvestRequest(Request, kw_only=True):
+    quarter: Quarter
+
+
+class ForkRequest(Request, kw_only=True):
+    amount: Amount | None = None
+
+
+class WeeklyReturns(Request, kw_only=True):
+    generation: Bps = 0
+    revenue: Bps = 0
+    compounding: Bps = 0
+
+
+class ProjectionRequest(Request, kw_only=True):
+    """A projection; the optional fields override the configured rules for this run."""
+
+    initial_capital: Amount
+    weeks: Annotated[int, Meta(ge=1, le=2600)]
+    weekly_return_bps: WeeklyReturns
+    start_date: date | None = None
+    include_weeks: bool = True
+    fork_threshold_cents: Amount | None = None
+    merge_threshold_cents: Amount | None = None
+    cash_buffer_bps: dict[Literal["generation", "revenue", "compounding"], Annotated[int, Meta(ge=0, le=10_000)]] | None = None
+    capital_share_bps: dict[Literal["generation", "revenue", "compounding"], Annotated[int, Meta(ge=0, le=10_000)]] | None = None
+
+
+class FaultRequest(Request, kw_only=True):
+    account_id: AccountId
+    fault: Literal["crash"] = "crash"

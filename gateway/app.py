@@ -22,8 +22,12 @@ from engine.errors import (
     EngineError, IdempotencyKeyReused, NotFound, Overloaded, Refused, Unavailable, ValidationFailed,
 )
 from engine.requests import (
-    CreateAccountRequest, DepositRequest, TradeRequest, TransferRequest, UpdateAccountRequest, WithdrawalRequest,
+    CreateAccountRequest, CreatePortfolioRequest, DepositRequest, FaultRequest, ForkRequest, ProjectionRequest,
+    ReinvestRequest, TradeRequest, TransferRequest, UpdateAccountRequest, WithdrawalRequest,
 )
+from engine.model import GrowthOperation
+from engine.projection import Projection
+from engine.reports import PortfolioTree, PortfolioView, Reinvestment
 from actors.api import Engine
 from actors.metrics import LATENCY_BUCKETS_S
 from actors.settings import Settings
@@ -169,11 +173,11 @@ def idempotency_key(request: web.Request) -> str | None:
     return key
 
 
-def query_int(request: web.Request, name: str, default: int) -> int:
+def query_int(request: web.Request, name: str, default: int, maximum_digits: int = 6) -> int:
     value = request.query.get(name)
     if value is None:
         return default
-    if not value.isdigit() or len(value) > 6:
+    if not (value.isascii() and value.isdigit()) or len(value) > maximum_digits:
         raise HttpError(422, "validation_failed", f"{name} must be a positive integer", {"field": name})
     return int(value)
 
@@ -268,6 +272,76 @@ async def get_transaction(request: web.Request) -> web.Response:
     return json_response(await _engine(request).get_transaction(request.match_info["transaction_id"]))
 
 
+async def create_portfolio(request: web.Request) -> web.Response:
+    body = await body_of(request, CreatePortfolioRequest)
+    portfolio = await _engine(request).create_portfolio(name=body.name, owner=body.owner,
+                                                        initial_capital=body.initial_capital,
+                                                        opened_on=body.opened_on,
+                                                        idempotency_key=idempotency_key(request))
+    return json_response(portfolio, 201)
+
+
+async def get_portfolio(request: web.Request) -> web.Response:
+    return json_response(await _engine(request).get_portfolio(request.match_info["portfolio_id"]))
+
+
+async def portfolio_tree(request: web.Request) -> web.Response:
+    return json_response(await _engine(request).portfolio_tree(request.match_info["portfolio_id"]))
+
+
+async def merge_portfolio(request: web.Request) -> web.Response:
+    await body_of(request, NoBody)
+    result = await _engine(request).merge_portfolio(request.match_info["portfolio_id"],
+                                                    idempotency_key=idempotency_key(request))
+    return json_response(result, 201)
+
+
+async def reinvest_portfolio(request: web.Request) -> web.Response:
+    body = await body_of(request, ReinvestRequest)
+    result = await _engine(request).reinvest_portfolio(request.match_info["portfolio_id"], body.quarter,
+                                                       idempotency_key=idempotency_key(request))
+    return json_response(result)
+
+
+async def fork(request: web.Request) -> web.Response:
+    body = await body_of(request, ForkRequest)
+    result = await _engine(request).fork(request.match_info["account_id"], amount=body.amount,
+                                         idempotency_key=idempotency_key(request))
+    return json_response(result, 201)
+
+
+async def project(request: web.Request) -> web.Response:
+    body = await body_of(request, ProjectionRequest)
+    fields = msgspec.structs.asdict(body)
+    fields["weekly_return_bps"] = msgspec.structs.asdict(body.weekly_return_bps)
+    fields = {name: value for name, value in fields.items() if value is not None}
+    return json_response(await _engine(request).project(**fields))
+
+
+async def list_events(request: web.Request) -> web.Response:
+    after = query_int(request, "after", 0, maximum_digits=18)
+    items = await _engine(request).events_page(after=after, limit=query_int(request, "limit",
+                                                                           limits.PAGE_SIZE_DEFAULT))
+    return json_response(views.EventPage(items=items, next_after=items[-1].seq if items else after))
+
+
+async def supervisor_status(request: web.Request) -> web.Response:
+    return json_response(await _engine(request).supervisor_status())
+
+
+async def inject_fault(request: web.Request) -> web.Response:
+    engine = _engine(request)
+    if not engine.settings.engine.fault_injection:
+        raise HttpError(404, "not_found", "no such route")
+    body = await body_of(request, FaultRequest)
+    return json_response(await engine.inject_fault(body.account_id), 202)
+
+
+async def release_quarantine(request: web.Request) -> web.Response:
+    _engine(request).release_quarantine(request.match_info["account_id"])
+    return json_response(_account(request, await _engine(request).get_account(request.match_info["account_id"])))
+
+
 async def health(request: web.Request) -> web.Response:
     return json_response(views.HealthView(status="ok"))
 
@@ -324,6 +398,29 @@ ROUTES: tuple[Route, ...] = (
           TransferRequest, views.Transfer, 201),
     Route("GET", "/v1/transactions/{transaction_id}", get_transaction, "One transaction (a ledger entry)", None,
           views.Transaction),
+    Route("POST", "/v1/portfolios", create_portfolio, "Create a root portfolio: capital split 40/30/30 into "
+          "Gen-Acc, Rev-Acc, Com-Acc", CreatePortfolioRequest, PortfolioView, 201),
+    Route("GET", "/v1/portfolios/{portfolio_id}", get_portfolio, "A portfolio: accounts, child units, totals", None,
+          PortfolioView),
+    Route("GET", "/v1/portfolios/{portfolio_id}/tree", portfolio_tree, "The whole fork tree below a portfolio", None,
+          PortfolioTree),
+    Route("POST", "/v1/portfolios/{portfolio_id}/merge", merge_portfolio, "Merge a forked unit now", None,
+          GrowthOperation, 201),
+    Route("POST", "/v1/portfolios/{portfolio_id}/reinvest", reinvest_portfolio,
+          "Quarterly reinvestment of the portfolio's Rev-Acc and Com-Accs (75% contracts, 25% LEAPS)",
+          ReinvestRequest, Reinvestment),
+    Route("POST", "/v1/accounts/{account_id}/fork", fork, "Manual fork of a portfolio Gen-Acc (amount <= surplus)",
+          ForkRequest, GrowthOperation, 201),
+    Route("POST", "/v1/projections", project, "Project a portfolio week by week with the live rules",
+          ProjectionRequest, Projection),
+    Route("GET", "/v1/events", list_events, "The event feed, in commit order (?after=seq&limit)", None,
+          views.EventPage),
+    Route("GET", "/v1/supervisor/status", supervisor_status, "The supervision tree: accounts, restarts, "
+          "quarantines, mailbox depths"),
+    Route("POST", "/v1/admin/faults", inject_fault, "Tests only (ALLUSE_FAULT_INJECTION=1): crash an account's "
+          "actor on its next message", FaultRequest, views.FaultArmed, 202),
+    Route("POST", "/v1/admin/quarantine/{account_id}/release", release_quarantine,
+          "Let a quarantined account work again", None, views.AccountView),
     Route("GET", "/health", health, "Liveness", None, views.HealthView, authenticated=False),
     Route("GET", "/ready", ready, "Readiness: recovery done and the database reachable", None, views.HealthView,
           authenticated=False),

@@ -37,7 +37,10 @@ def document() -> dict:
         if route.method in ("POST", "PATCH"):
             parameters.append({"name": "Idempotency-Key", "in": "header", "required": False,
                                "schema": {"type": "string", "maxLength": 200}})
-        if route.handler.__name__.startswith("list_"):
+        if route.handler.__name__ == "list_events":
+            parameters += [{"name": n, "in": "query", "required": False, "schema": {"type": "integer", "minimum": 0}}
+                           for n in ("after", "limit")]
+        elif route.handler.__name__.startswith("list_"):
             parameters += [{"name": n, "in": "query", "required": False, "schema": {"type": "string"}}
                            for n in ("limit", "cursor")]
         if route.handler.__name__ == "list_accounts":

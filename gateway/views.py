@@ -6,7 +6,10 @@ from datetime import date, datetime
 import msgspec
 from msgspec import Struct
 
-from engine.model import Account, Allocations, Transaction, Transfer
+from engine.model import Account, Allocations, GrowthOperation, Transaction, Transfer
+from engine.projection import Projection
+from engine.reports import PortfolioTree, PortfolioView, Reinvestment
+from persistence.store import StoredEvent
 from engine.rules import Rules, deployable
 
 
@@ -37,6 +40,17 @@ class TransactionPage(Struct, frozen=True, kw_only=True):
     next_cursor: str | None = None
 
 
+class EventPage(Struct, frozen=True, kw_only=True):
+    items: list[StoredEvent]
+    next_after: int
+
+
+class FaultArmed(Struct, frozen=True, kw_only=True):
+    account_id: str
+    fault: str
+    armed: bool
+
+
 class ErrorBody(Struct, frozen=True, kw_only=True):
     code: str
     message: str
@@ -62,4 +76,5 @@ def account_view(account: Account, rules: Rules) -> AccountView:
 
 encode = msgspec.json.Encoder().encode
 
-RESPONSE_TYPES = (AccountView, AccountPage, Transaction, TransactionPage, Transfer, ErrorResponse, HealthView)
+RESPONSE_TYPES = (AccountView, AccountPage, Transaction, TransactionPage, Transfer, ErrorResponse, HealthView,
+                  PortfolioView, PortfolioTree, GrowthOperation, Reinvestment, Projection, EventPage, FaultArmed)

@@ -11,12 +11,20 @@ from importlib import resources
 import asyncpg
 
 from engine.errors import DatabaseUnavailable
-from engine.model import Account, Allocations, Transaction
+from datetime import datetime
+
+import msgspec
+
+from engine.model import Account, Allocations, Portfolio, Transaction
 
 log = logging.getLogger("alluse.store")
 
 ACCOUNT_COLUMNS = ("id, name, type, status, owner, portfolio_id, balance, baseline, allocation_contracts, "
-                   "allocation_leaps, version, opened_on, latest_effective_date, created_at, updated_at")
+                   "allocation_leaps, version, opened_on, latest_effective_date, created_at, updated_at, "
+                   "root_portfolio_id, portfolio_depth, trade_income_cents, last_reinvested_quarter")
+PORTFOLIO_COLUMNS = ("id, name, owner, parent_id, root_id, depth, status, generation_account_id, revenue_account_id, "
+                     "compounding_account_id, opened_on, created_at, merged_at")
+EVENT_COLUMNS = "seq, type, account_id, portfolio_id, correlation_id, payload, created_at"
 ENTRY_COLUMNS = ("id, account_id, sequence, kind, direction, amount, balance_after, counterparty_account_id, "
                  "memo, correlation_id, effective_date, created_at")
 
@@ -26,6 +34,10 @@ SELECT_ENTRIES_PAGE = (f"SELECT {ENTRY_COLUMNS} FROM entries WHERE account_id = 
                        "ORDER BY sequence DESC LIMIT $3")
 SELECT_ENTRIES_BY_CORRELATION = f"SELECT {ENTRY_COLUMNS} FROM entries WHERE correlation_id = $1 ORDER BY direction DESC"
 SELECT_IDEMPOTENCY = "SELECT fingerprint, response FROM idempotency_keys WHERE key = $1"
+SELECT_PORTFOLIO = f"SELECT {PORTFOLIO_COLUMNS} FROM portfolios WHERE id = $1"
+SELECT_CHILD_PORTFOLIOS = f"SELECT {PORTFOLIO_COLUMNS} FROM portfolios WHERE parent_id = ANY($1::text[]) ORDER BY id"
+SELECT_ACCOUNTS_BY_ID = f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = ANY($1::text[])"
+SELECT_EVENTS_AFTER = f"SELECT {EVENT_COLUMNS} FROM events WHERE seq > $1 ORDER BY seq LIMIT $2"
 
 SELECT_ACCOUNTS = f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = ANY($1::text[])"
 
@@ -35,33 +47,56 @@ SELECT_ACCOUNTS = f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = ANY($1::te
 # divides by zero - failing, so rolling back, the whole statement - unless every
 # guarded update found its row at the expected version.
 WRITE_BATCH = f"""
-WITH new_accounts AS (
+WITH new_portfolios AS (
+    INSERT INTO portfolios ({PORTFOLIO_COLUMNS})
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::integer[], $7::text[],
+                         $8::text[], $9::text[], $10::text[], $11::date[], $12::timestamptz[], $13::timestamptz[])
+    RETURNING 1
+), new_accounts AS (
     INSERT INTO accounts ({ACCOUNT_COLUMNS})
-    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::bigint[],
-                         $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[], $12::date[], $13::date[],
-                         $14::timestamptz[], $15::timestamptz[])
+    SELECT * FROM unnest($14::text[], $15::text[], $16::text[], $17::text[], $18::text[], $19::text[],
+                         $20::bigint[], $21::bigint[], $22::bigint[], $23::bigint[], $24::bigint[], $25::date[],
+                         $26::date[], $27::timestamptz[], $28::timestamptz[], $29::text[], $30::integer[],
+                         $31::bigint[], $32::text[])
     RETURNING 1
 ), new_entries AS (
     INSERT INTO entries ({ENTRY_COLUMNS})
-    SELECT * FROM unnest($16::text[], $17::text[], $18::bigint[], $19::text[], $20::text[], $21::bigint[],
-                         $22::bigint[], $23::text[], $24::text[], $25::text[], $26::date[], $27::timestamptz[])
+    SELECT * FROM unnest($33::text[], $34::text[], $35::bigint[], $36::text[], $37::text[], $38::bigint[],
+                         $39::bigint[], $40::text[], $41::text[], $42::text[], $43::date[], $44::timestamptz[])
     RETURNING 1
 ), changed AS (
     UPDATE accounts AS a
     SET name = u.name, status = u.status, balance = u.balance, version = u.version,
-        latest_effective_date = u.latest_effective_date, updated_at = u.updated_at
-    FROM unnest($28::text[], $29::text[], $30::text[], $31::bigint[], $32::bigint[], $33::bigint[], $34::date[],
-                $35::timestamptz[]) AS u(id, name, status, balance, version, previous_version,
-                                         latest_effective_date, updated_at)
+        latest_effective_date = u.latest_effective_date, updated_at = u.updated_at,
+        allocation_contracts = u.allocation_contracts, allocation_leaps = u.allocation_leaps,
+        trade_income_cents = u.trade_income_cents, last_reinvested_quarter = u.last_reinvested_quarter
+    FROM unnest($45::text[], $46::text[], $47::text[], $48::bigint[], $49::bigint[], $50::bigint[], $51::date[],
+                $52::timestamptz[], $53::bigint[], $54::bigint[], $55::bigint[], $56::text[])
+         AS u(id, name, status, balance, version, previous_version, latest_effective_date, updated_at,
+              allocation_contracts, allocation_leaps, trade_income_cents, last_reinvested_quarter)
     WHERE a.id = u.id AND a.version = u.previous_version
+    RETURNING 1
+), merged_portfolios AS (
+    UPDATE portfolios AS p SET status = 'merged', merged_at = u.merged_at
+    FROM unnest($57::text[], $58::timestamptz[]) AS u(id, merged_at)
+    WHERE p.id = u.id AND p.status = 'active'
+    RETURNING 1
+), new_reinvestments AS (
+    INSERT INTO reinvestments (account_id, quarter, net_income, contracts, leaps, created_at)
+    SELECT * FROM unnest($59::text[], $60::text[], $61::bigint[], $62::bigint[], $63::bigint[], $64::timestamptz[])
+    RETURNING 1
+), new_events AS (
+    INSERT INTO events (type, account_id, portfolio_id, correlation_id, payload, created_at)
+    SELECT * FROM unnest($65::text[], $66::text[], $67::text[], $68::text[], $69::jsonb[], $70::timestamptz[])
     RETURNING 1
 ), new_keys AS (
     INSERT INTO idempotency_keys (key, fingerprint, response)
-    SELECT * FROM unnest($36::text[], $37::text[], $38::bytea[])
+    SELECT * FROM unnest($71::text[], $72::text[], $73::bytea[])
     ON CONFLICT (key) DO NOTHING
     RETURNING 1
 )
-SELECT 1 / (CASE WHEN (SELECT count(*) FROM changed) = $39 THEN 1 ELSE 0 END)"""
+SELECT 1 / (CASE WHEN (SELECT count(*) FROM changed) = $74
+                  AND (SELECT count(*) FROM merged_portfolios) = $75 THEN 1 ELSE 0 END)"""
 
 # Failures of the connection or the server: the outcome of a write in flight is unknown.
 CONNECTION_ERRORS = (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, asyncpg.InternalClientError,
@@ -77,10 +112,37 @@ class StatementRejected(Exception):
 def account_from_row(row) -> Account:
     return Account(
         id=row["id"], name=row["name"], type=row["type"], status=row["status"], owner=row["owner"],
-        portfolio_id=row["portfolio_id"], balance=row["balance"], baseline=row["baseline"],
+        portfolio_id=row["portfolio_id"], root_portfolio_id=row["root_portfolio_id"],
+        portfolio_depth=row["portfolio_depth"], balance=row["balance"], baseline=row["baseline"],
         allocations=Allocations(contracts=row["allocation_contracts"], leaps=row["allocation_leaps"]),
+        trade_income_cents=row["trade_income_cents"], last_reinvested_quarter=row["last_reinvested_quarter"],
         version=row["version"], opened_on=row["opened_on"], latest_effective_date=row["latest_effective_date"],
         created_at=row["created_at"], updated_at=row["updated_at"])
+
+
+def portfolio_from_row(row) -> Portfolio:
+    return Portfolio(**{key: row[key] for key in PORTFOLIO_FIELDS})
+
+
+PORTFOLIO_FIELDS = tuple(name.strip() for name in PORTFOLIO_COLUMNS.split(","))
+
+
+class StoredEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """One outbox record, as the feed and subscribers see it."""
+
+    seq: int
+    type: str
+    account_id: str | None = None
+    portfolio_id: str | None = None
+    correlation_id: str | None = None
+    payload: msgspec.Raw
+    created_at: datetime
+
+
+def event_from_row(row) -> StoredEvent:
+    return StoredEvent(seq=row["seq"], type=row["type"], account_id=row["account_id"],
+                       portfolio_id=row["portfolio_id"], correlation_id=row["correlation_id"],
+                       payload=msgspec.Raw(row["payload"].encode()), created_at=row["created_at"])
 
 
 def transaction_from_row(row) -> Transaction:
@@ -195,6 +257,38 @@ class Store:
         async with translated_errors():
             row = await self.pool.fetchrow(SELECT_IDEMPOTENCY, key)
         return (row["fingerprint"], bytes(row["response"])) if row else None
+
+    async def load_portfolio(self, portfolio_id: str) -> Portfolio | None:
+        async with translated_errors():
+            row = await self.pool.fetchrow(SELECT_PORTFOLIO, portfolio_id)
+        return portfolio_from_row(row) if row else None
+
+    async def load_accounts(self, account_ids: list[str]) -> dict[str, Account]:
+        async with translated_errors():
+            rows = await self.pool.fetch(SELECT_ACCOUNTS_BY_ID, account_ids)
+        return {row["id"]: account_from_row(row) for row in rows}
+
+    async def portfolio_tree(self, portfolio_id: str, *, depth_max: int, nodes_max: int) -> list[Portfolio]:
+        """The portfolio and every unit below it, breadth first, level by level (a loop
+        with a depth limit, no recursion), at most `nodes_max` portfolios."""
+        root = await self.load_portfolio(portfolio_id)
+        if root is None:
+            return []
+        found, level = [root], [root.id]
+        async with translated_errors():
+            for _ in range(depth_max):
+                if not level or len(found) >= nodes_max:
+                    break
+                rows = await self.pool.fetch(SELECT_CHILD_PORTFOLIOS, level)
+                children = [portfolio_from_row(r) for r in rows][:nodes_max - len(found)]
+                found.extend(children)
+                level = [c.id for c in children]
+        return found
+
+    async def events_after(self, seq: int, limit: int) -> list[StoredEvent]:
+        async with translated_errors():
+            rows = await self.pool.fetch(SELECT_EVENTS_AFTER, seq, limit)
+        return [event_from_row(r) for r in rows]
 
     async def fetch(self, sql: str, *args):
         """For tests and tools that check the database directly."""

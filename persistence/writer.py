@@ -18,12 +18,10 @@ from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import msgspec
-
 from engine.errors import DatabaseUnavailable, EngineError, Overloaded, Unavailable
-from engine.model import Account, Event, LegPosted, StatusChanged, Transaction
-from engine.rules import mutate, transition
+from engine.model import Account, Event, PortfolioOpened, Transaction
 from persistence import store as sql
+from persistence.batch import BatchRows, apply_op, encode_json, write_batch
 from persistence.store import StatementRejected, Store, account_from_row, translated_errors
 
 log = logging.getLogger("alluse.writer")
@@ -31,7 +29,6 @@ log = logging.getLogger("alluse.writer")
 RECONNECT_INTERVAL_S = 0.5
 # Committed account rows the writer keeps (it is the only writer, so they stay true).
 CACHE_ACCOUNTS_MAX = 200_000
-encode_json = msgspec.json.Encoder().encode
 
 
 @dataclass(slots=True, eq=False)
@@ -68,13 +65,15 @@ class Resolution:
 
 class Writer:
     def __init__(self, store: Store, *, batch_size_max: int, queue_max: int,
-                 notify: Callable[[dict[str, Resolution]], None], metrics=None, batch_wait_s: float = 0.0):
+                 notify: Callable[[dict[str, Resolution]], None], metrics=None, batch_wait_s: float = 0.0,
+                 on_commit: Callable[[], None] | None = None):
         self.store = store
         self.batch_size_max = batch_size_max
         self.batch_wait_s = batch_wait_s
         self.queue: asyncio.Queue = asyncio.Queue()
         self.queue_max = queue_max
         self.notify = notify
+        self.on_commit = on_commit
         self.metrics = metrics
         self.poisoned: set[str] = set()
         self.cache: OrderedDict[str, Account] = OrderedDict()
@@ -249,6 +248,9 @@ class Writer:
         self.operations += len(applied)
         if self.metrics is not None:
             self.metrics.observe_batch(len(ready), elapsed)
+            rows = self._last_rows
+            self.metrics.forks.inc(sum(1 for p in rows.portfolios if p.is_unit))
+            self.metrics.merges.inc(len(rows.merged))
         self._fail([op for op, _ in refused], None, poison=True, errors=[e for _, e in refused])
         self._succeed(applied, states)
 
@@ -257,27 +259,36 @@ class Writer:
         them, and writes the batch as one statement."""
         states = await self._committed_states(ops)
         before_versions = {account_id: s.version for account_id, s in states.items()}
-        created: set[str] = set()
-        applied, refused, transactions_all = [], [], []
+        rows = BatchRows()
+        merging: set[str] = set()
+        applied, refused = [], []
         for op in ops:
             if self.poisoned.intersection(op.accounts):
                 refused.append((op, Unavailable("the account is reloading; retry", code="account_reloading")))
                 continue
+            saved = {account_id: states.get(account_id) for account_id in _touched_ids(op)}
+            mark, merging_before = rows.mark(), set(merging)
             try:
-                transactions, touched = _apply_op(op, states)
+                transactions = apply_op(op, states, merging, rows)
             except (AssertionError, EngineError, KeyError) as error:
                 log.error("op %s refused at commit: %r", op.op_id, error)
+                for account_id, state in saved.items():
+                    if state is None:
+                        states.pop(account_id, None)
+                    else:
+                        states[account_id] = state
+                rows.rollback(mark)
+                merging = merging_before
                 self.poisoned.update(op.accounts)
                 refused.append((op, Unavailable("the operation conflicted at commit; retry",
                                                 {"reason": type(error).__name__}, code="commit_conflict")))
                 continue
-            for account_id, state in touched.items():
-                states[account_id] = state
-            created.update(a.id for a in op.creates)
-            transactions_all.extend(transactions)
             result = op.render(transactions, states)
-            applied.append((op, result, encode_json(result) if op.idempotency else None))
-        await _write_batch(self.connection, states, before_versions, created, transactions_all, applied)
+            if op.idempotency:
+                rows.keys.append((op.idempotency[0], op.idempotency[1], encode_json(result)))
+            applied.append((op, result))
+        await write_batch(self.connection, states, before_versions, rows)
+        self._last_rows = rows
         for account_id, state in states.items():
             self.cache[account_id] = state
             self.cache.move_to_end(account_id)
@@ -290,11 +301,11 @@ class Writer:
         is the only writer, so its cache of rows it read or wrote is the committed state;
         a failed batch clears it, and the version guard in the batch statement catches
         any writer that should not exist."""
-        created = {a.id for op in ops for a in op.creates}
+        created = {account.id for op in ops for account in _created_accounts(op)}
         states: dict[str, Account] = {}
         missing: list[str] = []
         for op in ops:
-            for account_id in op.accounts:
+            for account_id in _touched_ids(op):
                 if account_id in states or account_id in created:
                     continue
                 cached = self.cache.get(account_id)
@@ -303,8 +314,8 @@ class Writer:
                 else:
                     states[account_id] = cached
         if missing:
-            rows = await self.connection.fetch(sql.SELECT_ACCOUNTS, list(dict.fromkeys(missing)))
-            for row in rows:
+            fetched = await self.connection.fetch(sql.SELECT_ACCOUNTS, list(dict.fromkeys(missing)))
+            for row in fetched:
                 states[row["id"]] = account_from_row(row)
         return states
 
@@ -313,14 +324,16 @@ class Writer:
         whole batch left), callers second: a caller that reads after its reply is queued
         behind the news in the account's mailbox."""
         resolutions: dict[str, Resolution] = defaultdict(Resolution)
-        for op, _, _ in applied:
+        for op, _ in applied:
             for account_id in op.accounts:
                 resolution = resolutions[account_id]
                 resolution.committed_op_ids.append(op.op_id)
                 resolution.state = states[account_id]
         if resolutions:
             self.notify(resolutions)
-        for op, result, _ in applied:
+        if applied and self.on_commit is not None:
+            self.on_commit()
+        for op, result in applied:
             op.done(result, None)
 
     def _fail(self, ops: list[WriteOp], error: BaseException | None, *, poison: bool = False,
@@ -338,59 +351,16 @@ class Writer:
             op.done(None, errors[index] if errors else error)
 
 
-def _apply_op(op: WriteOp, states: dict[str, Account]):
-    """Applies one op to copies of the committed states; raises (and changes nothing) if
-    the op no longer holds against them."""
-    touched: dict[str, Account] = {}
-    for account in op.creates:
-        assert account.id not in states, f"account {account.id} exists"
-        touched[account.id] = account
-    transactions: list[Transaction] = []
+def _created_accounts(op: WriteOp) -> list[Account]:
+    created = list(op.creates)
     for event in op.events:
-        account_id = event.leg.account_id if isinstance(event, LegPosted) else op.accounts[0]
-        current = touched.get(account_id) or states[account_id]
-        if isinstance(event, StatusChanged):
-            transition(current, event.status)
-            assert event.status != "closed" or current.balance == 0, "closing a non-empty account"
-        if isinstance(event, LegPosted):
-            assert current.status == "active", f"{account_id} is {current.status}"
-        after = mutate(current, event)
-        touched[account_id] = after
-        if isinstance(event, LegPosted):
-            leg = event.leg
-            transactions.append(Transaction(
-                id=leg.id, kind=leg.kind, account_id=leg.account_id,
-                counterparty_account_id=leg.counterparty_account_id, amount=leg.amount,
-                direction=leg.direction, balance_after=after.balance, memo=leg.memo,
-                effective_date=leg.effective_date, created_at=leg.created_at,
-                correlation_id=leg.correlation_id, sequence=after.version))
-    return transactions, touched
+        if isinstance(event, PortfolioOpened):
+            created.extend(event.accounts)
+    return created
 
 
-ACCOUNT_ROW = ("id", "name", "type", "status", "owner", "portfolio_id", "balance", "baseline",
-               lambda a: a.allocations.contracts, lambda a: a.allocations.leaps, "version", "opened_on",
-               "latest_effective_date", "created_at", "updated_at")
-ENTRY_ROW = ("id", "account_id", "sequence", "kind", "direction", "amount", "balance_after",
-             "counterparty_account_id", "memo", "correlation_id", "effective_date", "created_at")
-
-
-async def _write_batch(conn, states, before_versions, created, transactions, applied) -> None:
-    accounts = [states[account_id] for account_id in created]
-    changed = [s for account_id, s in states.items()
-               if account_id in before_versions and s.version != before_versions[account_id]]
-    update_row = ("id", "name", "status", "balance", "version", lambda a: before_versions[a.id],
-                  "latest_effective_date", "updated_at")
-    keys = [(op.idempotency[0], op.idempotency[1], body) for op, _, body in applied if op.idempotency]
-    await conn.fetchval(sql.WRITE_BATCH, *_columns(accounts, ACCOUNT_ROW), *_columns(transactions, ENTRY_ROW),
-                        *_columns(changed, update_row), [k[0] for k in keys], [k[1] for k in keys],
-                        [k[2] for k in keys], len(changed))
-
-
-def _columns(items, getters) -> list[list]:
-    columns = []
-    for getter in getters:
-        if callable(getter):
-            columns.append([getter(item) for item in items])
-        else:
-            columns.append([getattr(item, getter) for item in items])
-    return columns
+def _touched_ids(op: WriteOp) -> set[str]:
+    ids = set(op.accounts)
+    ids.update(event.account_id for event in op.events if event.account_id is not None)
+    ids.update(account.id for account in _created_accounts(op))
+    return ids

@@ -59,7 +59,7 @@ ALL_PAIRS = [(a, b) for a in STATUSES for b in STATUSES if a != b]
 def test_every_legal_status_change_is_recorded_as_one_event(current, target):
     account = new_account(status=current)
     events = decide(account, ChangeStatus(status=target), transaction_id="t", now=NOW)
-    assert events == [StatusChanged(status=target, at=NOW)]
+    assert events == [StatusChanged(account_id=account.id, status=target, at=NOW)]
     changed = mutate_all(account, events)
     assert changed.status == target
     assert changed.version == account.version + 1
@@ -105,7 +105,8 @@ def test_an_update_on_a_terminal_account_is_refused_even_when_it_only_renames():
 def test_an_update_that_freezes_and_renames_records_both_events_in_order():
     account = new_account()
     events = decide(account, UpdateAccount(name="renamed", status="frozen"), transaction_id="t", now=NOW)
-    assert events == [StatusChanged(status="frozen", at=NOW), Renamed(name="renamed", at=NOW)]
+    assert events == [StatusChanged(account_id=account.id, status="frozen", at=NOW),
+                      Renamed(account_id=account.id, name="renamed", at=NOW)]
     updated = mutate_all(account, events)
     assert (updated.status, updated.name, updated.version) == ("frozen", "renamed", 2)
 
