@@ -52,13 +52,15 @@ def apply_op(op, states: dict[str, Account], portfolios_merging: set[str], rows:
         match event:
             case PortfolioOpened(portfolio=portfolio, accounts=accounts):
                 rows.portfolios.append(portfolio)
+                fork_legs = [e.leg for e in op.events if isinstance(e, LegPosted)
+                             and e.leg.direction == "debit" and e.leg.kind == "fork"]
+                kind = "portfolio.forked" if portfolio.is_unit else "portfolio.opened"
+                _event(rows, kind, {"portfolio": portfolio, "amount": sum(leg.amount for leg in fork_legs),
+                                    "from_account": fork_legs[0].account_id if fork_legs else None},
+                       portfolio.created_at, portfolio_id=portfolio.id,
+                       correlation_id=fork_legs[0].correlation_id if fork_legs else None)
                 for account in accounts:
                     _open_account(account, states, rows)
-                amount = sum(e.leg.amount for e in op.events if isinstance(e, LegPosted)
-                             and e.leg.direction == "debit" and e.leg.kind == "fork")
-                kind = "portfolio.forked" if portfolio.is_unit else "portfolio.opened"
-                _event(rows, kind, {"portfolio": portfolio, "amount": amount}, portfolio.created_at,
-                       portfolio_id=portfolio.id, account_id=portfolio.generation_account_id)
             case PortfolioMerged(portfolio_id=portfolio_id, at=at):
                 assert portfolio_id not in portfolios_merging, f"portfolio {portfolio_id} merged twice"
                 portfolios_merging.add(portfolio_id)
