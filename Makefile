@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench bench-full install clean
+.PHONY: run test bench bench-full project install clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,9 @@ bench: $(STAMP)
 
 bench-full: $(STAMP)
 	$(BIN)/python -m perf.bench
+
+project: $(STAMP)
+	$(BIN)/python -m actors.projection_cli
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info

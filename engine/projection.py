@@ -91,7 +91,7 @@ class Book:
         return sum(a.balance for a in self.accounts.values() if account_type is None or a.type == account_type)
 
     def active_units(self) -> int:
-        return sum(1 for p in self.portfolios.values() if p.is_unit and p.status == "active")
+        return self.forks - self.merges
 
 
 def _merged(portfolio: Portfolio, event: PortfolioMerged) -> Portfolio:
@@ -114,14 +114,15 @@ def project(*, initial_capital: int, weeks: int, weekly_return_bps: dict[str, in
         now = _at(start + timedelta(days=7 * week))
         forks, merges, income = book.forks, book.merges, 0
         for account_id in [a.id for a in book.accounts.values() if a.status == "active"]:
-            income += _earn(book, book.accounts[account_id], now, new_id, weekly_return_bps, rules)
+            income += _earn(book, account_id, now, new_id, weekly_return_bps, rules)
         series.append(Week(week=week, income=income, forks=book.forks - forks, merges=book.merges - merges,
                            **_state(book)))
     return Projection(initial_capital=initial_capital, weeks=series, years=yearly(series),
                       units_created=book.forks, units_merged=book.merges, final_total_value=book.total())
 
 
-def _earn(book: Book, account: Account, now: datetime, new_id, weekly_return_bps, rules: Rules) -> int:
+def _earn(book: Book, account_id: str, now: datetime, new_id, weekly_return_bps, rules: Rules) -> int:
+    account = book.accounts[account_id]
     if account.status != "active":
         return 0
     premium = weekly_premium(account.balance, rules.cash_buffer_bps.get(account.type, 0),
@@ -138,8 +139,10 @@ def _earn(book: Book, account: Account, now: datetime, new_id, weekly_return_bps
 
 
 def _state(book: Book) -> dict:
-    return dict(total_value=book.total(), active_units=book.active_units(), generation=book.total("generation"),
-                revenue=book.total("revenue"), compounding=book.total("compounding"))
+    by_type = {"generation": 0, "revenue": 0, "compounding": 0}
+    for account in book.accounts.values():
+        by_type[account.type] += account.balance
+    return dict(total_value=sum(by_type.values()), active_units=book.active_units(), **by_type)
 
 
 def yearly(series: list[Week]) -> list[Year]:

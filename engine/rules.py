@@ -154,10 +154,10 @@ def decide(account: Account, command: Command, *, transaction_id: str, now: date
     if account.type == "generation" and account.portfolio_id is not None and events \
             and isinstance(events[0], LegPosted) and events[0].leg.direction == "credit" \
             and events[0].leg.kind not in ("fork", "merge"):
-        credited = mutate(account, events[0])
-        surplus = fork_surplus(credited, rules)
-        if surplus >= rules.fork_threshold_cents and credited.portfolio_depth < rules.portfolio_depth_max:
-            events += fork_events(credited, surplus, effective=events[0].leg.effective_date, now=now,
+        # The credit changes only the balance, so the surplus is computed on it directly.
+        surplus = account.balance + events[0].leg.amount - account.baseline
+        if surplus >= rules.fork_threshold_cents and account.portfolio_depth < rules.portfolio_depth_max:
+            events += fork_events(account, surplus, effective=events[0].leg.effective_date, now=now,
                                   new_id=new_id)
     return events
 
