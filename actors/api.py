@@ -319,14 +319,15 @@ class Engine:
             raise Unavailable("the operation did not finish in time; retry with the same idempotency key",
                               code="operation_timeout") from None
 
-    async def _idempotent(self, key: str | None, fingerprint: str, result_type: type[T],
-                          run: Callable[[tuple[str, str] | None], Awaitable[T]]) -> T:
+    async def _idempotent(self, key: str | None, request: tuple[str, str | None, msgspec.Struct],
+                          result_type: type[T], run: Callable[[tuple[str, str] | None], Awaitable[T]]) -> T:
         """Runs `run` at most once per key. A retry while the first is in flight waits for
         its outcome; a retry after it committed gets the stored result (also after a
-        restart); the same key with another request is refused."""
+        restart); the same key with another request (operation, target, body) is refused."""
         if key is None:
             self._admit()
             return await self._bounded(self._counted(run(None)))
+        fingerprint = _fingerprint(*request)
         if not isinstance(key, str) or not 1 <= len(key) <= limits.IDEMPOTENCY_KEY_LENGTH_MAX:
             raise ValidationFailed("the idempotency key must be 1 to 200 characters", {"field": "Idempotency-Key"})
         in_flight = self._idempotent_ops.get(key)
@@ -419,7 +420,7 @@ class Engine:
                                         render=lambda _, states: states[account.id]))
             return await future
 
-        return await self._idempotent(idempotency_key, _fingerprint("create_account", None, request), Account, run)
+        return await self._idempotent(idempotency_key, ("create_account", None, request), Account, run)
 
     async def get_account(self, account_id: str) -> Account:
         """The committed state, from the resident actor (reads keep working while the
@@ -463,13 +464,13 @@ class Engine:
             command = UpdateAccount(name=request.name, status=request.status)
             return await self._on_account(account_id, command, _render_account(account_id), idempotency)
 
-        return await self._idempotent(idempotency_key, _fingerprint("update_account", account_id, request),
+        return await self._idempotent(idempotency_key, ("update_account", account_id, request),
                                       Account, run)
 
     async def close_account(self, account_id: str, *, idempotency_key: str | None = None) -> Account:
         self._check_id(account_id)
         return await self._idempotent(
-            idempotency_key, _fingerprint("close_account", account_id, Close()), Account,
+            idempotency_key, ("close_account", account_id, Close()), Account,
             lambda idempotency: self._on_account(account_id, Close(), _render_account(account_id), idempotency))
 
     # -- money -----------------------------------------------------------------------
@@ -501,7 +502,7 @@ class Engine:
                 await self._after_credit(account_id)
             return result
 
-        return await self._idempotent(idempotency_key, _fingerprint(operation, account_id, request), Transaction, run)
+        return await self._idempotent(idempotency_key, (operation, account_id, request), Transaction, run)
 
     async def transfer(self, from_account: str, to_account: str, amount: int, *, memo: str | None = None,
                        idempotency_key: str | None = None) -> Transfer:
@@ -529,7 +530,7 @@ class Engine:
             await self._after_credit(request.to_account)
             return result
 
-        return await self._idempotent(idempotency_key, _fingerprint("transfer", None, request), Transfer, run)
+        return await self._idempotent(idempotency_key, ("transfer", None, request), Transfer, run)
 
     # -- portfolios and growth --------------------------------------------------------
     async def create_portfolio(self, *, name: str, owner: str, initial_capital: int, opened_on: date | None = None,
@@ -551,7 +552,7 @@ class Engine:
                 render=lambda _, states: reports.portfolio_view(portfolio, states, [], {}, self.rules)))
             return await future
 
-        return await self._idempotent(idempotency_key, _fingerprint("create_portfolio", None, request),
+        return await self._idempotent(idempotency_key, ("create_portfolio", None, request),
                                       reports.PortfolioView, run)
 
     async def _portfolio(self, portfolio_id: str) -> Portfolio:
@@ -589,7 +590,7 @@ class Engine:
         request = _validate(ForkRequest, amount=amount)
         self._check_id(account_id)
         return await self._idempotent(
-            idempotency_key, _fingerprint("fork", account_id, request), GrowthOperation,
+            idempotency_key, ("fork", account_id, request), GrowthOperation,
             lambda idempotency: self._on_account(account_id, Fork(amount=request.amount), _render_fork, idempotency))
 
     async def merge_portfolio(self, portfolio_id: str, *, idempotency_key: str | None = None) -> GrowthOperation:
@@ -597,7 +598,7 @@ class Engine:
         its accounts become `merged`. Units below it stay where they are."""
         self._check_id(portfolio_id)
         return await self._idempotent(
-            idempotency_key, _fingerprint("merge", portfolio_id, ForkRequest()), GrowthOperation,
+            idempotency_key, ("merge", portfolio_id, ForkRequest()), GrowthOperation,
             lambda idempotency: self._merge(portfolio_id, idempotency, force=True))
 
     async def _after_credit(self, account_id: str) -> None:
@@ -672,7 +673,7 @@ class Engine:
             return await self._run_chain(steps, render, idempotency, correlation_id=new_id("rnv"),
                                          chain_holder=holder)
 
-        return await self._idempotent(idempotency_key, _fingerprint("reinvest", portfolio_id, request),
+        return await self._idempotent(idempotency_key, ("reinvest", portfolio_id, request),
                                       reports.Reinvestment, run)
 
     async def _reinvest_everything(self, quarter: str) -> None:
