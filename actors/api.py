@@ -14,6 +14,7 @@ import asyncio
 import hashlib
 import logging
 import threading
+import weakref
 import time
 from datetime import date, datetime, timezone
 from typing import Any, Awaitable, Callable, TypeVar
@@ -106,7 +107,8 @@ class Engine:
         self.supervisors: dict[str, Any] = {}
         self._supervisor_hooks: SupervisorHooks | None = None
         self._failed_at: dict[str, float] = {}
-        self._merge_locks: dict[str, asyncio.Lock] = {}
+        # One merge at a time per unit; a lock lives while someone holds or awaits it.
+        self._merge_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._commit_signal: asyncio.Event | None = None
         self._background: set[asyncio.Task] = set()
         self._scheduled_quarter: str | None = None
@@ -614,25 +616,22 @@ class Engine:
                         error.message)
 
     async def _merge(self, portfolio_id: str, idempotency, *, force: bool) -> GrowthOperation | None:
-        lock = self._merge_locks.setdefault(portfolio_id, asyncio.Lock())
-        try:
-            async with lock:
-                unit = await self._portfolio(portfolio_id)
-                if not unit.is_unit or unit.status != "active":
-                    if force:
-                        raise Refused("only an active forked unit can merge", {"portfolio_id": portfolio_id,
-                                                                              "status": unit.status},
-                                      code="merge_not_allowed")
+        lock = self._merge_locks.get(portfolio_id)
+        if lock is None:
+            lock = self._merge_locks[portfolio_id] = asyncio.Lock()
+        async with lock:
+            unit = await self._portfolio(portfolio_id)
+            if not unit.is_unit or unit.status != "active":
+                if force:
+                    raise Refused("only an active forked unit can merge",
+                                  {"portfolio_id": portfolio_id, "status": unit.status}, code="merge_not_allowed")
+                return None
+            if not force:
+                balances = [(await self.get_account(i)).balance for i in unit.account_ids]
+                if not growth.merge_due(unit, balances, self.rules):
                     return None
-                if not force:
-                    balances = [(await self.get_account(i)).balance for i in unit.account_ids]
-                    if not growth.merge_due(unit, balances, self.rules):
-                        return None
-                root = await self._portfolio(unit.root_id)
-                return await self._run_merge(unit, root, idempotency)
-        finally:
-            if not lock.locked() and not lock._waiters:
-                self._merge_locks.pop(portfolio_id, None)
+            root = await self._portfolio(unit.root_id)
+            return await self._run_merge(unit, root, idempotency)
 
     async def _run_merge(self, unit: Portfolio, root: Portfolio, idempotency) -> GrowthOperation:
         merge_id = new_id("mrg")
