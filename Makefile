@@ -23,9 +23,11 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m perf.bench --quick
+	$(BIN)/python -m perf.growth --portfolios 1000
 
 bench-full: $(STAMP)
 	$(BIN)/python -m perf.bench
+	$(BIN)/python -m perf.growth
 
 project: $(STAMP)
 	$(BIN)/python -m actors.projection_cli
