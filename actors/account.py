@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Callable
 
+from pykka import ActorDeadError
+
 from engine.errors import EngineError, Unavailable, refuse
 from engine.model import Account, ChangeStatus, Close, Command, Event, MergeOut, UpdateAccount
 from engine.rules import DEFAULT_RULES, Rules, decide, mutate_all
@@ -316,7 +318,15 @@ class AccountActor(PooledActor):
         chain.events.extend(events)
         chain.index += 1
         if chain.index < len(chain.steps):
-            chain.steps[chain.index].ref.tell(chain)
+            try:
+                chain.steps[chain.index].ref.tell(chain)
+            except ActorDeadError:
+                # The next account's actor failed meanwhile: give back what this one holds.
+                chain.index -= 1
+                self.pending.pop(chain.operation.op_id, None)
+                self._settle()
+                self._unwind(chain, Unavailable("an account of this operation is restarting; retry",
+                                                code="account_restarting"))
             return
         operation = chain.operation
         if not chain.events:
@@ -329,11 +339,15 @@ class AccountActor(PooledActor):
                                   render=operation.render, done=operation.reply.done_on_loop))
 
     def _unwind(self, chain: Chain, error: BaseException) -> None:
-        """Steps before `chain.index` hold their part: walk back; the first one answers."""
-        if chain.index == 0:
-            chain.operation.reply.send(error=error)
-            return
-        chain.steps[chain.index - 1].ref.tell(Unwind(chain, error))
+        """Steps before `chain.index` hold their part: walk back; the first one answers.
+        A step whose actor has died meanwhile is passed over (its holds died with it)."""
+        while chain.index > 0:
+            try:
+                chain.steps[chain.index - 1].ref.tell(Unwind(chain, error))
+                return
+            except ActorDeadError:
+                chain.index -= 1
+        chain.operation.reply.send(error=error)
 
     # -- bookkeeping -------------------------------------------------------------------
     def _refuse_if_stale(self, reply_to: Callable[[BaseException], None]) -> bool:
