@@ -839,10 +839,17 @@ def run_projection(request: ProjectionRequest, rules, today: date) -> projection
             rules = msgspec.structs.replace(rules, **overrides)
             rules.__post_init__()
         except ValueError as error:
-            raise ValidationFailed(str(error), {"reason": str(error)}) from None
+            field = next((name for name in overrides if str(error).startswith(name)), "")
+            raise ValidationFailed(str(error), {"field": field, "reason": str(error)}) from None
     returns = msgspec.structs.asdict(request.weekly_return_bps)
-    result = projection.project(initial_capital=request.initial_capital, weeks=request.weeks,
-                                weekly_return_bps=returns, start=request.start_date or today, rules=rules)
+    try:
+        result = projection.project(initial_capital=request.initial_capital, weeks=request.weeks,
+                                    weekly_return_bps=returns, start=request.start_date or today, rules=rules)
+    except Refused as refusal:
+        # The simulated accounts hit a rule limit (a balance past 10^17 cents): the inputs
+        # describe an impossible portfolio.
+        raise ValidationFailed(f"the projection breaks a rule: {refusal.message}",
+                               {"field": "weeks", "reason": refusal.code}) from None
     return result if request.include_weeks else msgspec.structs.replace(result, weeks=[])
 
 

@@ -72,14 +72,17 @@ def error_response(request: web.Request, status: int, code: str, message: str, d
     return web.Response(status=status, body=views.encode(body), content_type=JSON, headers=headers)
 
 
-_FIELD = re.compile(r"at `\$\.?([^`]*)`|field `([^`]+)`")
+_PATH = re.compile(r"`\$\.?([^`]*)`")
+_NAMED_FIELD = re.compile(r"field `([^`]+)`")
 
 
 def _validation_details(error: msgspec.ValidationError) -> dict:
+    """msgspec says where (`at $.a.b`) and sometimes which field (`field x`): join them
+    into a dotted path, e.g. `weekly_return_bps.bonds`."""
     message = str(error)
-    match = _FIELD.search(message)
-    field = (match.group(1) or match.group(2)) if match else ""
-    return {"field": field, "reason": message}
+    path, name = _PATH.search(message), _NAMED_FIELD.search(message)
+    parts = [m.group(1) for m in (path, name) if m is not None and m.group(1)]
+    return {"field": ".".join(parts), "reason": message}
 
 
 # -- middlewares -------------------------------------------------------------------------
@@ -160,7 +163,7 @@ class NoBody(msgspec.Struct, forbid_unknown_fields=True):
     pass
 
 
-EMPTY_BODY_OK = {NoBody, UpdateAccountRequest}
+EMPTY_BODY_OK = {NoBody, UpdateAccountRequest, ForkRequest}
 
 
 def idempotency_key(request: web.Request) -> str | None:

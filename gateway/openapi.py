@@ -13,7 +13,8 @@ REF = "#/components/schemas/{name}"
 ERROR_STATUSES = {
     "400": "Malformed JSON", "401": "Missing or invalid token", "404": "Unknown id or route",
     "409": "A rule refuses (insufficient_funds, account_not_active, withdrawal_not_allowed, "
-           "account_not_empty, idempotency_key_reused, ...)",
+           "account_not_empty, balance_limit_exceeded, fork_not_allowed, merge_not_allowed, already_reinvested, "
+           "reinvest_not_allowed, quarter_before_opening, idempotency_key_reused)",
     "413": "Body too large", "415": "Body is not application/json", "422": "Validation failed (details.field)",
     "503": "Overloaded or database unavailable (Retry-After)",
 }
