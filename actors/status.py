@@ -24,6 +24,7 @@ async def supervisor_tree(engine) -> dict:
     """Each supervisor with its accounts (running, passivated or quarantined, restarts,
     mailbox depth) and its resident child units; the root of the tree is the engine."""
     supervisor_ids = sorted(engine.supervisors)[:SUPERVISORS_SHOWN_MAX]
+    quarantined = dict(engine.registry.quarantined)
     snapshots = await asyncio.gather(*[_snapshot(engine, i, engine.supervisors[i]) for i in supervisor_ids])
     portfolio_ids = [i for i in supervisor_ids if i != STANDALONE]
     portfolios = {}
@@ -50,7 +51,7 @@ async def supervisor_tree(engine) -> dict:
         "truncated": len(engine.supervisors) > len(nodes),
         "resident_accounts": len(engine.registry),
         "resident_accounts_max": engine.registry.resident_max,
-        "quarantined": dict(engine.registry.quarantined),
+        "quarantined": quarantined,
         "restarts_total": sum(sum(s["restarts"].values()) for s in snapshots),
         "mailbox_depth_max": max((e.actor.mailbox_depth() for e in engine.registry.resident.values()), default=0),
         "operations_in_flight": engine._in_flight,
