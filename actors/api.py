@@ -33,7 +33,7 @@ from engine.requests import (
     CreateAccountRequest, CreatePortfolioRequest, DepositRequest, ForkRequest, ProjectionRequest, ReinvestRequest,
     TradeRequest, TransferRequest, UpdateAccountRequest, WithdrawalRequest,
 )
-from engine import growth, projection, reports
+from engine import analytics, growth, projection, reports
 from engine.rules import open_account, previous_quarter
 from actors.account import (
     AccountActor, AccountActorHooks, Chain, ChainStep, InjectFault, Operation, Read, ReloadIfStale, Reply,
@@ -112,6 +112,8 @@ class Engine:
         self._commit_signal: asyncio.Event | None = None
         self._background: set[asyncio.Task] = set()
         self._scheduled_quarter: str | None = None
+        self._drawdown_flags: dict[str, float] = {}
+        self._flag_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
     # -- lifecycle -------------------------------------------------------------------
     async def __aenter__(self) -> "Engine":
@@ -156,6 +158,8 @@ class Engine:
         self.metrics.resident_actors.set_function(lambda: len(self.registry))
         self.metrics.operations_in_flight.set_function(lambda: self._in_flight)
         self.metrics.write_queue_depth.set_function(lambda: self.writer.queue.qsize())
+        self._drawdown_flags = await self.store.risk_flags()
+        self.metrics.drawdown_breaches.set_function(lambda: len(self._drawdown_flags))
         self._maintenance = asyncio.create_task(self._maintain(), name="alluse-maintenance")
         self.ready = True
         log.info("engine ready")
@@ -493,7 +497,11 @@ class Engine:
         request = _validate(TradeRequest, kind=kind, amount=amount, effective_date=effective_date, memo=memo)
         command = BookTrade(kind=request.kind, amount=request.amount, memo=request.memo,
                             effective_date=request.effective_date)
-        return await self._single_leg("trade", account_id, request, command, idempotency_key)
+        result = await self._single_leg("trade", account_id, request, command, idempotency_key)
+        if request.kind != "premium" or account_id in self._drawdown_flags:
+            # Only a loss or a fee can deepen a drawdown; a premium can end a breach.
+            self._in_background(self._check_drawdown(account_id))
+        return result
 
     async def _single_leg(self, operation: str, account_id: str, request, command, idempotency_key) -> Transaction:
         self._check_id(account_id)
@@ -702,6 +710,81 @@ class Engine:
                             weekly_return_bps=weekly_return_bps, start_date=start_date, include_weeks=include_weeks,
                             **overrides)
         return await asyncio.to_thread(run_projection, request, self.rules, self.clock().date())
+
+    # -- analytics ---------------------------------------------------------------------
+    @staticmethod
+    def _check_weeks(weeks: Any) -> None:
+        if weeks is not None and (not isinstance(weeks, int) or isinstance(weeks, bool)
+                                  or not 1 <= weeks <= limits.ANALYTICS_WEEKS_MAX):
+            raise ValidationFailed(f"weeks must be 1 to {limits.ANALYTICS_WEEKS_MAX}", {"field": "weeks"})
+
+    async def account_analytics(self, account_id: str, *, weeks: int | None = None) -> analytics.AccountAnalytics:
+        """Performance, risk, trend and forecast of one account from its ledger (see
+        docs/analytics.md for every formula); `weeks` limits the window."""
+        self._check_weeks(weeks)
+        account = await self.get_account(account_id)
+        ids, portfolio, states = [account_id], None, {account_id: account}
+        if account.portfolio_id is not None:
+            portfolio = await self._portfolio(account.portfolio_id)
+            ids = list(portfolio.account_ids)
+            states = {**await self.store.load_accounts(ids), account_id: account}
+        entries = await self.store.analytics_entries(ids)
+        unit = portfolio if portfolio is not None and portfolio.is_unit and portfolio.status == "active" else None
+        siblings = [(states[i], entries[i]) for i in ids if i != account_id and i in states] if unit else None
+        portfolio_balance = sum(s.balance for s in states.values()) if portfolio is not None else None
+        today = self.clock().date()
+        result = await asyncio.to_thread(
+            analytics.account_analytics, account, entries[account_id], today=today, weeks=weeks, rules=self.rules,
+            risk_free_rate=self.settings.analytics.risk_free_rate, portfolio_balance=portfolio_balance, unit=unit,
+            siblings=siblings)
+        await self._follow_drawdown(account, analytics.current_drawdown(entries[account_id], today))
+        return result
+
+    async def portfolio_analytics(self, portfolio_id: str, *, weeks: int | None = None) -> analytics.PortfolioAnalytics:
+        """The same over a portfolio and every unit below it, with the fork tree's growth."""
+        self._check_weeks(weeks)
+        root = await self._portfolio(portfolio_id)
+        portfolios = await self.store.portfolio_tree(portfolio_id, depth_max=self.rules.portfolio_depth_max + 1,
+                                                     nodes_max=self.settings.engine.tree_nodes_max)
+        ids = [i for p in portfolios for i in p.account_ids]
+        accounts = await self.store.load_accounts(ids)
+        entries = await self.store.analytics_entries(ids)
+        return await asyncio.to_thread(
+            analytics.portfolio_analytics, root, portfolios, accounts, entries, today=self.clock().date(),
+            weeks=weeks, rules=self.rules, risk_free_rate=self.settings.analytics.risk_free_rate)
+
+    async def _check_drawdown(self, account_id: str) -> None:
+        """After a trade: does the account's drawdown cross its type's limit (or recover)?"""
+        try:
+            account = await self.get_account(account_id)
+            entries = await self.store.analytics_entries([account_id])
+            await self._follow_drawdown(account, analytics.current_drawdown(entries[account_id],
+                                                                             self.clock().date()))
+        except EngineError as error:
+            log.warning("drawdown check of %s failed: %s", account_id, error.message)
+
+    async def _follow_drawdown(self, account: Account, drawdown: float) -> None:
+        """Keeps the live `drawdown_breach` flag: set (with one event) when the drawdown
+        reaches the type's limit, cleared (with one event) when it is back under it."""
+        limit = self.rules.drawdown_limit_bps.get(account.type, 0) / 10_000
+        breached = limit > 0 and drawdown >= limit
+        lock = self._flag_locks.get(account.id)
+        if lock is None:
+            lock = self._flag_locks[account.id] = asyncio.Lock()
+        async with lock:
+            if breached == (account.id in self._drawdown_flags):
+                return
+            await self.store.set_risk_flag(account.id, account.portfolio_id, active=breached, drawdown=drawdown,
+                                           limit=limit, at=self.clock())
+            if breached:
+                self._drawdown_flags[account.id] = drawdown
+            else:
+                self._drawdown_flags.pop(account.id, None)
+            self._signal_commit()
+
+    def drawdown_breaches(self) -> dict[str, float]:
+        """Accounts whose drawdown_breach flag is set, with the drawdown that set it."""
+        return dict(self._drawdown_flags)
 
     # -- events ------------------------------------------------------------------------
     async def events_page(self, *, after: int = 0, limit: int = limits.PAGE_SIZE_DEFAULT) -> list:

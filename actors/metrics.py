@@ -35,6 +35,8 @@ class Metrics:
                                          "being resident", buckets=LATENCY_BUCKETS_S, registry=r)
         self.quarantines = Counter("alluse_quarantines_total", "Accounts quarantined after too many restarts",
                                    registry=r)
+        self.drawdown_breaches = Gauge("alluse_drawdown_breaches", "Accounts whose drawdown has reached their "
+                                       "type's limit", registry=r)
         self.forks = Counter("alluse_forks_total", "Units forked", registry=r)
         self.merges = Counter("alluse_merges_total", "Units merged", registry=r)
 

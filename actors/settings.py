@@ -51,11 +51,17 @@ class SupervisionSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     window_s: Annotated[float, Meta(gt=0, le=86_400)] = 60.0
 
 
+class AnalyticsSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    # Annual risk-free rate for the Sharpe ratio, as a fraction (0.04 = 4%).
+    risk_free_rate: Annotated[float, Meta(ge=-1, le=1)] = 0.0
+
+
 class Settings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     server: ServerSettings = ServerSettings()
     database: DatabaseSettings = DatabaseSettings()
     engine: EngineSettings = EngineSettings()
     supervision: SupervisionSettings = SupervisionSettings()
+    analytics: AnalyticsSettings = AnalyticsSettings()
     rules: Rules = Rules()
 
 

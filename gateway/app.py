@@ -27,6 +27,7 @@ from engine.requests import (
 )
 from engine.model import GrowthOperation
 from engine.projection import Projection
+from engine.analytics import AccountAnalytics, PortfolioAnalytics
 from engine.reports import PortfolioTree, PortfolioView, Reinvestment
 from actors.api import Engine
 from actors.metrics import LATENCY_BUCKETS_S
@@ -321,6 +322,26 @@ async def project(request: web.Request) -> web.Response:
     return json_response(await _engine(request).project(**fields))
 
 
+def _weeks(request: web.Request) -> int | None:
+    if "weeks" not in request.query:
+        return None
+    weeks = query_int(request, "weeks", 0)
+    if not 1 <= weeks <= limits.ANALYTICS_WEEKS_MAX:
+        raise HttpError(422, "validation_failed", f"weeks must be 1 to {limits.ANALYTICS_WEEKS_MAX}",
+                        {"field": "weeks"})
+    return weeks
+
+
+async def account_analytics(request: web.Request) -> web.Response:
+    return json_response(await _engine(request).account_analytics(request.match_info["account_id"],
+                                                                   weeks=_weeks(request)))
+
+
+async def portfolio_analytics(request: web.Request) -> web.Response:
+    return json_response(await _engine(request).portfolio_analytics(request.match_info["portfolio_id"],
+                                                                     weeks=_weeks(request)))
+
+
 async def list_events(request: web.Request) -> web.Response:
     after = query_int(request, "after", 0, maximum_digits=18)
     items = await _engine(request).events_page(after=after, limit=query_int(request, "limit",
@@ -414,6 +435,11 @@ ROUTES: tuple[Route, ...] = (
           ReinvestRequest, Reinvestment),
     Route("POST", "/v1/accounts/{account_id}/fork", fork, "Manual fork of a portfolio Gen-Acc (amount <= surplus)",
           ForkRequest, GrowthOperation, 201),
+    Route("GET", "/v1/accounts/{account_id}/analytics", account_analytics,
+          "Performance, risk, trend and forecast of an account (?weeks=N window)", None, AccountAnalytics),
+    Route("GET", "/v1/portfolios/{portfolio_id}/analytics", portfolio_analytics,
+          "The same for a portfolio and its units, with the fork tree's growth (?weeks=N)", None,
+          PortfolioAnalytics),
     Route("POST", "/v1/projections", project, "Project a portfolio week by week with the live rules",
           ProjectionRequest, Projection),
     Route("GET", "/v1/events", list_events, "The event feed, in commit order (?after=seq&limit)", None,

@@ -38,6 +38,9 @@ def document() -> dict:
         if route.method in ("POST", "PATCH"):
             parameters.append({"name": "Idempotency-Key", "in": "header", "required": False,
                                "schema": {"type": "string", "maxLength": 200}})
+        if route.handler.__name__.endswith("_analytics"):
+            parameters.append({"name": "weeks", "in": "query", "required": False,
+                               "schema": {"type": "integer", "minimum": 1, "maximum": 520}})
         if route.handler.__name__ == "list_events":
             parameters += [{"name": n, "in": "query", "required": False, "schema": {"type": "integer", "minimum": 0}}
                            for n in ("after", "limit")]

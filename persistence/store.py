@@ -290,6 +290,42 @@ class Store:
             rows = await self.pool.fetch(SELECT_EVENTS_AFTER, seq, limit)
         return [event_from_row(r) for r in rows]
 
+    async def analytics_entries(self, account_ids: list[str]) -> dict[str, list]:
+        """Each account's entries in ledger order, as `engine.analytics.Entry` rows."""
+        from engine.analytics import Entry
+
+        async with translated_errors():
+            rows = await self.pool.fetch(
+                "SELECT account_id, effective_date, kind, direction, amount, balance_after FROM entries "
+                "WHERE account_id = ANY($1::text[]) ORDER BY account_id, sequence", account_ids)
+        found: dict[str, list] = {account_id: [] for account_id in account_ids}
+        for row in rows:
+            found[row["account_id"]].append(Entry(row["effective_date"], row["kind"], row["direction"],
+                                                  row["amount"], row["balance_after"]))
+        return found
+
+    async def risk_flags(self) -> dict[str, float]:
+        async with translated_errors():
+            rows = await self.pool.fetch("SELECT account_id, drawdown FROM risk_flags WHERE flag = 'drawdown_breach'")
+        return {row["account_id"]: row["drawdown"] for row in rows}
+
+    async def set_risk_flag(self, account_id: str, portfolio_id: str | None, *, active: bool, drawdown: float,
+                            limit: float, at: datetime) -> None:
+        """Sets or clears the account's drawdown_breach flag and writes its event, in one
+        transaction."""
+        payload = msgspec.json.encode({"account_id": account_id, "drawdown": drawdown, "limit": limit}).decode()
+        async with translated_errors(), self.pool.acquire() as conn, conn.transaction():
+            if active:
+                await conn.execute("INSERT INTO risk_flags (account_id, flag, since, drawdown) "
+                                   "VALUES ($1, 'drawdown_breach', $2, $3)", account_id, at, drawdown)
+            else:
+                await conn.execute("DELETE FROM risk_flags WHERE account_id = $1 AND flag = 'drawdown_breach'",
+                                   account_id)
+            await conn.execute("INSERT INTO events (type, account_id, portfolio_id, payload, created_at) "
+                               "VALUES ($1, $2, $3, $4::jsonb, $5)",
+                               "account.drawdown_breach" if active else "account.drawdown_recovered",
+                               account_id, portfolio_id, payload, at)
+
     async def fetch(self, sql: str, *args):
         """For tests and tools that check the database directly."""
         async with translated_errors():
