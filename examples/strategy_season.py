@@ -55,6 +55,26 @@ async def main(weeks: int) -> None:
         tree = await engine.portfolio_tree(portfolio.id)
         print(f"after {weeks} weeks: total ${tree.totals.balance / 100:,.2f}, "
               f"units active {tree.units_active}, merged {tree.units_merged}")
+        print_report(await engine.portfolio_analytics(portfolio.id))
+
+
+def print_report(report) -> None:
+    """The analytics an operator reads after a season (docs/analytics.md)."""
+    performance, risk, forecast, growth = report.performance, report.risk, report.forecast, report.growth
+    print(f"analytics of {report.portfolio_id} over {performance.weeks} weeks:")
+    print(f"  time-weighted return {performance.time_weighted_return:.2%}, annualized "
+          f"{performance.annualized_return:.2%}, volatility {performance.volatility:.2%}, "
+          f"max drawdown {performance.max_drawdown:.2%}")
+    print(f"  income: premiums ${performance.income['premium'] / 100:,.2f}, net ${performance.income['net'] / 100:,.2f};"
+          f" mean weekly return {performance.mean_weekly_return:.3%} vs target "
+          f"{performance.target_weekly_return:.3%}")
+    print(f"  risk score {risk.score}/100, flags {risk.flags or 'none'}, largest account share "
+          f"{risk.concentration:.1%}; trend {report.trend.label}")
+    print(f"  growth: {growth.units_created} units forked (${growth.forked_cents / 100:,.2f}), "
+          f"{growth.units_merged} merged (${growth.merged_cents / 100:,.2f})")
+    values = ", ".join(f"{weeks} weeks ${cents / 100:,.2f}" for weeks, cents in forecast.total_value.items())
+    print(f"  forecast: {values}; next fork in {forecast.weeks_to_next_fork} weeks, next merge in "
+          f"{forecast.weeks_to_next_merge} weeks")
 
 
 if __name__ == "__main__":
