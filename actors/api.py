@@ -54,6 +54,9 @@ log = logging.getLogger("alluse.engine")
 T = TypeVar("T")
 
 MAINTENANCE_INTERVAL_S = 1.0
+# Supervisors of portfolios with nothing resident are swept every this many ticks (the
+# sweep walks every resident account).
+SUPERVISOR_SWEEP_TICKS = 10
 NO_SKIP: frozenset[str] = frozenset()
 REINVEST_SKIPS = frozenset({"already_reinvested", "account_not_active", "quarter_before_opening"})
 SHUTDOWN_DRAIN_S = 10.0
@@ -207,15 +210,18 @@ class Engine:
             self._embedded = None
 
     async def _maintain(self) -> None:
+        ticks = 0
         while True:
             await asyncio.sleep(MAINTENANCE_INTERVAL_S)
+            ticks += 1
             self.registry.passivate_idle(self.settings.engine.passivate_idle_s)
             if not self.writer.healthy and not self.writer.queue.qsize():
                 await self.writer.ensure_connection()
             if self.writer.healthy:
                 for account_id in list(self.writer.poisoned):
                     self.registry.tell(account_id, ReloadIfStale())
-            self._passivate_idle_supervisors()
+            if ticks % SUPERVISOR_SWEEP_TICKS == 0:
+                self._passivate_idle_supervisors()
             if self.settings.engine.reinvest_schedule:
                 quarter = previous_quarter(self.clock().date())
                 if quarter != self._scheduled_quarter:

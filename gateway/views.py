@@ -75,6 +75,3 @@ def account_view(account: Account, rules: Rules) -> AccountView:
 
 
 encode = msgspec.json.Encoder().encode
-
-RESPONSE_TYPES = (AccountView, AccountPage, Transaction, TransactionPage, Transfer, ErrorResponse, HealthView,
-                  PortfolioView, PortfolioTree, GrowthOperation, Reinvestment, Projection, EventPage, FaultArmed)
