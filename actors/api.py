@@ -39,7 +39,7 @@ from actors.account import (
     AccountActor, AccountActorHooks, Chain, ChainStep, InjectFault, Operation, Read, ReloadIfStale, Reply,
     Resolved,
 )
-from actors.supervisor import STANDALONE, ChildFailed, Release, RestartPolicy, Restarted, Snapshot, Supervisor, \
+from actors.supervisor import STANDALONE, ChildFailed, Release, RestartPolicy, Restarted, Supervisor, \
     SupervisorHooks
 from actors.ids import new_id, next_op_id
 from actors.metrics import Metrics

@@ -16,7 +16,7 @@ from datetime import date, datetime, time, timedelta, timezone
 from msgspec import Struct
 
 from engine.growth import merge_due, merge_in, merge_steps, open_portfolio, weekly_premium
-from engine.model import Account, BookTrade, Event, LegPosted, Portfolio, PortfolioMerged, PortfolioOpened
+from engine.model import Account, BookTrade, Event, Portfolio, PortfolioMerged, PortfolioOpened
 from engine.rules import DEFAULT_RULES, Rules, decide, mutate
 
 

@@ -19,13 +19,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_
 
 from engine import limits
 from engine.errors import (
-    EngineError, IdempotencyKeyReused, NotFound, Overloaded, Refused, Unavailable, ValidationFailed,
+    EngineError, IdempotencyKeyReused, NotFound, Refused, Unavailable, ValidationFailed,
 )
 from engine.requests import (
     CreateAccountRequest, CreatePortfolioRequest, DepositRequest, FaultRequest, ForkRequest, ProjectionRequest,
     ReinvestRequest, TradeRequest, TransferRequest, UpdateAccountRequest, WithdrawalRequest,
 )
-from engine.model import GrowthOperation
+from engine.model import GrowthOperation, Transaction, Transfer
 from engine.projection import Projection
 from engine.analytics import AccountAnalytics, PortfolioAnalytics
 from engine.reports import PortfolioTree, PortfolioView, Reinvestment
@@ -411,17 +411,17 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/accounts/{account_id}/close", close_account, "Close an account with a zero balance",
           None, views.AccountView),
     Route("POST", "/v1/accounts/{account_id}/deposits", deposit, "Deposit", DepositRequest,
-          views.Transaction, 201),
+          Transaction, 201),
     Route("POST", "/v1/accounts/{account_id}/withdrawals", withdraw, "Withdraw", WithdrawalRequest,
-          views.Transaction, 201),
+          Transaction, 201),
     Route("POST", "/v1/accounts/{account_id}/trades", book_trade, "Book a trade result (premium, loss, fee)",
-          TradeRequest, views.Transaction, 201),
+          TradeRequest, Transaction, 201),
     Route("GET", "/v1/accounts/{account_id}/transactions", list_transactions,
           "Transaction history, newest first, with balance_after", None, views.TransactionPage),
     Route("POST", "/v1/transfers", transfer, "Transfer between two accounts; both legs commit atomically",
-          TransferRequest, views.Transfer, 201),
+          TransferRequest, Transfer, 201),
     Route("GET", "/v1/transactions/{transaction_id}", get_transaction, "One transaction (a ledger entry)", None,
-          views.Transaction),
+          Transaction),
     Route("POST", "/v1/portfolios", create_portfolio, "Create a root portfolio: capital split 40/30/30 into "
           "Gen-Acc, Rev-Acc, Com-Acc", CreatePortfolioRequest, PortfolioView, 201),
     Route("GET", "/v1/portfolios/{portfolio_id}", get_portfolio, "A portfolio: accounts, child units, totals", None,

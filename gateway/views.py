@@ -6,9 +6,7 @@ from datetime import date, datetime
 import msgspec
 from msgspec import Struct
 
-from engine.model import Account, Allocations, GrowthOperation, Transaction, Transfer
-from engine.projection import Projection
-from engine.reports import PortfolioTree, PortfolioView, Reinvestment
+from engine.model import Account, Allocations, Transaction
 from persistence.store import StoredEvent
 from engine.rules import Rules, deployable
 
