@@ -645,14 +645,20 @@ class Engine:
                 if not growth.merge_due(unit, balances, self.rules):
                     return None
             root = await self._portfolio(unit.root_id)
-            return await self._run_merge(unit, root, idempotency)
+            result = await self._run_merge(unit, root, idempotency)
+        for account_id in unit.account_ids:
+            if account_id in self._drawdown_flags:  # a merged account's flag goes
+                self._in_background(self._check_drawdown(account_id))
+        return result
 
     async def _run_merge(self, unit: Portfolio, root: Portfolio, idempotency) -> GrowthOperation:
         merge_id = new_id("mrg")
         now = self.clock()
+        touched = [*unit.account_ids, root.compounding_account_id]
+        when = growth.merge_date([await self.get_account(i) for i in touched])
         steps = []
-        for account_id, command in growth.merge_steps(unit, root.compounding_account_id):
-            steps.append((account_id, command or (lambda events: growth.merge_in(unit, events)), NO_SKIP))
+        for account_id, command in growth.merge_steps(unit, root.compounding_account_id, when):
+            steps.append((account_id, command or (lambda events: growth.merge_in(unit, events, when)), NO_SKIP))
 
         def render(legs, _states):
             amount = sum(leg.amount for leg in legs if leg.direction == "credit")
@@ -729,21 +735,25 @@ class Engine:
         docs/analytics.md for every formula); `weeks` limits the window."""
         self._check_weeks(weeks)
         account = await self.get_account(account_id)
-        ids, portfolio, states = [account_id], None, {account_id: account}
+        portfolio, states = None, {account_id: account}
         if account.portfolio_id is not None:
             portfolio = await self._portfolio(account.portfolio_id)
-            ids = list(portfolio.account_ids)
-            states = {**await self.store.load_accounts(ids), account_id: account}
-        entries = await self.store.analytics_entries(ids)
+            states = {**await self.store.load_accounts(list(portfolio.account_ids)), account_id: account}
         unit = portfolio if portfolio is not None and portfolio.is_unit and portfolio.status == "active" else None
-        siblings = [(states[i], entries[i]) for i in ids if i != account_id and i in states] if unit else None
+        # A unit's forecast needs its other accounts' histories (the merge is the unit's).
+        ids = [account_id] + ([i for i in portfolio.account_ids if i != account_id] if unit else [])
+        ledger = await self.store.analytics_weeks(ids)
+        siblings = [(states[i], ledger[i]) for i in ids[1:] if i in states] if unit else None
         portfolio_balance = sum(s.balance for s in states.values()) if portfolio is not None else None
         today = self.clock().date()
         result = await asyncio.to_thread(
-            analytics.account_analytics, account, entries[account_id], today=today, weeks=weeks, rules=self.rules,
+            analytics.account_analytics, account, ledger[account_id], today=today, weeks=weeks, rules=self.rules,
             risk_free_rate=self.settings.analytics.risk_free_rate, portfolio_balance=portfolio_balance, unit=unit,
             siblings=siblings)
-        await self._follow_drawdown(account, analytics.current_drawdown(entries[account_id], today))
+        flagged = "drawdown_breach" in result.risk.flags if weeks is None else None
+        if flagged is not None and flagged != (account_id in self._drawdown_flags):
+            # The live flag disagrees (history imported, or a check still queued): settle it.
+            await self._check_drawdown(account_id)
         return result
 
     async def portfolio_analytics(self, portfolio_id: str, *, weeks: int | None = None) -> analytics.PortfolioAnalytics:
@@ -754,39 +764,38 @@ class Engine:
                                                      nodes_max=self.settings.engine.tree_nodes_max)
         ids = [i for p in portfolios for i in p.account_ids]
         accounts = await self.store.load_accounts(ids)
-        entries = await self.store.analytics_entries(ids)
+        ledger = await self.store.analytics_weeks(ids)
+        moved = await self.store.growth_moved(ids)
         return await asyncio.to_thread(
-            analytics.portfolio_analytics, root, portfolios, accounts, entries, today=self.clock().date(),
-            weeks=weeks, rules=self.rules, risk_free_rate=self.settings.analytics.risk_free_rate)
+            analytics.portfolio_analytics, root, portfolios, accounts, ledger, today=self.clock().date(),
+            weeks=weeks, rules=self.rules, risk_free_rate=self.settings.analytics.risk_free_rate, moved=moved)
 
     async def _check_drawdown(self, account_id: str) -> None:
-        """After a trade: does the account's drawdown cross its type's limit (or recover)?"""
+        """Keeps the live `drawdown_breach` flag of one account: set (with one event) when
+        its current drawdown over its whole history reaches the type's limit, cleared
+        (with one event) when it is back under it or the account is closed or merged.
+        Reads the ledger inside the account's lock, so checks never act on stale data."""
+        lock = self._flag_locks.get(account_id)
+        if lock is None:
+            lock = self._flag_locks[account_id] = asyncio.Lock()
         try:
-            account = await self.get_account(account_id)
-            entries = await self.store.analytics_entries([account_id])
-            await self._follow_drawdown(account, analytics.current_drawdown(entries[account_id],
-                                                                             self.clock().date()))
+            async with lock:
+                account = await self.get_account(account_id)
+                ledger = await self.store.analytics_weeks([account_id])
+                drawdown = analytics.current_drawdown(ledger[account_id], self.clock().date())
+                limit = self.rules.drawdown_limit_bps.get(account.type, 0) / 10_000
+                breached = account.status not in ("closed", "merged") and analytics.breached(drawdown, limit)
+                if breached == (account_id in self._drawdown_flags):
+                    return
+                await self.store.set_risk_flag(account_id, account.portfolio_id, active=breached, drawdown=drawdown,
+                                               limit=limit, at=self.clock())
+                if breached:
+                    self._drawdown_flags[account_id] = drawdown
+                else:
+                    self._drawdown_flags.pop(account_id, None)
+                self._signal_commit()
         except EngineError as error:
             log.warning("drawdown check of %s failed: %s", account_id, error.message)
-
-    async def _follow_drawdown(self, account: Account, drawdown: float) -> None:
-        """Keeps the live `drawdown_breach` flag: set (with one event) when the drawdown
-        reaches the type's limit, cleared (with one event) when it is back under it."""
-        limit = self.rules.drawdown_limit_bps.get(account.type, 0) / 10_000
-        breached = limit > 0 and drawdown >= limit
-        lock = self._flag_locks.get(account.id)
-        if lock is None:
-            lock = self._flag_locks[account.id] = asyncio.Lock()
-        async with lock:
-            if breached == (account.id in self._drawdown_flags):
-                return
-            await self.store.set_risk_flag(account.id, account.portfolio_id, active=breached, drawdown=drawdown,
-                                           limit=limit, at=self.clock())
-            if breached:
-                self._drawdown_flags[account.id] = drawdown
-            else:
-                self._drawdown_flags.pop(account.id, None)
-            self._signal_commit()
 
     def drawdown_breaches(self) -> dict[str, float]:
         """Accounts whose drawdown_breach flag is set, with the drawdown that set it."""

@@ -35,6 +35,7 @@ from fractions import Fraction
 
 from msgspec import Struct
 
+from engine import limits
 from engine.growth import merge_due
 from engine.model import Account, BookTrade, Portfolio
 from engine.rules import DEFAULT_RULES, Rules, decide, mutate_all
@@ -45,6 +46,7 @@ FORECAST_TRAILING_WEEKS = 13
 FORECAST_HORIZONS = (4, 13, 52)
 FORECAST_WEEKS_MAX = 520
 TRADE_SIGNS = {"premium": 1, "loss": -1, "fee": -1}
+DRAWDOWN_TOLERANCE = 1e-9
 
 
 class Entry(Struct, frozen=True, array_like=True):
@@ -118,22 +120,41 @@ def week_of(day: date) -> date:
     return day - timedelta(days=day.weekday())
 
 
-def weekly_series(entries: list[Entry], today: date) -> list[WeekReturn]:
-    """One row per ISO week from the first entry's week to `today`'s (weeks without
-    entries included), with the balance carried from week to week."""
-    if not entries:
-        return []
+class WeekTotals(Struct, frozen=True, array_like=True):
+    """One account's ledger summed over one ISO week (what the database returns)."""
+
+    week_start: date
+    premium: int
+    loss: int
+    fee: int
+    end_balance: int
+
+
+def week_totals(entries: list[Entry]) -> list[WeekTotals]:
+    """Entries (in ledger order) summed per ISO week of their effective dates."""
     aggregates: dict[date, list[int]] = {}
     for entry in entries:
         week = aggregates.setdefault(week_of(entry.effective_date), [0, 0, 0, 0])
-        sign = TRADE_SIGNS.get(entry.kind)
-        if sign is not None:
+        if entry.kind in TRADE_SIGNS:
             week[{"premium": 0, "loss": 1, "fee": 2}[entry.kind]] += entry.amount
         week[3] = entry.balance_after
+    return [WeekTotals(week, *values) for week, values in aggregates.items()]
+
+
+def weekly_series(ledger: list[Entry] | list[WeekTotals], today: date) -> list[WeekReturn]:
+    """One row per ISO week from the first entry's week to `today`'s (weeks without
+    entries included), with the balance carried from week to week. Takes entries or
+    weekly totals (the same sums, computed by the database)."""
+    if not ledger:
+        return []
+    totals = ledger if isinstance(ledger[0], WeekTotals) else week_totals(ledger)
+    by_week = {t.week_start: t for t in totals}
     rows: list[WeekReturn] = []
-    week, last, balance = week_of(entries[0].effective_date), max(week_of(today), max(aggregates)), 0
+    week, last, balance = min(by_week), max(week_of(today), max(by_week)), 0
     while week <= last:
-        premium, loss, fee, end = aggregates.get(week, (0, 0, 0, balance))
+        found = by_week.get(week)
+        premium, loss, fee, end = (found.premium, found.loss, found.fee, found.end_balance) if found \
+            else (0, 0, 0, balance)
         net = premium - loss - fee
         rows.append(WeekReturn(week_start=week, start_balance=balance, net_trade=net, premium=premium, loss=loss,
                                fee=fee, end_balance=end, weekly_return=net / balance if balance > 0 else None))
@@ -168,19 +189,41 @@ def drawdowns(returns: list[float]) -> tuple[float, float]:
     index = peak = 1.0
     worst = 0.0
     for r in returns:
-        index *= 1.0 + r
+        # A week can lose more than it started with (money arrived during the week): the
+        # index cannot fall below zero, so a drawdown stays within 0..1.
+        index *= max(0.0, 1.0 + r)
         peak = max(peak, index)
         worst = max(worst, (peak - index) / peak if peak > 0 else 0.0)
     return worst, ((peak - index) / peak if peak > 0 else 0.0)
 
 
+def _annualized(twr: float, n: int) -> float | None:
+    if not n or not 1.0 + twr > 0 or not math.isfinite(twr):
+        return None
+    try:
+        value = (1.0 + twr) ** (52.0 / n) - 1.0
+    except OverflowError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def breached(drawdown: float, limit: float) -> bool:
+    """The drawdown reached the limit (a hair of float tolerance: a loss of exactly 10%
+    computes as 0.09999999999999998)."""
+    return limit > 0 and drawdown >= limit - DRAWDOWN_TOLERANCE
+
+
 def performance(rows: list[WeekReturn], *, weekly_target: float, risk_free_rate: float = 0.0) -> Performance:
     returns = [row.weekly_return for row in rows if row.weekly_return is not None]
     n = len(returns)
-    twr = math.prod(1.0 + r for r in returns) - 1.0
-    annualized = (1.0 + twr) ** (52.0 / n) - 1.0 if n and 1.0 + twr > 0 else None
-    volatility = statistics.stdev(returns) * math.sqrt(52) if n >= 2 else 0.0
-    sharpe = (annualized - risk_free_rate) / volatility if annualized is not None and volatility > 1e-12 else None
+    twr = math.prod(max(0.0, 1.0 + r) for r in returns) - 1.0
+    annualized = _annualized(twr, n)
+    try:
+        volatility = statistics.stdev(returns) * math.sqrt(52) if n >= 2 else 0.0
+    except OverflowError:
+        volatility = math.inf
+    sharpe = (annualized - risk_free_rate) / volatility \
+        if annualized is not None and 1e-12 < volatility < math.inf else None
     worst, current = drawdowns(returns)
     mean = statistics.fmean(returns) if n else None
     income = {"premium": sum(r.premium for r in rows), "loss": sum(r.loss for r in rows),
@@ -193,7 +236,7 @@ def performance(rows: list[WeekReturn], *, weekly_target: float, risk_free_rate:
 
 
 def risk(perf: Performance, *, drawdown_limit: float, concentration: float | None) -> Risk:
-    flags = ["drawdown_breach"] if perf.current_drawdown >= drawdown_limit > 0 else []
+    flags = ["drawdown_breach"] if breached(perf.current_drawdown, drawdown_limit) else []
     volatility_reference = 2 * perf.target_weekly_return * math.sqrt(52)
     score = (60 * min(1.0, perf.current_drawdown / drawdown_limit if drawdown_limit > 0 else 0.0)
              + 25 * (min(1.0, perf.volatility / volatility_reference) if volatility_reference > 0 else 0.0)
@@ -230,7 +273,8 @@ def _grow(account: Account, weekly: Fraction, day: date, rules: Rules) -> tuple[
     """One forecast week, through the live rules: book round(balance * m) as a premium
     (or a loss) with `decide`; returns the account after it and whether it forked."""
     change = _round_half_away(weekly * account.balance)
-    change = max(change, -account.balance)
+    # A forecast stops where the rules would: no balance below zero or past its limit.
+    change = max(-account.balance, min(change, limits.BALANCE_MAX_CENTS - account.balance))
     if change == 0 or account.status != "active":
         return account, False
     counter = iter(range(1, 1_000_000))
@@ -279,10 +323,11 @@ def _can_fork(account: Account) -> bool:
     return account.type == "generation" and account.portfolio_id is not None
 
 
-def account_analytics(account: Account, entries: list[Entry], *, today: date, weeks: int | None = None,
-                      rules: Rules = DEFAULT_RULES, risk_free_rate: float = 0.0,
+def account_analytics(account: Account, entries: list[Entry] | list[WeekTotals], *, today: date,
+                      weeks: int | None = None, rules: Rules = DEFAULT_RULES, risk_free_rate: float = 0.0,
                       portfolio_balance: int | None = None, unit: Portfolio | None = None,
-                      siblings: list[tuple[Account, list[Entry]]] | None = None) -> AccountAnalytics:
+                      siblings: list[tuple[Account, list[Entry] | list[WeekTotals]]] | None = None
+                      ) -> AccountAnalytics:
     rows = weekly_series(entries, today)
     shown = window(rows, weeks)
     perf = performance(shown, weekly_target=rules.weekly_target_bps.get(account.type, 0) / 10_000,
@@ -337,8 +382,9 @@ class PortfolioAnalytics(Struct, frozen=True, kw_only=True):
 
 
 def portfolio_analytics(root: Portfolio, portfolios: list[Portfolio], accounts: dict[str, Account],
-                        entries: dict[str, list[Entry]], *, today: date, weeks: int | None = None,
-                        rules: Rules = DEFAULT_RULES, risk_free_rate: float = 0.0) -> PortfolioAnalytics:
+                        entries: dict[str, list[Entry] | list[WeekTotals]], *, today: date, weeks: int | None = None,
+                        rules: Rules = DEFAULT_RULES, risk_free_rate: float = 0.0,
+                        moved: tuple[int, int] | None = None) -> PortfolioAnalytics:
     """The same measures over a portfolio and every unit below it: weekly returns of the
     summed net trade results over the summed start balances (flows between its accounts
     - forks, merges - cancel out), each account's own figures, and the fork tree's growth."""
@@ -370,13 +416,21 @@ def portfolio_analytics(root: Portfolio, portfolios: list[Portfolio], accounts: 
     return PortfolioAnalytics(
         portfolio_id=root.id, balance=total, weekly_returns=rows, performance=perf, risk=portfolio_risk,
         trend=trend(rows), forecast=_portfolio_forecast(portfolios, accounts, series, rows, today, rules),
-        growth=_growth(root, portfolios, entries), accounts=summaries)
+        growth=_growth(root, portfolios, moved if moved is not None else moved_by_growth(entries)),
+        accounts=summaries)
 
 
-def _growth(root: Portfolio, portfolios: list[Portfolio], entries: dict[str, list[Entry]]) -> Growth:
-    units = [p for p in portfolios if p.id != root.id]
+def moved_by_growth(entries: dict[str, list[Entry]]) -> tuple[int, int]:
+    """(money forked, money merged): fork debits of Gen-Accs and merge debits of units
+    in the tree (a merge's credits land in the root's Com-Acc, outside a unit's subtree)."""
     forked = sum(e.amount for rows in entries.values() for e in rows if e.kind == "fork" and e.direction == "debit")
-    merged = sum(e.amount for rows in entries.values() for e in rows if e.kind == "merge" and e.direction == "credit")
+    merged = sum(e.amount for rows in entries.values() for e in rows if e.kind == "merge" and e.direction == "debit")
+    return forked, merged
+
+
+def _growth(root: Portfolio, portfolios: list[Portfolio], moved: tuple[int, int]) -> Growth:
+    units = [p for p in portfolios if p.id != root.id]
+    forked, merged = moved
     return Growth(units_created=len(units), units_merged=sum(1 for u in units if u.status == "merged"),
                   units_active=sum(1 for u in units if u.status == "active"), forked_cents=forked,
                   merged_cents=merged)
@@ -417,7 +471,7 @@ def _earliest(current: int | None, candidate: int | None) -> int | None:
     return candidate if current is None else min(current, candidate)
 
 
-def current_drawdown(entries: list[Entry], today: date) -> float:
+def current_drawdown(entries: list[Entry] | list[WeekTotals], today: date) -> float:
     """The account's current drawdown over its whole history (what the live
     drawdown_breach flag follows)."""
     returns = [row.weekly_return for row in weekly_series(entries, today) if row.weekly_return is not None]

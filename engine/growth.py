@@ -53,19 +53,27 @@ def merge_due(unit: Portfolio, balances: list[int], rules: Rules = DEFAULT_RULES
     return unit.is_unit and unit.status == "active" and sum(balances) >= rules.merge_threshold_cents
 
 
-def merge_steps(unit: Portfolio, root_compounding_id: str) -> list[tuple[str, MergeOut | None]]:
+def merge_date(accounts: list[Account]) -> date | None:
+    """One effective date for every leg of a merge: the latest effective date of the
+    accounts it touches (the unit's and the root's Com-Acc), so the money leaves and
+    arrives in the same week."""
+    dates = [a.latest_effective_date for a in accounts if a.latest_effective_date is not None]
+    return max(dates, default=None)
+
+
+def merge_steps(unit: Portfolio, root_compounding_id: str,
+                effective_date: date | None = None) -> list[tuple[str, MergeOut | None]]:
     """The order in which a merge visits accounts: the unit's Gen-Acc, its Com-Acc (each
     gives up everything and becomes merged), then the root's Com-Acc (`None` here: its
     MergeIn carries the sum of what the others gave, known only at its turn)."""
-    return [(unit.generation_account_id, MergeOut(to_account=root_compounding_id)),
-            (unit.compounding_account_id, MergeOut(to_account=root_compounding_id)),
-            (root_compounding_id, None)]
+    out = MergeOut(to_account=root_compounding_id, effective_date=effective_date)
+    return [(unit.generation_account_id, out), (unit.compounding_account_id, out), (root_compounding_id, None)]
 
 
-def merge_in(unit: Portfolio, events_so_far: list[Event]) -> MergeIn:
+def merge_in(unit: Portfolio, events_so_far: list[Event], effective_date: date | None = None) -> MergeIn:
     """The root Com-Acc's part, from the legs the unit's accounts decided."""
     debits = [e.leg for e in events_so_far if isinstance(e, LegPosted) and e.leg.direction == "debit"]
-    dates = [leg.effective_date for leg in debits]
+    dates = [leg.effective_date for leg in debits] + ([effective_date] if effective_date else [])
     return MergeIn(portfolio_id=unit.id, amount=sum(leg.amount for leg in debits),
                    effective_date=max(dates) if dates else None)
 

@@ -206,9 +206,11 @@ class Fork(Struct, frozen=True, kw_only=True, tag=True):
 
 
 class MergeOut(Struct, frozen=True, kw_only=True, tag=True):
-    """A unit account's part of a merge: all its money leaves, it becomes `merged`."""
+    """A unit account's part of a merge: all its money leaves, it becomes `merged`. All
+    legs of one merge carry one effective date (see `growth.merge_date`)."""
 
     to_account: str
+    effective_date: date | None = None
 
 
 class MergeIn(Struct, frozen=True, kw_only=True, tag=True):

@@ -15,7 +15,7 @@ from datetime import date, datetime, time, timedelta, timezone
 
 from msgspec import Struct
 
-from engine.growth import merge_due, merge_in, merge_steps, open_portfolio, weekly_premium
+from engine.growth import merge_date, merge_due, merge_in, merge_steps, open_portfolio, weekly_premium
 from engine.model import Account, BookTrade, Event, Portfolio, PortfolioMerged, PortfolioOpened
 from engine.rules import DEFAULT_RULES, Rules, decide, mutate
 
@@ -80,9 +80,10 @@ class Book:
             return
         root = self.portfolios[portfolio.root_id]
         correlation_id = new_id("mrg")
+        when = merge_date([self.accounts[i] for i in (*portfolio.account_ids, root.compounding_account_id)])
         events: list[Event] = []
-        for account_id, command in merge_steps(portfolio, root.compounding_account_id):
-            command = command or merge_in(portfolio, events)
+        for account_id, command in merge_steps(portfolio, root.compounding_account_id, when):
+            command = command or merge_in(portfolio, events, when)
             events += decide(self.accounts[account_id], command, transaction_id=new_id("txn"), now=now,
                              correlation_id=correlation_id, rules=rules, new_id=new_id)
         self.apply(events)

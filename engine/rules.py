@@ -309,10 +309,11 @@ def _decide(account: Account, command: Command, *, transaction_id: str, now: dat
             if account.portfolio_depth >= rules.portfolio_depth_max:
                 raise refuse("fork_not_allowed", "the fork tree is at its depth limit", account_id=account.id)
             return fork_events(account, wanted, effective=today, now=now, new_id=new_id)
-        case MergeOut(to_account=target):
+        case MergeOut(to_account=target, effective_date=effective):
             transition(account, "merged")
+            dates = [d for d in (effective, account.latest_effective_date) if d is not None]
             events = leg("merge", "debit", account.balance, None, counterparty=target,
-                         effective=account.latest_effective_date) if account.balance > 0 else []
+                         effective=max(dates, default=None)) if account.balance > 0 else []
             return events + [StatusChanged(account_id=account.id, status="merged", at=now)]
         case MergeIn(portfolio_id=portfolio_id, amount=amount, effective_date=effective):
             _require_active(account)

@@ -37,6 +37,14 @@ SELECT_IDEMPOTENCY = "SELECT fingerprint, response FROM idempotency_keys WHERE k
 SELECT_PORTFOLIO = f"SELECT {PORTFOLIO_COLUMNS} FROM portfolios WHERE id = $1"
 SELECT_CHILD_PORTFOLIOS = f"SELECT {PORTFOLIO_COLUMNS} FROM portfolios WHERE parent_id = ANY($1::text[]) ORDER BY id"
 SELECT_ACCOUNTS_BY_ID = f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = ANY($1::text[])"
+ANALYTICS_WEEKS = """
+SELECT account_id, date_trunc('week', effective_date)::date AS week,
+       coalesce(sum(amount) FILTER (WHERE kind = 'premium'), 0)::bigint AS premium,
+       coalesce(sum(amount) FILTER (WHERE kind = 'loss'), 0)::bigint AS loss,
+       coalesce(sum(amount) FILTER (WHERE kind = 'fee'), 0)::bigint AS fee,
+       (array_agg(balance_after ORDER BY sequence DESC))[1] AS end_balance
+FROM entries WHERE account_id = ANY($1::text[])
+GROUP BY account_id, week ORDER BY account_id, week"""
 SELECT_EVENTS_AFTER = f"SELECT {EVENT_COLUMNS} FROM events WHERE seq > $1 ORDER BY seq LIMIT $2"
 
 SELECT_ACCOUNTS = f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = ANY($1::text[])"
@@ -290,19 +298,29 @@ class Store:
             rows = await self.pool.fetch(SELECT_EVENTS_AFTER, seq, limit)
         return [event_from_row(r) for r in rows]
 
-    async def analytics_entries(self, account_ids: list[str]) -> dict[str, list]:
-        """Each account's entries in ledger order, as `engine.analytics.Entry` rows."""
-        from engine.analytics import Entry
+    async def analytics_weeks(self, account_ids: list[str]) -> dict[str, list]:
+        """Each account's ledger summed per ISO week of effective date (Monday-based, like
+        `engine.analytics.week_of`), as `engine.analytics.WeekTotals`: a few hundred rows
+        instead of every entry."""
+        from engine.analytics import WeekTotals
 
         async with translated_errors():
-            rows = await self.pool.fetch(
-                "SELECT account_id, effective_date, kind, direction, amount, balance_after FROM entries "
-                "WHERE account_id = ANY($1::text[]) ORDER BY account_id, sequence", account_ids)
+            rows = await self.pool.fetch(ANALYTICS_WEEKS, account_ids)
         found: dict[str, list] = {account_id: [] for account_id in account_ids}
         for row in rows:
-            found[row["account_id"]].append(Entry(row["effective_date"], row["kind"], row["direction"],
-                                                  row["amount"], row["balance_after"]))
+            found[row["account_id"]].append(WeekTotals(row["week"], row["premium"], row["loss"], row["fee"],
+                                                       row["end_balance"]))
         return found
+
+    async def growth_moved(self, account_ids: list[str]) -> tuple[int, int]:
+        """(money forked, money merged) out of these accounts."""
+        async with translated_errors():
+            row = await self.pool.fetchrow(
+                "SELECT coalesce(sum(amount) FILTER (WHERE kind = 'fork'), 0)::bigint AS forked, "
+                "coalesce(sum(amount) FILTER (WHERE kind = 'merge'), 0)::bigint AS merged FROM entries "
+                "WHERE account_id = ANY($1::text[]) AND direction = 'debit' AND kind IN ('fork', 'merge')",
+                account_ids)
+        return row["forked"], row["merged"]
 
     async def risk_flags(self) -> dict[str, float]:
         async with translated_errors():
