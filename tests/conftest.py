@@ -3,6 +3,7 @@ test, and a started `Engine` on it. Works as root (the wheel then runs the serve
 own system user) and as a normal user."""
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import shutil
@@ -83,3 +84,27 @@ async def engine(database_url):
         yield started
     finally:
         await started.stop()
+
+
+WAIT_S = 15.0
+
+
+async def eventually(probe, what: str = "condition", *, timeout_s: float = WAIT_S):
+    """Polls `probe` (a coroutine function) until it returns something truthy; an
+    `Unavailable` counts as "not yet". Fails the test after `timeout_s`. Tests wait on
+    conditions this way, never on a bare sleep."""
+    from engine.errors import Unavailable
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    last_error = None
+    while True:
+        try:
+            result = await probe()
+            if result:
+                return result
+        except Unavailable as error:
+            last_error = error
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what} (last error: {last_error!r})")
+        await asyncio.sleep(0.02)

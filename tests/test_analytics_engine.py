@@ -30,6 +30,7 @@ from engine.analytics import Entry
 from engine.errors import NotFound, Refused, ValidationFailed
 from gateway.app import create_app
 from test_http import TOKEN, Api, assert_error  # the HTTP suite's client and error-shape check
+from tests.conftest import eventually
 
 WAIT_S = 15.0
 CAPITAL = 100_000_00          # Gen-Acc $40,000, Rev-Acc $30,000, Com-Acc $30,000
@@ -69,17 +70,6 @@ async def service(database_url):
 
 
 # -- helpers ---------------------------------------------------------------------------
-async def eventually(probe, what: str, timeout_s: float = WAIT_S):
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while True:
-        result = await probe()
-        if result:
-            return result
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
-
 
 async def settled(engine: Engine, timeout_s: float = WAIT_S) -> None:
     """Waits for every background task the engine has started so far (the drawdown check

@@ -15,8 +15,8 @@ from actors.api import BlockingEngine, Engine
 from actors.settings import load_settings
 from engine.errors import IdempotencyKeyReused, NotFound, Refused, Unavailable, ValidationFailed
 from engine.model import Account, Transaction, Transfer
+from tests.conftest import eventually
 
-WAIT_S = 15.0
 
 
 def engine_settings(database_url: str, **engine_overrides):
@@ -27,23 +27,6 @@ def engine_settings(database_url: str, **engine_overrides):
 
 
 # -- helpers ---------------------------------------------------------------------------------
-
-async def eventually(probe, *, timeout_s: float = WAIT_S, what: str = "condition"):
-    """Polls `probe` (a coroutine function) until it returns something truthy; an
-    `Unavailable` counts as "not yet". Fails the test after `timeout_s`."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    last_error = None
-    while True:
-        try:
-            result = await probe()
-            if result:
-                return result
-        except Unavailable as error:
-            last_error = error
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what} (last error: {last_error!r})")
-        await asyncio.sleep(0.05)
 
 
 async def checked_books(fetch, account_ids) -> dict[str, int]:

@@ -20,8 +20,8 @@ from engine.errors import Refused, Unavailable
 from engine.growth import weekly_premium
 from engine.projection import project
 from engine.rules import quarter_of
+from tests.conftest import eventually
 
-WAIT_S = 15.0
 # Small thresholds so that a few premiums fork and merge: fork at $1,000, merge at $5,000.
 FORK = 1_000_00
 MERGE = 5_000_00
@@ -49,23 +49,6 @@ async def growth(database_url):
 
 
 # -- helpers -------------------------------------------------------------------------------------
-
-async def eventually(probe, *, timeout_s: float = WAIT_S, what: str = "condition"):
-    """Polls `probe` (a coroutine function) until it returns something truthy; an
-    `Unavailable` counts as "not yet". Fails the test after `timeout_s`."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    last_error = None
-    while True:
-        try:
-            result = await probe()
-            if result:
-                return result
-        except Unavailable as error:
-            last_error = error
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what} (last error: {last_error!r})")
-        await asyncio.sleep(0.02)
 
 
 async def _async(value):

@@ -26,11 +26,11 @@ from gateway.app import ROUTES, create_app
 from test_http import (  # the HTTP contract suite's client and checks, reused as they are
     ACCOUNT_FIELDS, AMOUNT_MAX, TOKEN, TRANSACTION_FIELDS, Api, Case, assert_error, new_key,
 )
+from tests.conftest import eventually
 
 FORK_THRESHOLD = 1_000_00
 MERGE_THRESHOLD = 5_000_00
 CAPITAL = 10_000_00  # splits into Gen-Acc 4_000_00, Rev-Acc 3_000_00, Com-Acc 3_000_00
-WAIT_S = 15.0
 
 TODAY = datetime.now(timezone.utc).date()  # the engine's clock is UTC
 _QUARTER_NUMBER = (TODAY.month - 1) // 3 + 1
@@ -118,19 +118,6 @@ async def last_event_seq(api: Api) -> int:
     feed = await events(api)
     return feed[-1]["seq"] if feed else 0
 
-
-async def eventually(probe, what: str, timeout_s: float = WAIT_S):
-    """Polls `probe` (a coroutine function) until it returns something truthy; fails the
-    test after `timeout_s`."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while True:
-        result = await probe()
-        if result:
-            return result
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def supervised_account(status: dict, supervisor_id: str, account_id: str) -> dict | None:
