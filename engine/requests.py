@@ -12,7 +12,7 @@ from msgspec import Meta, Struct
 from engine import limits
 from engine.model import NO_NUL, AccountType, Amount, Memo, Name, Owner, TradeKind
 
-Quarter = Annotated[str, Meta(pattern=r"^[0-9]{4}-Q[1-4]$")]
+Quarter = Annotated[str, Meta(pattern=r"^[1-9][0-9]{3}-Q[1-4]$")]
 Bps = Annotated[int, Meta(ge=-10_000, le=10_000)]
 AccountId = Annotated[str, Meta(min_length=1, max_length=limits.ID_LENGTH_MAX, pattern=NO_NUL)]
 

@@ -718,3 +718,16 @@ async def test_a_refused_chain_step_whose_previous_actor_died_still_answers_the_
                 engine.registry.release(entry)
         failures = await _failures(engine)
         assert failures.get(target.id) is None, f"the healthy target actor failed: {failures.get(target.id)}"
+
+
+async def test_a_quarter_of_year_zero_is_a_validation_failure_not_a_crash(engine):
+    """Found by fuzzing the OpenAPI description: "0000-Q1" matched the quarter pattern and
+    crashed the account actor on `date(0, 1, 1)`."""
+    from engine.errors import ValidationFailed
+
+    portfolio = await engine.create_portfolio(name="p", owner="o", initial_capital=1_000_00)
+    for quarter in ("0000-Q1", "0999-Q4"):
+        with pytest.raises(ValidationFailed):
+            await engine.reinvest_portfolio(portfolio.id, quarter)
+    status = await engine.supervisor_status()
+    assert status["restarts_total"] == 0
