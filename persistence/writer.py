@@ -129,28 +129,40 @@ class Writer:
 
     # -- the loop --------------------------------------------------------------------
     async def _run(self) -> None:
-        stopping = False
-        while not stopping:
-            first = await self.queue.get()
-            if first is None:
+        """The writer's loop. It must outlive any bug in one batch: an escaped exception
+        is logged and the loop goes on (the batch's operations were already failed by
+        `_commit`, which catches everything around the statement)."""
+        while True:
+            try:
+                if not await self._run_once():
+                    return
+            except Exception:  # noqa: BLE001 - keep writing; the cause is in the log
+                log.exception("writer loop error; continuing")
+
+    async def _run_once(self) -> bool:
+        """Takes one batch (everything queued, up to the limit) and commits it; False once
+        the stop marker has been reached."""
+        first = await self.queue.get()
+        if first is None:
+            return False
+        if self.batch_wait_s > 0 and self.queue.qsize() < self.batch_size_max:
+            await asyncio.sleep(self.batch_wait_s)
+        batch: list[WriteOp] = []
+        item, stopping = first, False
+        while True:
+            if item is None:
+                stopping = True
+            elif isinstance(item, ReloadOp):
+                await self._commit(batch)
+                batch = []
+                await self._reload(item)
+            else:
+                batch.append(item)
+            if stopping or len(batch) >= self.batch_size_max or self.queue.empty():
                 break
-            if self.batch_wait_s > 0 and self.queue.qsize() < self.batch_size_max:
-                await asyncio.sleep(self.batch_wait_s)
-            batch: list[WriteOp] = []
-            item = first
-            while True:
-                if item is None:
-                    stopping = True
-                elif isinstance(item, ReloadOp):
-                    await self._commit(batch)
-                    batch = []
-                    await self._reload(item)
-                else:
-                    batch.append(item)
-                if stopping or len(batch) >= self.batch_size_max or self.queue.empty():
-                    break
-                item = self.queue.get_nowait()
-            await self._commit(batch)
+            item = self.queue.get_nowait()
+        await self._commit(batch)
+        return not stopping
 
     async def ensure_connection(self) -> bool:
         async with self._connect_lock:
