@@ -11,6 +11,7 @@ runs as a trusted in-process principal: it does no token checks.
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import logging
 import threading
@@ -57,6 +58,7 @@ MAINTENANCE_INTERVAL_S = 1.0
 # Supervisors of portfolios with nothing resident are swept every this many ticks (the
 # sweep walks every resident account).
 SUPERVISOR_SWEEP_TICKS = 10
+PORTFOLIO_CACHE_MAX = 100_000
 NO_SKIP: frozenset[str] = frozenset()
 REINVEST_SKIPS = frozenset({"already_reinvested", "account_not_active", "quarter_before_opening"})
 SHUTDOWN_DRAIN_S = 10.0
@@ -116,6 +118,7 @@ class Engine:
         self._background: set[asyncio.Task] = set()
         self._scheduled_quarter: str | None = None
         self._drawdown_flags: dict[str, float] = {}
+        self._portfolios: collections.OrderedDict[str, Portfolio] = collections.OrderedDict()
         self._flag_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
     # -- lifecycle -------------------------------------------------------------------
@@ -572,10 +575,19 @@ class Engine:
                                       reports.PortfolioView, run)
 
     async def _portfolio(self, portfolio_id: str) -> Portfolio:
+        """A portfolio row, from a bounded cache: rows change only when this engine merges
+        a unit (the only writer), and a merge evicts the unit's row."""
         self._check_id(portfolio_id)
+        portfolio = self._portfolios.get(portfolio_id)
+        if portfolio is not None:
+            self._portfolios.move_to_end(portfolio_id)
+            return portfolio
         portfolio = await self.store.load_portfolio(portfolio_id)
         if portfolio is None:
             raise NotFound("no such portfolio", {"portfolio_id": portfolio_id})
+        self._portfolios[portfolio_id] = portfolio
+        while len(self._portfolios) > PORTFOLIO_CACHE_MAX:
+            self._portfolios.popitem(last=False)
         return portfolio
 
     async def get_portfolio(self, portfolio_id: str) -> reports.PortfolioView:
@@ -645,7 +657,11 @@ class Engine:
                 if not growth.merge_due(unit, balances, self.rules):
                     return None
             root = await self._portfolio(unit.root_id)
-            result = await self._run_merge(unit, root, idempotency)
+            try:
+                result = await self._run_merge(unit, root, idempotency)
+            finally:
+                # Merged (or perhaps merged: a failed commit may have landed): re-read it.
+                self._portfolios.pop(unit.id, None)
         for account_id in unit.account_ids:
             if account_id in self._drawdown_flags:  # a merged account's flag goes
                 self._in_background(self._check_drawdown(account_id))
