@@ -23,11 +23,13 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m perf.bench --quick
+	$(BIN)/python -m perf.naive --quick
 	$(BIN)/python -m perf.growth --portfolios 1000
 	$(BIN)/python -m perf.analytics
 
 bench-full: $(STAMP)
 	$(BIN)/python -m perf.bench
+	$(BIN)/python -m perf.naive
 	$(BIN)/python -m perf.growth
 	$(BIN)/python -m perf.analytics
 
