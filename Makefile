@@ -13,6 +13,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	@touch $(STAMP)
 
+# The benchmarks also need the `bench` extra (progress bar, plots): their own stamp.
+BENCH_STAMP := $(VENV)/.installed-bench
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	@touch $(BENCH_STAMP)
+
 install: $(STAMP)
 
 run: $(STAMP)
@@ -21,13 +27,13 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-bench: $(STAMP)
+bench: $(BENCH_STAMP)
 	$(BIN)/python -m perf.bench --quick
 	$(BIN)/python -m perf.naive --quick
 	$(BIN)/python -m perf.growth --portfolios 1000
 	$(BIN)/python -m perf.analytics
 
-bench-full: $(STAMP)
+bench-full: $(BENCH_STAMP)
 	$(BIN)/python -m perf.bench
 	$(BIN)/python -m perf.naive
 	$(BIN)/python -m perf.growth
