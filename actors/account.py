@@ -77,6 +77,7 @@ class Operation:
     render: Callable
     correlation_id: str | None = None
     idempotency: tuple[str, str] | None = None
+    audit: Any = None
 
 
 @dataclass(slots=True)
@@ -286,7 +287,7 @@ class AccountActor(PooledActor):
         self._hold(operation.op_id, events)
         self.hooks.submit(WriteOp(op_id=operation.op_id, accounts=(self.account_id,), events=tuple(events),
                                   idempotency=operation.idempotency, render=operation.render,
-                                  done=operation.reply.done_on_loop))
+                                  done=operation.reply.done_on_loop, audit=operation.audit))
 
     # -- chains ------------------------------------------------------------------------
     @staticmethod
@@ -336,7 +337,8 @@ class AccountActor(PooledActor):
             return
         self.hooks.submit(WriteOp(op_id=operation.op_id, accounts=tuple(s.account_id for s in chain.steps),
                                   events=tuple(chain.events), idempotency=operation.idempotency,
-                                  render=operation.render, done=operation.reply.done_on_loop))
+                                  render=operation.render, done=operation.reply.done_on_loop,
+                                  audit=operation.audit))
 
     def _unwind(self, chain: Chain, error: BaseException) -> None:
         """Steps before `chain.index` hold their part: walk back; the first one answers.

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import contextvars
 import hashlib
 import logging
 import threading
@@ -49,7 +51,9 @@ from actors.runtime import ActorPool
 from actors.settings import Settings, load_settings
 from persistence.embedded import EmbeddedServer
 from persistence.store import Store
-from persistence.writer import Writer, WriteOp
+from persistence.writer import AuditEntry, Writer, WriteOp
+from engine.audit import EMBEDDED, SCHEDULER, AuditContext
+from actors.security import Security
 
 log = logging.getLogger("alluse.engine")
 T = TypeVar("T")
@@ -63,6 +67,40 @@ NO_SKIP: frozenset[str] = frozenset()
 REINVEST_SKIPS = frozenset({"already_reinvested", "account_not_active", "quarter_before_opening"})
 SHUTDOWN_DRAIN_S = 10.0
 DATABASE_START_WAIT_S = 30.0
+
+
+# Who is acting (set by the gateway per request; in-process callers are the trusted
+# embedded principal) and which operation runs, for the audit record of each commit.
+AUDIT_CONTEXT: contextvars.ContextVar[AuditContext | None] = contextvars.ContextVar("alluse_audit", default=None)
+OPERATION: contextvars.ContextVar[tuple[str, str | None] | None] = contextvars.ContextVar("alluse_operation",
+                                                                                          default=None)
+
+
+def audit_entry() -> AuditEntry:
+    """The audit record of the operation running in this context."""
+    context = AUDIT_CONTEXT.get() or AuditContext(EMBEDDED)
+    action, target = OPERATION.get() or ("unknown", None)
+    return AuditEntry(context=context, action=action, target=target)
+
+
+@contextlib.contextmanager
+def _override(reason: str | None):
+    """Puts an admin override's reason on this call's audit context."""
+    if reason is None:
+        yield
+        return
+    context = AUDIT_CONTEXT.get()
+    overridden = AuditContext(context.principal if context else EMBEDDED,
+                              request_id=context.request_id if context else "",
+                              client=context.client if context else "", route=context.route if context else "",
+                              reason=reason)
+    reset = AUDIT_CONTEXT.set(overridden)
+    try:
+        yield
+    finally:
+        if context is not None and overridden.recorded:
+            context.recorded = True
+        AUDIT_CONTEXT.reset(reset)
 
 
 class Page(msgspec.Struct, frozen=True, kw_only=True):
@@ -120,6 +158,8 @@ class Engine:
         self._drawdown_flags: dict[str, float] = {}
         self._portfolios: collections.OrderedDict[str, Portfolio] = collections.OrderedDict()
         self._flag_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        # Tokens and the audit log (`engine.security.create_token(...)`, `.verify_audit()`).
+        self.security = Security(self)
 
     # -- lifecycle -------------------------------------------------------------------
     async def __aenter__(self) -> "Engine":
@@ -165,6 +205,7 @@ class Engine:
         self.metrics.operations_in_flight.set_function(lambda: self._in_flight)
         self.metrics.write_queue_depth.set_function(lambda: self.writer.queue.qsize())
         self._drawdown_flags = await self.store.risk_flags()
+        await self.security.load()
         self.metrics.drawdown_breaches.set_function(lambda: len(self._drawdown_flags))
         self._maintenance = asyncio.create_task(self._maintain(), name="alluse-maintenance")
         self.ready = True
@@ -339,6 +380,13 @@ class Engine:
         """Runs `run` at most once per key. A retry while the first is in flight waits for
         its outcome; a retry after it committed gets the stored result (also after a
         restart); the same key with another request (operation, target, body) is refused."""
+        reset = OPERATION.set((request[0], request[1] or getattr(request[2], "from_account", None)))
+        try:
+            return await self._idempotent_run(key, request, result_type, run)
+        finally:
+            OPERATION.reset(reset)
+
+    async def _idempotent_run(self, key, request, result_type, run):
         if key is None:
             self._admit()
             return await self._bounded(self._counted(run(None)))
@@ -381,7 +429,7 @@ class Engine:
             future = self._loop.create_future()
             operation = Operation(op_id=next_op_id(), command=command, reply=Reply(self._loop, future),
                                   now=self.clock(), transaction_id=transaction_id or new_id("txn"), render=render,
-                                  correlation_id=correlation_id, idempotency=idempotency)
+                                  correlation_id=correlation_id, idempotency=idempotency, audit=audit_entry())
             if not self.registry.tell(account_id, operation):
                 raise Unavailable("the account actor stopped; retry", code="account_restarting")
             return await future
@@ -408,7 +456,7 @@ class Engine:
             future = self._loop.create_future()
             operation = Operation(op_id=next_op_id(), command=None, reply=Reply(self._loop, future), now=self.clock(),
                                   transaction_id="", render=render, correlation_id=correlation_id,
-                                  idempotency=idempotency)
+                                  idempotency=idempotency, audit=audit_entry())
             chain = Chain(operation=operation, steps=[
                 ChainStep(account_id=account_id, ref=entry.ref, transaction_id=new_id("txn"), command=command,
                           skip_codes=skip) for (account_id, command, skip), entry in zip(steps, entries)])
@@ -432,6 +480,7 @@ class Engine:
             future = self._loop.create_future()
             self.writer.enqueue(WriteOp(op_id=next_op_id(), accounts=(account.id,), creates=(account,),
                                         idempotency=idempotency, done=Reply(self._loop, future).done_on_loop,
+                                        audit=audit_entry(),
                                         render=lambda _, states: states[account.id]))
             return await future
 
@@ -496,10 +545,14 @@ class Engine:
                                       idempotency_key)
 
     async def withdraw(self, account_id: str, amount: int, *, memo: str | None = None,
-                       idempotency_key: str | None = None) -> Transaction:
-        request = _validate(WithdrawalRequest, amount=amount, memo=memo)
-        return await self._single_leg("withdraw", account_id, request,
-                                      Withdraw(amount=request.amount, memo=request.memo), idempotency_key)
+                       override_reason: str | None = None, idempotency_key: str | None = None) -> Transaction:
+        """`override_reason` (admins only over HTTP) withdraws even from an account type
+        that refuses withdrawals; the reason is audited."""
+        request = _validate(WithdrawalRequest, amount=amount, memo=memo, override_reason=override_reason)
+        with _override(request.override_reason):
+            return await self._single_leg("withdraw", account_id, request,
+                                          Withdraw(amount=request.amount, memo=request.memo,
+                                                   override=request.override_reason is not None), idempotency_key)
 
     async def book_trade(self, account_id: str, *, kind: str, amount: int, effective_date: date | None = None,
                          memo: str | None = None, idempotency_key: str | None = None) -> Transaction:
@@ -524,10 +577,15 @@ class Engine:
         return await self._idempotent(idempotency_key, (operation, account_id, request), Transaction, run)
 
     async def transfer(self, from_account: str, to_account: str, amount: int, *, memo: str | None = None,
-                       idempotency_key: str | None = None) -> Transfer:
-        """Both legs commit in one database transaction or neither does."""
+                       override_reason: str | None = None, idempotency_key: str | None = None) -> Transfer:
+        """Both legs commit in one database transaction or neither does. `override_reason`
+        as for `withdraw`."""
         request = _validate(TransferRequest, from_account=from_account, to_account=to_account, amount=amount,
-                            memo=memo)
+                            memo=memo, override_reason=override_reason)
+        with _override(request.override_reason):
+            return await self._transfer(request, idempotency_key)
+
+    async def _transfer(self, request: TransferRequest, idempotency_key: str | None) -> Transfer:
         if request.from_account == request.to_account:
             raise ValidationFailed("from_account and to_account must differ", {"field": "to_account"})
 
@@ -541,7 +599,8 @@ class Engine:
                                 created_at=now, legs=legs)
 
             steps = [(request.from_account,
-                      TransferDebit(to_account=request.to_account, amount=request.amount, memo=request.memo), NO_SKIP),
+                      TransferDebit(to_account=request.to_account, amount=request.amount, memo=request.memo,
+                                    override=request.override_reason is not None), NO_SKIP),
                      (request.to_account,
                       TransferCredit(from_account=request.from_account, amount=request.amount, memo=request.memo),
                       NO_SKIP)]
@@ -567,7 +626,7 @@ class Engine:
             future = self._loop.create_future()
             self.writer.enqueue(WriteOp(
                 op_id=next_op_id(), accounts=(), events=tuple(events), idempotency=idempotency,
-                done=Reply(self._loop, future).done_on_loop,
+                done=Reply(self._loop, future).done_on_loop, audit=audit_entry(),
                 render=lambda _, states: reports.portfolio_view(portfolio, states, [], {}, self.rules)))
             return await future
 
@@ -635,11 +694,14 @@ class Engine:
         entry = self.registry.peek(account_id)
         if entry is None or entry.actor.committed.portfolio_depth == 0:
             return
+        reset = OPERATION.set(("merge.automatic", entry.actor.committed.portfolio_id))
         try:
             await self._merge(entry.actor.committed.portfolio_id, None, force=False)
         except EngineError as error:
             log.warning("merge check of %s after a credit failed: %s", entry.actor.committed.portfolio_id,
                         error.message)
+        finally:
+            OPERATION.reset(reset)
 
     async def _merge(self, portfolio_id: str, idempotency, *, force: bool) -> GrowthOperation | None:
         lock = self._merge_locks.get(portfolio_id)
@@ -714,6 +776,7 @@ class Engine:
     async def _reinvest_everything(self, quarter: str) -> None:
         """The quarterly schedule: once a quarter has ended, reinvest it for every root
         portfolio (idempotent: accounts already done are skipped)."""
+        AUDIT_CONTEXT.set(AuditContext(SCHEDULER, request_id=f"schedule-{quarter}"))
         after, done = "", 0
         while True:
             rows = await self.store.fetch("SELECT id FROM portfolios WHERE parent_id IS NULL AND id > $1 "

@@ -158,6 +158,8 @@ class Deposit(Struct, frozen=True, kw_only=True, tag=True):
 class Withdraw(Struct, frozen=True, kw_only=True, tag=True):
     amount: int
     memo: str | None = None
+    # An admin override of the account type's "no withdrawals" rule (audited with its reason).
+    override: bool = False
 
 
 class BookTrade(Struct, frozen=True, kw_only=True, tag=True):
@@ -171,6 +173,7 @@ class TransferDebit(Struct, frozen=True, kw_only=True, tag=True):
     to_account: str
     amount: int
     memo: str | None = None
+    override: bool = False
 
 
 class TransferCredit(Struct, frozen=True, kw_only=True, tag=True):

@@ -47,7 +47,9 @@ class DepositRequest(MoneyRequest, kw_only=True):
 
 
 class WithdrawalRequest(MoneyRequest, kw_only=True):
-    pass
+    # Admins only: withdraw even where the account type refuses it (a Com-Acc); the
+    # reason goes to the audit log.
+    override_reason: Memo | None = None
 
 
 class TradeRequest(MoneyRequest, kw_only=True):
@@ -58,6 +60,7 @@ class TradeRequest(MoneyRequest, kw_only=True):
 class TransferRequest(MoneyRequest, kw_only=True):
     from_account: AccountId
     to_account: AccountId
+    override_reason: Memo | None = None
 
 
 class CreatePortfolioRequest(Request, kw_only=True):

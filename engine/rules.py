@@ -255,9 +255,10 @@ def _decide(account: Account, command: Command, *, transaction_id: str, now: dat
             _require_active(account)
             _require_room(account, amount)
             return leg("deposit", "credit", amount, memo)
-        case Withdraw(amount=amount, memo=memo):
+        case Withdraw(amount=amount, memo=memo, override=override):
             _require_active(account)
-            _require_withdrawable(account, rules)
+            if not override:
+                _require_withdrawable(account, rules)
             _require_funds(account, amount)
             return leg("withdrawal", "debit", amount, memo)
         case BookTrade(kind=kind, amount=amount, memo=memo, effective_date=requested):
@@ -269,9 +270,10 @@ def _decide(account: Account, command: Command, *, transaction_id: str, now: dat
             else:
                 _require_funds(account, amount)
             return leg(kind, direction, amount, memo, effective=effective)
-        case TransferDebit(to_account=target, amount=amount, memo=memo):
+        case TransferDebit(to_account=target, amount=amount, memo=memo, override=override):
             _require_active(account)
-            _require_withdrawable(account, rules)
+            if not override:
+                _require_withdrawable(account, rules)
             _require_funds(account, amount)
             return leg("transfer", "debit", amount, memo, counterparty=target)
         case TransferCredit(from_account=source, amount=amount, memo=memo):

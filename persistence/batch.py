@@ -28,6 +28,9 @@ class BatchRows:
     reinvestments: list[Reinvested] = field(default_factory=list)
     outbox: list[tuple] = field(default_factory=list)
     keys: list[tuple[str, str, bytes]] = field(default_factory=list)
+    tokens: list = field(default_factory=list)
+    revocations: list[tuple[str, datetime]] = field(default_factory=list)
+    audit: list = field(default_factory=list)
 
     def mark(self) -> tuple[int, ...]:
         return tuple(len(getattr(self, name)) for name in self.__slots__)
@@ -46,6 +49,8 @@ def apply_op(op, states: dict[str, Account], portfolios_merging: set[str], rows:
     """Applies `op` to `states` in place and appends its rows. The caller snapshots and
     restores on failure (`rows.mark()`/`rollback`, and its copy of the touched states)."""
     transactions: list[Transaction] = []
+    rows.tokens.extend(op.tokens)
+    rows.revocations.extend(op.revocations)
     for account in op.creates:
         _open_account(account, states, rows)
     for event in op.events:
@@ -124,6 +129,9 @@ PORTFOLIO_ROW = sql.PORTFOLIO_FIELDS
 ENTRY_ROW = ("id", "account_id", "sequence", "kind", "direction", "amount", "balance_after",
              "counterparty_account_id", "memo", "correlation_id", "effective_date", "created_at")
 REINVESTMENT_ROW = ("account_id", "quarter", "net_income", "contracts", "leaps", "at")
+TOKEN_ROW = ("id", "name", "role", "owner", "secret_hash", "created_by", "created_at")
+AUDIT_ROW = ("seq", "at", "token_id", "role", "owner_scope", "action", "target", "request_id", "client", "outcome",
+             "details", "prev_hash", "hash")
 
 
 async def write_batch(conn, states: dict[str, Account], before_versions: dict[str, int], rows: BatchRows) -> None:
@@ -140,7 +148,9 @@ async def write_batch(conn, states: dict[str, Account], before_versions: dict[st
         *_columns(rows.reinvestments, REINVESTMENT_ROW),
         *[[record[i] for record in rows.outbox] for i in range(6)],
         *[[key[i] for key in rows.keys] for i in range(3)],
-        len(changed), len(rows.merged))
+        len(changed), len(rows.merged),
+        *_columns(rows.tokens, TOKEN_ROW), [r[0] for r in rows.revocations], [r[1] for r in rows.revocations],
+        *_columns(rows.audit, AUDIT_ROW), len(rows.revocations))
 
 
 def _columns(items, getters) -> list[list]:

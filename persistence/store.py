@@ -102,9 +102,32 @@ WITH new_portfolios AS (
     SELECT * FROM unnest($71::text[], $72::text[], $73::bytea[])
     ON CONFLICT (key) DO NOTHING
     RETURNING 1
+), new_tokens AS (
+    INSERT INTO api_tokens (id, name, role, owner, secret_hash, created_by, created_at)
+    SELECT * FROM unnest($76::text[], $77::text[], $78::text[], $79::text[], $80::text[], $81::text[],
+                         $82::timestamptz[])
+    RETURNING 1
+), revoked_tokens AS (
+    UPDATE api_tokens AS t SET revoked_at = u.revoked_at
+    FROM unnest($83::text[], $84::timestamptz[]) AS u(id, revoked_at)
+    WHERE t.id = u.id AND t.revoked_at IS NULL
+    RETURNING 1
+), new_audit AS (
+    INSERT INTO audit_log (seq, at, token_id, role, owner_scope, action, target, request_id, client, outcome,
+                           details, prev_hash, hash)
+    SELECT * FROM unnest($85::bigint[], $86::timestamptz[], $87::text[], $88::text[], $89::text[], $90::text[],
+                         $91::text[], $92::text[], $93::text[], $94::text[], $95::text[], $96::text[], $97::text[])
+    RETURNING 1
 )
 SELECT 1 / (CASE WHEN (SELECT count(*) FROM changed) = $74
-                  AND (SELECT count(*) FROM merged_portfolios) = $75 THEN 1 ELSE 0 END)"""
+                  AND (SELECT count(*) FROM merged_portfolios) = $75
+                  AND (SELECT count(*) FROM revoked_tokens) = $98 THEN 1 ELSE 0 END)"""
+
+SELECT_AUDIT_HEAD = "SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1"
+AUDIT_COLUMNS = ("seq, at, token_id, role, owner_scope, action, target, request_id, client, outcome, details, "
+                 "prev_hash, hash")
+SELECT_AUDIT_PAGE = f"SELECT {AUDIT_COLUMNS} FROM audit_log WHERE seq > $1 ORDER BY seq LIMIT $2"
+TOKEN_COLUMNS = "id, name, role, owner, secret_hash, created_by, created_at, revoked_at"
 
 # Failures of the connection or the server: the outcome of a write in flight is unknown.
 CONNECTION_ERRORS = (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, asyncpg.InternalClientError,
@@ -348,3 +371,17 @@ class Store:
         """For tests and tools that check the database directly."""
         async with translated_errors():
             return await self.pool.fetch(sql, *args)
+
+    # -- security ----------------------------------------------------------------------
+    async def audit_page(self, *, after: int, limit: int) -> list:
+        from engine.audit import AuditRecord
+
+        async with translated_errors():
+            rows = await self.pool.fetch(SELECT_AUDIT_PAGE, after, limit)
+        return [AuditRecord(**dict(row)) for row in rows]
+
+    async def tokens(self) -> list[dict]:
+        """Every API token (revoked ones too), without secrets: only their hashes."""
+        async with translated_errors():
+            rows = await self.pool.fetch(f"SELECT {TOKEN_COLUMNS} FROM api_tokens ORDER BY created_at, id")
+        return [dict(row) for row in rows]

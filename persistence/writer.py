@@ -14,10 +14,12 @@ import asyncio
 import logging
 import time
 import collections
+from datetime import datetime, timezone
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from engine import audit
 from engine.errors import DatabaseUnavailable, EngineError, Overloaded, Unavailable
 from engine.model import Account, Event, PortfolioOpened, Transaction
 from persistence import store as sql
@@ -43,6 +45,23 @@ class WriteOp:
     events: tuple[Event, ...] = ()
     creates: tuple[Account, ...] = ()
     idempotency: tuple[str, str] | None = None
+    # The audit record to commit with the operation (None: nothing to record).
+    audit: "AuditEntry | None" = None
+    # API tokens created and revoked (token id, revoked at) by the operation.
+    tokens: tuple = ()
+    revocations: tuple[tuple[str, Any], ...] = ()
+
+
+@dataclass(slots=True, eq=False)
+class AuditEntry:
+    """What to record of one operation: the request it belongs to, the action and its
+    target. `outcome` is "committed" for a change; the gateway records refusals."""
+
+    context: audit.AuditContext
+    action: str
+    target: str | None = None
+    outcome: str = "committed"
+    details: dict | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -87,6 +106,9 @@ class Writer:
         self._connect_lock = asyncio.Lock()
         self.batches = 0
         self.operations = 0
+        # The audit chain's head (last sequence number and hash); None = read it again
+        # before the next batch (after a write whose outcome is unknown).
+        self._audit_head: tuple[int, str] | None = None
 
     # -- lifecycle -------------------------------------------------------------------
     async def start(self) -> None:
@@ -205,6 +227,7 @@ class Writer:
         op.done(state, None)
 
     def _drop_connection(self) -> None:
+        self._audit_head = None
         if self.connection is not None:
             self.connection.terminate()
             self.connection = None
@@ -299,7 +322,12 @@ class Writer:
             if op.idempotency:
                 rows.keys.append((op.idempotency[0], op.idempotency[1], encode_json(result)))
             applied.append((op, result))
+        head = await self._chain_audit(applied, rows)
         await write_batch(self.connection, states, before_versions, rows)
+        self._audit_head = head
+        for op, _ in applied:
+            if op.audit is not None:
+                op.audit.context.recorded = True
         self._last_rows = rows
         for account_id, state in states.items():
             self.cache[account_id] = state
@@ -307,6 +335,35 @@ class Writer:
         while len(self.cache) > CACHE_ACCOUNTS_MAX:
             self.cache.popitem(last=False)
         return applied, refused, states
+
+    async def _chain_audit(self, applied, rows: BatchRows) -> tuple[int, str] | None:
+        """Links an audit record for every applied operation that carries one, in commit
+        order, after the chain's head; returns the new head (kept once the batch commits)."""
+        if not any(op.audit is not None for op, _ in applied):
+            return self._audit_head
+        if self._audit_head is None:
+            row = await self.connection.fetchrow(sql.SELECT_AUDIT_HEAD)
+            self._audit_head = (row["seq"], row["hash"]) if row else (0, audit.GENESIS_HASH)
+        seq, prev_hash = self._audit_head
+        now = datetime.now(timezone.utc)
+        for op, result in applied:
+            entry = op.audit
+            if entry is None:
+                continue
+            context = entry.context
+            details = dict(entry.details or {})
+            result_id = getattr(result, "id", None)
+            if isinstance(result_id, str):
+                details["result_id"] = result_id
+            if context.reason is not None:
+                details["reason"] = context.reason
+            seq += 1
+            record = audit.new_record(seq=seq, at=now, principal=context.principal, action=entry.action,
+                                      target=entry.target, request_id=context.request_id, client=context.client,
+                                      outcome=entry.outcome, details=details, prev_hash=prev_hash)
+            rows.audit.append(record)
+            prev_hash = record.hash
+        return seq, prev_hash
 
     async def _committed_states(self, ops: list[WriteOp]) -> dict[str, Account]:
         """The committed state of every existing account the batch touches. The writer
