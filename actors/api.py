@@ -881,12 +881,15 @@ class Engine:
         return dict(self._drawdown_flags)
 
     # -- events ------------------------------------------------------------------------
-    async def events_page(self, *, after: int = 0, limit: int = limits.PAGE_SIZE_DEFAULT) -> list:
+    async def events_page(self, *, after: int = 0, limit: int = limits.PAGE_SIZE_DEFAULT,
+                          owner: str | None = None) -> list:
+        """Committed events after `after`, in commit order; with `owner`, only the events
+        of that owner's accounts and portfolios."""
         if not isinstance(after, int) or isinstance(after, bool) or after < 0:
             raise ValidationFailed("after must be a non-negative integer", {"field": "after"})
         if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= limits.PAGE_SIZE_MAX:
             raise ValidationFailed(f"limit must be 1 to {limits.PAGE_SIZE_MAX}", {"field": "limit"})
-        return await self.store.events_after(after, limit)
+        return await self.store.events_after(after, limit, owner)
 
     async def events(self, *, after: int | None = None):
         """Every committed event after `after` (default: from now on), in commit order,

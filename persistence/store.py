@@ -46,6 +46,11 @@ SELECT account_id, date_trunc('week', effective_date)::date AS week,
 FROM entries WHERE account_id = ANY($1::text[])
 GROUP BY account_id, week ORDER BY account_id, week"""
 SELECT_EVENTS_AFTER = f"SELECT {EVENT_COLUMNS} FROM events WHERE seq > $1 ORDER BY seq LIMIT $2"
+# The events of one owner's accounts and portfolios (an owner-scoped token's feed).
+SELECT_OWNER_EVENTS_AFTER = (
+    "SELECT e.seq, e.type, e.account_id, e.portfolio_id, e.correlation_id, e.payload, e.created_at FROM events e "
+    "LEFT JOIN accounts a ON a.id = e.account_id LEFT JOIN portfolios p ON p.id = e.portfolio_id "
+    "WHERE e.seq > $1 AND coalesce(a.owner, p.owner) = $3 ORDER BY e.seq LIMIT $2")
 
 SELECT_ACCOUNTS = f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = ANY($1::text[])"
 
@@ -316,9 +321,12 @@ class Store:
                 level = [c.id for c in children]
         return found
 
-    async def events_after(self, seq: int, limit: int) -> list[StoredEvent]:
+    async def events_after(self, seq: int, limit: int, owner: str | None = None) -> list[StoredEvent]:
         async with translated_errors():
-            rows = await self.pool.fetch(SELECT_EVENTS_AFTER, seq, limit)
+            if owner is None:
+                rows = await self.pool.fetch(SELECT_EVENTS_AFTER, seq, limit)
+            else:
+                rows = await self.pool.fetch(SELECT_OWNER_EVENTS_AFTER, seq, limit, owner)
         return [event_from_row(r) for r in rows]
 
     async def analytics_weeks(self, account_ids: list[str]) -> dict[str, list]:
