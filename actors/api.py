@@ -649,6 +649,10 @@ class Engine:
             self._portfolios.popitem(last=False)
         return portfolio
 
+    async def portfolio_record(self, portfolio_id: str) -> Portfolio:
+        """The portfolio's own row (its owner, parent, accounts), from the cache."""
+        return await self._portfolio(portfolio_id)
+
     async def get_portfolio(self, portfolio_id: str) -> reports.PortfolioView:
         """The portfolio's accounts, its direct units and totals (committed state)."""
         portfolio = await self._portfolio(portfolio_id)

@@ -21,6 +21,27 @@ class ServerSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     port: Annotated[int, Meta(ge=0, le=65535)] = 8080
     body_max_bytes: Annotated[int, Meta(ge=1024, le=limits.BODY_BYTES_MAX)] = 65536
     admin_token: str = ""
+    # HTTPS: both set = serve TLS with this PEM certificate (chain) and private key.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+
+
+class SecuritySettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    # Per-token token bucket: sustained requests per second and the burst above it.
+    rate_limit_per_s: Annotated[float, Meta(gt=0, le=1_000_000)] = 5000.0
+    rate_limit_burst: Annotated[int, Meta(ge=1, le=1_000_000)] = 10000
+    # Missing or invalid tokens from one client address: past this many in the window,
+    # the address gets 429 until the window ends.
+    invalid_tokens_max: Annotated[int, Meta(ge=1, le=1_000_000)] = 20
+    invalid_tokens_window_s: Annotated[float, Meta(gt=0, le=86_400)] = 60.0
+    # A client must send its whole body within this time (slow clients get 408).
+    body_read_timeout_s: Annotated[float, Meta(gt=0, le=600)] = 10.0
+    # Idle keep-alive connections are closed after this.
+    keepalive_timeout_s: Annotated[float, Meta(gt=0, le=3600)] = 75.0
+    # Header limits (aiohttp answers 400 past them).
+    header_line_bytes_max: Annotated[int, Meta(ge=1024, le=65536)] = 8190
+    header_field_bytes_max: Annotated[int, Meta(ge=1024, le=65536)] = 8190
+    headers_max: Annotated[int, Meta(ge=8, le=1024)] = 64
 
 
 class DatabaseSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -62,6 +83,7 @@ class Settings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     engine: EngineSettings = EngineSettings()
     supervision: SupervisionSettings = SupervisionSettings()
     analytics: AnalyticsSettings = AnalyticsSettings()
+    security: SecuritySettings = SecuritySettings()
     rules: Rules = Rules()
 
 
@@ -94,6 +116,8 @@ ENVIRONMENT = {
     "ALLUSE_PORT": ("server", "port", int),
     "ALLUSE_ADMIN_TOKEN": ("server", "admin_token", str),
     "ALLUSE_DATA_DIR": ("database", "data_dir", str),
+    "ALLUSE_TLS_CERT_FILE": ("server", "tls_cert_file", str),
+    "ALLUSE_TLS_KEY_FILE": ("server", "tls_key_file", str),
     "DATABASE_URL": ("database", "url", str),
     "ALLUSE_FAULT_INJECTION": ("engine", "fault_injection", lambda v: v.strip().lower() in ("1", "true", "yes")),
 }

@@ -101,3 +101,10 @@ class ProjectionRequest(Request, kw_only=True):
 class FaultRequest(Request, kw_only=True):
     account_id: AccountId
     fault: Literal["crash"] = "crash"
+
+
+class CreateTokenRequest(Request, kw_only=True):
+    name: Name
+    role: Literal["admin", "operator", "strategy", "viewer"]
+    # Set: the token sees and touches only this owner's accounts and portfolios.
+    owner: Owner | None = None

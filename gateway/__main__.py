@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import secrets
+import ssl
 import sys
 from pathlib import Path
 
@@ -31,6 +32,18 @@ def _admin_token(data_dir: str) -> tuple[str, bool]:
     return token, True
 
 
+def tls_context(cert_file: str, key_file: str) -> ssl.SSLContext | None:
+    """A server TLS context (TLS 1.2 or newer) when both files are configured."""
+    if not cert_file and not key_file:
+        return None
+    if not (cert_file and key_file):
+        raise ConfigError("HTTPS needs both server.tls_cert_file and server.tls_key_file")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert_file, key_file)
+    return context
+
+
 def main() -> int:
     logging.basicConfig(level=os.environ.get("ALLUSE_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
@@ -47,11 +60,17 @@ def main() -> int:
         settings = msgspec.structs.replace(settings, server=msgspec.structs.replace(settings.server,
                                                                                     admin_token=token))
     server = settings.server
+    try:
+        tls = tls_context(server.tls_cert_file, server.tls_key_file)
+    except (ConfigError, OSError, ssl.SSLError) as error:
+        print(f"configuration error: {error}", file=sys.stderr)
+        return 2
+    scheme = "https" if tls is not None else "http"
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     app = create_app(settings)
 
     async def announce(_app):
-        print(f"ALL-USE Account Engine listening on http://{server.host}:{server.port}", flush=True)
+        print(f"ALL-USE Account Engine listening on {scheme}://{server.host}:{server.port}", flush=True)
         if generated:
             print(f"admin token (generated, kept in {settings.database.data_dir}/admin-token): "
                   f"{server.admin_token}", flush=True)
@@ -59,8 +78,12 @@ def main() -> int:
             print(f"admin token: in {settings.database.data_dir}/admin-token", flush=True)
 
     app.on_startup.append(announce)
-    web.run_app(app, host=server.host, port=server.port, print=None, access_log=None,
-                shutdown_timeout=15)
+    security = settings.security
+    web.run_app(app, host=server.host, port=server.port, print=None, access_log=None, shutdown_timeout=15,
+                ssl_context=tls, keepalive_timeout=security.keepalive_timeout_s,
+                handler_args={"max_line_size": security.header_line_bytes_max,
+                              "max_field_size": security.header_field_bytes_max,
+                              "max_headers": security.headers_max})
     return 0
 
 

@@ -4,6 +4,7 @@ id, map every failure to the SPEC's error shape, check the bearer token, and rec
 metrics. The event loop never blocks on an actor: the engine replies through futures."""
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import re
@@ -22,14 +23,18 @@ from engine.errors import (
     EngineError, IdempotencyKeyReused, NotFound, Refused, Unavailable, ValidationFailed,
 )
 from engine.requests import (
-    CreateAccountRequest, CreatePortfolioRequest, DepositRequest, FaultRequest, ForkRequest, ProjectionRequest,
+    CreateAccountRequest, CreatePortfolioRequest, CreateTokenRequest, DepositRequest, FaultRequest, ForkRequest, ProjectionRequest,
     ReinvestRequest, TradeRequest, TransferRequest, UpdateAccountRequest, WithdrawalRequest,
 )
 from engine.model import GrowthOperation, Transaction, Transfer
 from engine.projection import Projection
 from engine.analytics import AccountAnalytics, PortfolioAnalytics
 from engine.reports import PortfolioTree, PortfolioView, Reinvestment
-from actors.api import Engine
+from actors.api import AUDIT_CONTEXT, Engine
+from actors.security import BOOTSTRAP, AuditVerification, CreatedToken, TokenInfo
+from engine.audit import AuditContext, Principal
+from gateway import permissions
+from gateway.abuse import FailureWindows, TokenBuckets, retry_after
 from actors.metrics import LATENCY_BUCKETS_S
 from actors.settings import Settings
 from gateway import views
@@ -41,6 +46,15 @@ SETTINGS = web.AppKey("settings", Settings)
 ADMIN_TOKEN = web.AppKey("admin_token", str)
 HTTP_METRICS = web.AppKey("http_metrics", object)
 REQUEST_ID = web.RequestKey("request_id", str)
+PRINCIPAL = web.RequestKey("principal", Principal)
+AUDIT = web.RequestKey("audit", AuditContext)
+ERROR_CODE = web.RequestKey("error_code", str)
+GUARD = web.AppKey("guard", object)
+# Who a request without a valid token is, in the audit log.
+ANONYMOUS = Principal(token_id="anonymous", role="none")
+MUTATING_METHODS = frozenset({"POST", "PATCH", "PUT", "DELETE"})
+# Mutating methods that change nothing (a projection is a computation).
+NOT_CHANGES = frozenset({("POST", "/v1/projections")})
 
 JSON = "application/json"
 RETRY_AFTER_S = "1"
@@ -49,9 +63,11 @@ RETRY_AFTER_S = "1"
 class HttpError(Exception):
     """A client mistake found by the gateway itself (before the engine)."""
 
-    def __init__(self, status: int, code: str, message: str, details: dict | None = None):
+    def __init__(self, status: int, code: str, message: str, details: dict | None = None,
+                 headers: dict | None = None):
         super().__init__(message)
         self.status, self.code, self.message, self.details = status, code, message, details or {}
+        self.headers = headers
 
 
 def _status_of(error: EngineError) -> int:
@@ -70,6 +86,7 @@ def error_response(request: web.Request, status: int, code: str, message: str, d
                    headers: dict | None = None) -> web.Response:
     body = views.ErrorResponse(error=views.ErrorBody(code=code, message=message, details=details or {}),
                                request_id=request.get(REQUEST_ID, ""))
+    request[ERROR_CODE] = code
     return web.Response(status=status, body=views.encode(body), content_type=JSON, headers=headers)
 
 
@@ -94,7 +111,7 @@ async def errors_middleware(request: web.Request, handler):
     try:
         response = await handler(request)
     except HttpError as error:
-        response = error_response(request, error.status, error.code, error.message, error.details)
+        response = error_response(request, error.status, error.code, error.message, error.details, error.headers)
     except EngineError as error:
         status = _status_of(error)
         headers = {"Retry-After": RETRY_AFTER_S} if status == 503 else None
@@ -114,6 +131,7 @@ async def errors_middleware(request: web.Request, handler):
         log.exception("unhandled error in %s %s (request %s)", request.method, request.path, request[REQUEST_ID])
         response = error_response(request, 500, "internal_error", "internal error; quote the request id")
     response.headers["X-Request-Id"] = request[REQUEST_ID]
+    await _audit_outcome(request, response)
     metrics = request.app[HTTP_METRICS]
     route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
     metrics.requests.labels(request.method, route, str(response.status)).inc()
@@ -121,16 +139,137 @@ async def errors_middleware(request: web.Request, handler):
     return response
 
 
+def _route_key(request: web.Request) -> tuple[str, str]:
+    resource = request.match_info.route.resource
+    return request.method, resource.canonical if resource is not None else request.path
+
+
+class Guard:
+    """The edge's abuse limits (gateway.abuse), sized by `[security]`."""
+
+    def __init__(self, settings: Settings):
+        security = settings.security
+        self.buckets = TokenBuckets(security.rate_limit_per_s, security.rate_limit_burst)
+        self.invalid = FailureWindows(security.invalid_tokens_max, security.invalid_tokens_window_s)
+        self.body_read_timeout_s = security.body_read_timeout_s
+
+
+def _principal(request: web.Request) -> Principal | None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        return None
+    if hmac.compare_digest(token.encode("utf-8", "surrogatepass"), request.app[ADMIN_TOKEN].encode()):
+        return BOOTSTRAP
+    return _engine(request).security.authenticate(token)
+
+
 @web.middleware
 async def auth_middleware(request: web.Request, handler):
-    if request.path.startswith("/v1/"):
-        header = request.headers.get("Authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            raise HttpError(401, "unauthorized", "missing bearer token")
-        if not hmac.compare_digest(token.strip().encode(), request.app[ADMIN_TOKEN].encode()):
-            raise HttpError(401, "unauthorized", "invalid token")
-    return await handler(request)
+    """Every /v1 request: a valid token (401), within its rate (429), a role the
+    permission table allows (403), and for an owner-scoped token, only that owner's
+    data (404). The request runs with its audit context set, so every commit it causes
+    records who asked."""
+    if not request.path.startswith("/v1/"):
+        return await handler(request)
+    guard: Guard = request.app[GUARD]
+    now = time.monotonic()
+    client = request.remote or ""
+    blocked = guard.invalid.blocked_for(client, now)
+    if blocked:
+        raise HttpError(429, "too_many_invalid_tokens", "too many requests with missing or invalid tokens",
+                        headers={"Retry-After": retry_after(blocked)})
+    method, path = _route_key(request)
+    principal = _principal(request)
+    context = AuditContext(principal or ANONYMOUS, request_id=request[REQUEST_ID], client=client,
+                           route=f"{method} {path}")
+    request[AUDIT] = context
+    if principal is None:
+        guard.invalid.fail(client, now)
+        raise HttpError(401, "unauthorized", "missing or invalid bearer token")
+    wait = guard.buckets.take(principal.token_id, now)
+    if wait:
+        raise HttpError(429, "rate_limited", "this token's request rate is over its limit",
+                        {"rate_limit_per_s": guard.buckets.rate_per_s}, headers={"Retry-After": retry_after(wait)})
+    request[PRINCIPAL] = principal
+    permission = permissions.PERMISSIONS.get((method, path))
+    if permission is not None:
+        if not permissions.allowed(permission, principal.role, principal.owner):
+            raise HttpError(403, "forbidden", f"the {principal.role} role may not do this"
+                            + (" with an owner-scoped token" if principal.owner else ""),
+                            {"role": principal.role})
+        await _check_scope(request, principal.owner, permission.scope)
+    reset = AUDIT_CONTEXT.set(context)
+    try:
+        return await handler(request)
+    finally:
+        AUDIT_CONTEXT.reset(reset)
+
+
+async def _check_scope(request: web.Request, owner: str | None, scope: str) -> None:
+    """An owner-scoped token meets another owner's account, portfolio or transaction
+    exactly as if it did not exist."""
+    if owner is None:
+        return
+    engine, match = _engine(request), request.match_info
+    if scope == permissions.ACCOUNT:
+        await _own_account(engine, match["account_id"], owner)
+    elif scope == permissions.PORTFOLIO:
+        portfolio = await engine.portfolio_record(match["portfolio_id"])
+        if portfolio.owner != owner:
+            raise NotFound("no such portfolio", {"portfolio_id": match["portfolio_id"]})
+    elif scope == permissions.TRANSACTION:
+        transaction = await engine.get_transaction(match["transaction_id"])
+        account = await engine.get_account(transaction.account_id)
+        if account.owner != owner:
+            raise NotFound("no such transaction", {"transaction_id": match["transaction_id"]})
+
+
+async def _own_account(engine: Engine, account_id: str, owner: str) -> None:
+    account = await engine.get_account(account_id)
+    if account.owner != owner:
+        raise NotFound("no such account", {"account_id": account_id})
+
+
+def scoped_owner(request: web.Request) -> str | None:
+    principal = request.get(PRINCIPAL)
+    return principal.owner if principal is not None else None
+
+
+def require_body_owner(request: web.Request, owner: str) -> None:
+    scope = scoped_owner(request)
+    if scope is not None and owner != scope:
+        raise HttpError(403, "forbidden", "this token acts only for its own owner", {"field": "owner"})
+
+
+def require_admin_for_override(request: web.Request, reason: str | None) -> None:
+    principal = request.get(PRINCIPAL)
+    if reason is not None and (principal is None or principal.role != permissions.ADMIN):
+        raise HttpError(403, "forbidden", "only an admin may override the withdrawal rule",
+                        {"field": "override_reason"})
+
+
+async def _audit_outcome(request: web.Request, response: web.StreamResponse) -> None:
+    """Records what no commit recorded: refused access (401, 403) on any route, and the
+    outcome of a mutation that committed nothing (a refusal, a validation error, an
+    idempotent replay, a failure). A rate-limited request (429) is not recorded: that
+    would let a flood write the log."""
+    context = request.get(AUDIT)
+    if context is None or context.recorded:
+        return
+    status = response.status
+    method, path = _route_key(request)
+    changes = method in MUTATING_METHODS and (method, path) not in NOT_CHANGES
+    if status == 429 or not (status in (401, 403) or changes):
+        return
+    code = request.get(ERROR_CODE) or ("replayed" if status < 300 else "")
+    target = next(iter(request.match_info.values()), None) if request.match_info else None
+    try:
+        await _engine(request).security.record(context, f"{method} {path}", target, f"{status} {code}".strip())
+    except EngineError as error:
+        log.warning("could not record the outcome of request %s in the audit log: %s",
+                    request[REQUEST_ID], error.message)
 
 
 # -- request helpers ---------------------------------------------------------------------
@@ -144,7 +283,11 @@ async def body_of(request: web.Request, request_type: type) -> Any:
     if declared is not None and declared > request.app[SETTINGS].server.body_max_bytes:
         raise web.HTTPRequestEntityTooLarge(max_size=request.app[SETTINGS].server.body_max_bytes,
                                             actual_size=declared)
-    raw = await request.read()
+    try:
+        async with asyncio.timeout(request.app[GUARD].body_read_timeout_s):
+            raw = await request.read()
+    except TimeoutError:
+        raise HttpError(408, "request_timeout", "the request body did not arrive in time") from None
     if not raw.strip():
         raw = b"{}" if request_type in EMPTY_BODY_OK else raw
     elif request.content_type != JSON:
@@ -201,6 +344,7 @@ def _account(request: web.Request, account) -> views.AccountView:
 
 async def create_account(request: web.Request) -> web.Response:
     body = await body_of(request, CreateAccountRequest)
+    require_body_owner(request, body.owner)
     account = await _engine(request).create_account(name=body.name, type=body.type, owner=body.owner,
                                                     opened_on=body.opened_on,
                                                     idempotency_key=idempotency_key(request))
@@ -209,9 +353,14 @@ async def create_account(request: web.Request) -> web.Response:
 
 async def list_accounts(request: web.Request) -> web.Response:
     query = request.query
+    owner, scope = query.get("owner"), scoped_owner(request)
+    if scope is not None:
+        if owner is not None and owner != scope:
+            return json_response(views.AccountPage(items=[], next_cursor=None))
+        owner = scope
     page = await _engine(request).list_accounts(
         limit=query_int(request, "limit", limits.PAGE_SIZE_DEFAULT), cursor=query.get("cursor"),
-        type=query.get("type"), status=query.get("status"), owner=query.get("owner"),
+        type=query.get("type"), status=query.get("status"), owner=owner,
         portfolio_id=query.get("portfolio_id"))
     return json_response(views.AccountPage(items=[_account(request, a) for a in page.items],
                                            next_cursor=page.next_cursor))
@@ -245,7 +394,9 @@ async def deposit(request: web.Request) -> web.Response:
 
 async def withdraw(request: web.Request) -> web.Response:
     body = await body_of(request, WithdrawalRequest)
+    require_admin_for_override(request, body.override_reason)
     result = await _engine(request).withdraw(request.match_info["account_id"], body.amount, memo=body.memo,
+                                             override_reason=body.override_reason,
                                              idempotency_key=idempotency_key(request))
     return json_response(result, 201)
 
@@ -267,7 +418,13 @@ async def list_transactions(request: web.Request) -> web.Response:
 
 async def transfer(request: web.Request) -> web.Response:
     body = await body_of(request, TransferRequest)
+    require_admin_for_override(request, body.override_reason)
+    scope = scoped_owner(request)
+    if scope is not None:
+        for account_id in (body.from_account, body.to_account):
+            await _own_account(_engine(request), account_id, scope)
     result = await _engine(request).transfer(body.from_account, body.to_account, body.amount, memo=body.memo,
+                                             override_reason=body.override_reason,
                                              idempotency_key=idempotency_key(request))
     return json_response(result, 201)
 
@@ -278,6 +435,7 @@ async def get_transaction(request: web.Request) -> web.Response:
 
 async def create_portfolio(request: web.Request) -> web.Response:
     body = await body_of(request, CreatePortfolioRequest)
+    require_body_owner(request, body.owner)
     portfolio = await _engine(request).create_portfolio(name=body.name, owner=body.owner,
                                                         initial_capital=body.initial_capital,
                                                         opened_on=body.opened_on,
@@ -345,7 +503,8 @@ async def portfolio_analytics(request: web.Request) -> web.Response:
 async def list_events(request: web.Request) -> web.Response:
     after = query_int(request, "after", 0, maximum_digits=18)
     items = await _engine(request).events_page(after=after, limit=query_int(request, "limit",
-                                                                           limits.PAGE_SIZE_DEFAULT))
+                                                                           limits.PAGE_SIZE_DEFAULT),
+                                               owner=scoped_owner(request))
     return json_response(views.EventPage(items=items, next_after=items[-1].seq if items else after))
 
 
@@ -364,6 +523,45 @@ async def inject_fault(request: web.Request) -> web.Response:
 async def release_quarantine(request: web.Request) -> web.Response:
     _engine(request).release_quarantine(request.match_info["account_id"])
     return json_response(_account(request, await _engine(request).get_account(request.match_info["account_id"])))
+
+
+async def create_token(request: web.Request) -> web.Response:
+    body = await body_of(request, CreateTokenRequest)
+    created = await _engine(request).security.create_token(name=body.name, role=body.role, owner=body.owner,
+                                                           context=request[AUDIT])
+    return json_response(created, 201)
+
+
+async def list_tokens(request: web.Request) -> web.Response:
+    return json_response(views.TokenPage(items=await _engine(request).security.list_tokens()))
+
+
+async def revoke_token(request: web.Request) -> web.Response:
+    token_id = request.match_info["token_id"]
+    if not 1 <= len(token_id) <= limits.ID_LENGTH_MAX:
+        raise HttpError(404, "not_found", "no such token", {"token_id": token_id[:limits.ID_LENGTH_MAX]})
+    revoked = await _engine(request).security.revoke_token(token_id, context=request[AUDIT])
+    request.app[GUARD].buckets.forget(token_id)
+    return json_response(revoked)
+
+
+async def list_audit(request: web.Request) -> web.Response:
+    cursor = query_int(request, "cursor", 0, maximum_digits=18)
+    limit = query_int(request, "limit", limits.PAGE_SIZE_DEFAULT)
+    if not 1 <= limit <= limits.AUDIT_PAGE_SIZE_MAX:
+        raise HttpError(422, "validation_failed", f"limit must be 1 to {limits.AUDIT_PAGE_SIZE_MAX}",
+                        {"field": "limit"})
+    items = await _engine(request).security.audit_page(after=cursor, limit=limit + 1)
+    next_cursor = str(items[limit - 1].seq) if len(items) > limit else None
+    return json_response(views.AuditPage(items=items[:limit], next_cursor=next_cursor))
+
+
+async def verify_audit(request: web.Request) -> web.Response:
+    return json_response(await _engine(request).security.verify_audit())
+
+
+async def whoami(request: web.Request) -> web.Response:
+    return json_response(request[PRINCIPAL])
 
 
 async def health(request: web.Request) -> web.Response:
@@ -450,12 +648,29 @@ ROUTES: tuple[Route, ...] = (
           "actor on its next message", FaultRequest, views.FaultArmed, 202),
     Route("POST", "/v1/admin/quarantine/{account_id}/release", release_quarantine,
           "Let a quarantined account work again", None, views.AccountView),
+    Route("POST", "/v1/tokens", create_token, "Create an API token (admin); its secret is shown only in this "
+          "answer and stored only as a hash", CreateTokenRequest, CreatedToken, 201),
+    Route("GET", "/v1/tokens", list_tokens, "Every API token, revoked ones too (never their secrets)", None,
+          views.TokenPage),
+    Route("DELETE", "/v1/tokens/{token_id}", revoke_token, "Revoke an API token; it fails at once", None,
+          TokenInfo),
+    Route("GET", "/v1/audit", list_audit, "The audit log, oldest first (?cursor=seq&limit)", None,
+          views.AuditPage),
+    Route("GET", "/v1/audit/verify", verify_audit, "Recompute the audit log's hash chain", None,
+          AuditVerification),
+    Route("GET", "/v1/whoami", whoami, "The principal of the presented token", None, Principal),
     Route("GET", "/health", health, "Liveness", None, views.HealthView, authenticated=False),
     Route("GET", "/ready", ready, "Readiness: recovery done and the database reachable", None, views.HealthView,
           authenticated=False),
     Route("GET", "/metrics", metrics, "Prometheus metrics (text exposition format)", authenticated=False),
     Route("GET", "/openapi.json", openapi, "This API description (OpenAPI 3.1)", authenticated=False),
 )
+
+
+# Every /v1 route has exactly one decision in the permission table, and no decision
+# names a route that does not exist.
+assert {(r.method, r.path) for r in ROUTES if r.path.startswith("/v1/")} == set(permissions.PERMISSIONS), \
+    "gateway.permissions.PERMISSIONS must cover exactly the /v1 routes"
 
 
 class HttpMetrics:
@@ -477,6 +692,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> web.Applicat
     app[ENGINE] = engine
     app[ADMIN_TOKEN] = settings.server.admin_token or secrets.token_urlsafe(32)
     app[HTTP_METRICS] = HttpMetrics(engine.metrics.registry)
+    app[GUARD] = Guard(settings)
     for route in ROUTES:
         app.router.add_route(route.method, route.path, route.handler)
 

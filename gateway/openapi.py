@@ -16,6 +16,7 @@ ERROR_STATUSES = {
            "account_not_empty, balance_limit_exceeded, fork_not_allowed, merge_not_allowed, already_reinvested, "
            "reinvest_not_allowed, quarter_before_opening, idempotency_key_reused)",
     "413": "Body too large", "415": "Body is not application/json", "422": "Validation failed (details.field)",
+    "429": "Rate limited, or too many invalid tokens from this address (Retry-After)",
     "503": "Overloaded or database unavailable (Retry-After)",
 }
 

@@ -6,7 +6,9 @@ from datetime import date, datetime
 import msgspec
 from msgspec import Struct
 
+from engine.audit import AuditRecord
 from engine.model import Account, Allocations, Transaction
+from actors.security import TokenInfo
 from persistence.store import StoredEvent
 from engine.rules import Rules, deployable
 
@@ -73,3 +75,12 @@ def account_view(account: Account, rules: Rules) -> AccountView:
 
 
 encode = msgspec.json.Encoder().encode
+
+
+class AuditPage(Struct, frozen=True, kw_only=True):
+    items: list[AuditRecord]
+    next_cursor: str | None = None
+
+
+class TokenPage(Struct, frozen=True, kw_only=True):
+    items: list[TokenInfo]
