@@ -30,14 +30,13 @@ import asyncio
 import json
 import logging
 import platform
-import signal
 import statistics
 import sys
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from perf.bench import RESULTS_DIR, Database, Service, progress
+from perf.common import RESULTS_DIR, Database, Service, progress, run_main, shown_path
 
 TARGET_P99_MS = 50.0
 SETUP_TIMEOUT_S = 120.0
@@ -152,57 +151,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _terminated(signum, _frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminated)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     started = datetime.now(timezone.utc)
-    database = Database()
-    service: Service | None = None
-    try:
+
+    def body() -> int:
         try:
-            progress(f"starting an embedded PostgreSQL in {database.tmp}")
-            database.start()
-            url = database.create("analytics")
-            progress(f"setup: {args.entries:,} trades over {args.weeks} weeks (in-process engine)")
-            clock = time.perf_counter()
-            setup = asyncio.run(asyncio.wait_for(populate(url, args.entries, args.weeks), SETUP_TIMEOUT_S))
-            setup.update(weeks=args.weeks, seconds=round(time.perf_counter() - clock, 2))
-            progress(f"setup done in {setup['seconds']:.1f} s: {setup['entries']:,} entries on the Rev-Acc")
-            progress("starting the service (python -m gateway)")
-            service = Service(url, database.tmp)
-            service.start()
-            paths = {"account": f"/v1/accounts/{setup['revenue']}/analytics",
-                     "account ?weeks=13": f"/v1/accounts/{setup['revenue']}/analytics?weeks=13",
-                     "portfolio": f"/v1/portfolios/{setup['portfolio']}/analytics"}
-            progress(f"measuring {args.requests} requests per route")
-            figures = asyncio.run(asyncio.wait_for(measure(service.base, service.token, paths, args.requests),
-                                                   MEASURE_TIMEOUT_S))
-        except Exception:
-            if service is not None:
-                progress("service log tail:\n" + service.log_tail())
-            raise
-        finally:
-            if service is not None:
-                progress("stopping the service")
-                service.stop()
-            progress("stopping PostgreSQL and removing its directory")
-            database.close()
-    except KeyboardInterrupt:
-        progress("interrupted; nothing written")
-        return 130
-    except Exception as error:
-        progress(f"failed: {type(error).__name__}: {error}")
-        return 2
-    print()
-    print(render(figures, setup))
-    path = write_json(figures, setup, args, started)
-    print(f"\nresults: {path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path}")
-    return 0 if all(row["meets_target"] for row in figures.values()) else 1
+            with Database() as database:
+                url = database.create("analytics")
+                progress(f"setup: {args.entries:,} trades over {args.weeks} weeks (in-process engine)")
+                clock = time.perf_counter()
+                setup = asyncio.run(asyncio.wait_for(populate(url, args.entries, args.weeks), SETUP_TIMEOUT_S))
+                setup.update(weeks=args.weeks, seconds=round(time.perf_counter() - clock, 2))
+                progress(f"setup done in {setup['seconds']:.1f} s: {setup['entries']:,} entries on the Rev-Acc")
+                progress("starting the service (python -m gateway)")
+                service = Service(url, database.tmp)
+                with service:
+                    paths = {"account": f"/v1/accounts/{setup['revenue']}/analytics",
+                             "account ?weeks=13": f"/v1/accounts/{setup['revenue']}/analytics?weeks=13",
+                             "portfolio": f"/v1/portfolios/{setup['portfolio']}/analytics"}
+                    progress(f"measuring {args.requests} requests per route")
+                    try:
+                        figures = asyncio.run(asyncio.wait_for(
+                            measure(service.base, service.token, paths, args.requests), MEASURE_TIMEOUT_S))
+                    except Exception:
+                        progress("service log tail:\n" + service.log_tail())
+                        raise
+        except Exception as error:
+            progress(f"failed: {type(error).__name__}: {error}")
+            return 2
+        print()
+        print(render(figures, setup))
+        path = write_json(figures, setup, args, started)
+        print(f"\nresults: {shown_path(path)}")
+        return 0 if all(row["meets_target"] for row in figures.values()) else 1
+
+    return run_main(body)
 
 
 if __name__ == "__main__":

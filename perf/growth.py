@@ -22,7 +22,7 @@ import sys
 import time
 
 from engine.errors import EngineError
-from perf.bench import Database
+from perf.common import Database, run_async, run_main
 
 PREMIUM_FORKING_CENTS = 60_000_00   # above the default $50,000 threshold
 PREMIUM_PLAIN_CENTS = 1_000_00
@@ -68,7 +68,7 @@ async def measure(url: str, portfolios: int, concurrency: int, crashes: int) -> 
         count_forks, seconds_forks, latency_forks = await _timed(forking, concurrency)
         forks_after = await engine.store.fetch("SELECT count(*) AS n FROM portfolios WHERE parent_id IS NOT NULL")
         assert forks_after[0]["n"] - forks_before[0]["n"] == count_forks, "every forking premium forked once"
-        restart_ms, recovered_ms = await _crash_and_time(engine, revenue[:crashes])
+        restart_ms, recovered_ms = await crash_and_time(engine, revenue[:crashes])
     return {
         "portfolios": portfolios, "concurrency": concurrency,
         "forks_per_s": count_forks / seconds_forks, "fork_p50_ms": _p(latency_forks, 0.5),
@@ -80,7 +80,7 @@ async def measure(url: str, portfolios: int, concurrency: int, crashes: int) -> 
     }
 
 
-async def _crash_and_time(engine, accounts: list[str]) -> tuple[list[float], list[float]]:
+async def crash_and_time(engine, accounts: list[str]) -> tuple[list[float], list[float]]:
     restart_ms, recovered_ms = [], []
     for account_id in accounts:
         await engine.inject_fault(account_id)
@@ -126,17 +126,15 @@ def main(argv: list[str] | None = None) -> int:
     # Injected crashes are expected here: keep their tracebacks out of the report.
     logging.getLogger("pykka").setLevel(logging.CRITICAL)
     logging.getLogger("alluse").setLevel(logging.CRITICAL)
-    database = Database()
-    try:
-        database.start()
-        url = database.create("growth")
-        import uvloop
-        figures = uvloop.run(measure(url, arguments.portfolios, arguments.concurrency,
-                                     min(arguments.crashes, arguments.portfolios)))
-    finally:
-        database.close()
-    print(render(figures), flush=True)
-    return 0
+
+    def body() -> int:
+        with Database() as database:
+            figures = run_async(measure(database.create("growth"), arguments.portfolios, arguments.concurrency,
+                                        min(arguments.crashes, arguments.portfolios)))
+        print(render(figures), flush=True)
+        return 0
+
+    return run_main(body)
 
 
 if __name__ == "__main__":

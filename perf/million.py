@@ -1,7 +1,7 @@
 """`python -m perf.million [--accounts N] [--reads N] [--resident N]`
 
-Scale figures toward issue "Performance harness" (not part of `make bench`: creating a
-million accounts takes a while): with N accounts in PostgreSQL (default 1,000,000,
+Scale figures of issue 4 (part of `make bench-full`, whose `perf.bench` calls `measure`;
+not of `make bench`: writing a million accounts takes a while): with N accounts in PostgreSQL (default 1,000,000,
 written straight into the table with zero balances, so every ledger invariant holds),
 * start-up to ready: `Engine.start()` on the populated database (migrations checked,
   writer connected; accounts are activated on demand, nothing is loaded up front);
@@ -19,7 +19,7 @@ import random
 import sys
 import time
 
-from perf.bench import Database
+from perf.common import Database, run_async, run_main
 
 POPULATE = """
 INSERT INTO accounts (id, name, type, status, owner, balance, baseline, version, opened_on, created_at, updated_at)
@@ -87,21 +87,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resident", type=int, default=50_000)
     arguments = parser.parse_args(argv)
     logging.getLogger("alluse").setLevel(logging.WARNING)
-    database = Database()
-    try:
-        database.start()
-        url = database.create("million")
-        import uvloop
-        figures = uvloop.run(measure(url, arguments.accounts, arguments.reads, arguments.resident))
-    finally:
-        database.close()
-    print(f"{figures['accounts']:,} accounts (written in {figures['populate_s']:.1f} s)")
-    print(f"  start-up to ready        {figures['ready_s'] * 1000:8.0f} ms   (target <= 3000 ms)")
-    print(f"  random cold account read p50 {figures['cold_read_p50_ms']:.2f} ms, p99 {figures['cold_read_p99_ms']:.2f} ms"
-          f" over {figures['reads']:,} reads (target p99 <= 10 ms)")
-    print(f"  memory per resident account actor ~{figures['bytes_per_resident_actor']:,.0f} bytes "
-          f"(RSS growth over {figures['resident']:,} activations)")
-    return 0
+
+    def body() -> int:
+        with Database() as database:
+            figures = run_async(measure(database.create("million"), arguments.accounts, arguments.reads,
+                                        arguments.resident))
+        print(render(figures))
+        return 0
+
+    return run_main(body)
+
+
+def render(figures: dict) -> str:
+    return "\n".join([
+        f"{figures['accounts']:,} accounts (written in {figures['populate_s']:.1f} s)",
+        f"  start-up to ready        {figures['ready_s'] * 1000:8.0f} ms   (target <= 3000 ms)",
+        f"  random cold account read p50 {figures['cold_read_p50_ms']:.2f} ms, p99 {figures['cold_read_p99_ms']:.2f} ms"
+        f" over {figures['reads']:,} reads (target p99 <= 10 ms)",
+        f"  memory per resident account actor ~{figures['bytes_per_resident_actor']:,.0f} bytes "
+        f"(RSS growth over {figures['resident']:,} activations)"])
 
 
 if __name__ == "__main__":

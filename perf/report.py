@@ -1,0 +1,254 @@
+"""The harness's report: medians over the repeats, ratios to the naive design and to the
+bare ceiling, PASS/FAIL against the figures of issue 4, the text table, the JSON file
+and the PNG plots (`perf/results/bench-<timestamp>{.json,-throughput.png,-latency.png}`).
+"""
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import asdict, fields
+from datetime import datetime
+from pathlib import Path
+
+from perf.common import RESULTS_DIR, Result, fmt, machine_description, render_rows
+from perf.workloads import TRANSFERS, WORKLOADS, ZIPF_S
+
+MEDIAN_FIELDS = ("seconds", "per_second", "p50_ms", "p95_ms", "p99_ms", "max_ms", "avg_batch_size", "avg_commit_ms")
+ENGINE_MODES = ("in-process", "http")
+
+
+# -- medians ---------------------------------------------------------------------------------
+def _median(values: list) -> float | None:
+    present = [v for v in values if v is not None]
+    return round(statistics.median(present), 3) if present else None
+
+
+def aggregate(results: list[Result]) -> list[Result]:
+    """One figure per (mode, workload, concurrency): the median of each measure over the
+    repeats, errors and counts summed, `runs` listing each repeat's ops/s."""
+    groups: dict[tuple, list[Result]] = {}
+    for r in results:
+        groups.setdefault((r.mode, r.workload, r.concurrency), []).append(r)
+    figures = []
+    for group in groups.values():
+        first = group[0]
+        merged = {f.name: getattr(first, f.name) for f in fields(Result)}
+        for name in MEDIAN_FIELDS:
+            merged[name] = _median([getattr(r, name) for r in group])
+        errors: dict[str, int] = {}
+        for r in group:
+            for code, count in r.errors.items():
+                errors[code] = errors.get(code, 0) + count
+        cpu_names = {name for r in group for name in r.cpu_cores}
+        merged.update(
+            errors=errors, acknowledged=sum(r.acknowledged for r in group), issued=sum(r.issued for r in group),
+            acknowledged_total=sum(r.acknowledged_total for r in group), batches=sum(r.batches for r in group),
+            batch_operations=sum(r.batch_operations for r in group), runs=[r.per_second for r in group],
+            cpu_cores={name: _median([r.cpu_cores.get(name) for r in group]) for name in sorted(cpu_names)},
+            notes=sorted({note for r in group for note in r.notes}))
+        figures.append(Result(**merged))
+    return figures
+
+
+def _find(figures: list[dict], mode: str, workload: str, concurrency: int) -> dict | None:
+    return next((f for f in figures if f["mode"] == mode and f["workload"] == workload
+                 and f["concurrency"] == concurrency), None)
+
+
+def _ratios(figures: list[dict]) -> None:
+    for figure in figures:
+        figure["vs_naive"] = figure["vs_ceiling"] = None
+        if figure["mode"] not in ENGINE_MODES or figure["workload"] not in TRANSFERS:
+            continue
+        for key, mode in (("vs_naive", "naive"), ("vs_ceiling", "ceiling")):
+            base = _find(figures, mode, figure["workload"], figure["concurrency"])
+            if base and base["per_second"]:
+                figure[key] = round(figure["per_second"] / base["per_second"], 2)
+
+
+# -- the issue's figures -----------------------------------------------------------------------
+def _target(name: str, goal: str, measured: str | None, passed: bool | None) -> dict:
+    status = "NOT RUN" if measured is None else "INFO" if passed is None else "PASS" if passed else "FAIL"
+    return {"name": name, "target": goal, "measured": measured or "-", "status": status}
+
+
+def targets(figures: list[dict], extra: dict) -> list[dict]:
+    rows = []
+    for mode, name, per_second_min, p99_max in (("in-process", "in-process transfers, 64 callers", 20_000, 10),
+                                               ("http", "HTTP transfers, 64 connections", 5_000, 30)):
+        f = _find(figures, mode, "transfers-uniform", 64)
+        rows.append(_target(name, f">= {per_second_min:,}/s, p99 <= {p99_max} ms",
+                            f and f"{f['per_second']:,.0f}/s, p99 {fmt(f['p99_ms'], 1)} ms",
+                            f and f["per_second"] >= per_second_min and (f["p99_ms"] or 1e9) <= p99_max))
+    skewed, naive = _find(figures, "in-process", "transfers-zipf", 64), _find(figures, "naive", "transfers-zipf", 64)
+    rows.append(_target(f"skewed transfers (Zipf s={ZIPF_S:g}), 64 callers", ">= 5x naive",
+                        skewed and naive and naive["per_second"] and
+                        f"{skewed['per_second']:,.0f}/s vs naive {naive['per_second']:,.0f}/s = "
+                        f"{skewed['per_second'] / naive['per_second']:.1f}x",
+                        skewed and naive and naive["per_second"] and skewed["per_second"] >= 5 * naive["per_second"]))
+    many, usual = _find(figures, "http", "transfers-uniform", 1000), _find(figures, "http", "transfers-uniform", 64)
+    errors = sum(many["errors"].values()) if many else 0
+    rows.append(_target("1,000 concurrent HTTP users (transfers)", "no errors, >= 80% of the 64-user figure",
+                        many and usual and usual["per_second"] and
+                        f"{many['per_second']:,.0f}/s = {many['per_second'] / usual['per_second']:.0%}, "
+                        f"{errors:,} errors",
+                        many and usual and errors == 0 and many["per_second"] >= 0.8 * usual["per_second"]))
+    forks = _find(figures, "in-process", "forks", 64)
+    rows.append(_target("forks in-process, 64 callers", ">= 2,000/s", forks and f"{forks['per_second']:,.0f}/s",
+                        forks and forks["per_second"] >= 2_000))
+    million = extra.get("million")
+    accounts = f"{million['accounts']:,}" if million else "1,000,000"
+    rows.append(_target(f"{accounts} accounts: start-up to ready", "<= 3 s",
+                        million and f"{million['ready_s'] * 1000:,.0f} ms", million and million["ready_s"] <= 3))
+    rows.append(_target(f"{accounts} accounts: random cold account read", "p99 <= 10 ms",
+                        million and f"p99 {million['cold_read_p99_ms']:.2f} ms (p50 {million['cold_read_p50_ms']:.2f})",
+                        million and million["cold_read_p99_ms"] <= 10))
+    rows.append(_target("memory per resident account actor", "reported",
+                        million and f"~{million['bytes_per_resident_actor'] / 1024:.1f} KiB", None))
+    return rows
+
+
+# -- the document ------------------------------------------------------------------------------
+def build(sessions: dict, plan, window, args, started: datetime, finished: datetime) -> dict:
+    import msgspec
+
+    from actors.settings import load_settings
+
+    figures = [asdict(f) for f in aggregate([r for s in sessions.values() for r in s.results])]
+    _ratios(figures)
+    extra = {"restarts": sessions["in-process"].extra.get("restarts") if "in-process" in sessions else None,
+             "week": sessions["week"].extra if "week" in sessions else None,
+             "million": sessions["million"].extra if "million" in sessions else None}
+    return {
+        "benchmark": "perf.bench", "format": 3, "started_at": started.isoformat(), "finished_at": finished.isoformat(),
+        "duration_s": round((finished - started).total_seconds(), 1), "plan": plan.name, "quick": args.quick,
+        "repeats": plan.repeats, "window": {"warmup_s": window.warmup_s, "seconds": window.seconds},
+        "machine": machine_description(args.loop),
+        "engine_settings": msgspec.to_builtins(load_settings({}, {}).engine),
+        "workloads": {name: asdict(w) for name, w in WORKLOADS.items()},
+        "figures": figures, "targets": targets(figures, extra), **extra,
+        "checks": {name: s.check for name, s in sessions.items()},
+    }
+
+
+def _errors(errors: dict[str, int]) -> str:
+    if not errors:
+        return "0"
+    code, count = max(errors.items(), key=lambda item: item[1])
+    total = sum(errors.values())
+    return f"{total:,} ({code})" if len(errors) == 1 else f"{total:,} ({code} x{count}, ...)"
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def render(document: dict) -> str:
+    repeats = document["repeats"]
+    window = document["window"]
+    out = [f"ALL-USE Account Engine benchmark ({document['plan']}): durable acknowledgements only, "
+           f"{window['seconds']:g} s measured after {window['warmup_s']:g} s warm-up, "
+           + ("one run per figure" if repeats == 1 else f"median of {repeats} runs per figure")]
+    header = ("part", "workload", "users", "ops/s", "p50 ms", "p95 ms", "p99 ms", "errors", "avg batch",
+              "x naive", "x ceiling")
+    rows = [(f["mode"], f["workload"], f"{f['concurrency']:,}", fmt(f["per_second"], 0), fmt(f["p50_ms"], 2),
+             fmt(f["p95_ms"], 2), fmt(f["p99_ms"], 2), _errors(f["errors"]), fmt(f["avg_batch_size"], 1),
+             _ratio(f["vs_naive"]), _ratio(f["vs_ceiling"])) for f in document["figures"]]
+    out += render_rows(header, rows, {0, 1, 7})
+    out += ["", "Targets (issue 4)"]
+    out += render_rows(("figure", "target", "measured", ""),
+                       [(t["name"], t["target"], t["measured"], t["status"]) for t in document["targets"]], {0, 1, 2})
+    out += _extras(document)
+    return "\n".join(out)
+
+
+def _extras(document: dict) -> list[str]:
+    out = [""]
+    week = document.get("week")
+    if week:
+        bookings = [f for f in document["figures"] if f["workload"].startswith("week-bookings")]
+        for f in bookings:
+            seconds = week["trades_per_week"] / f["per_second"] if f["per_second"] else float("nan")
+            out.append(f"ALL-USE week ({f['workload']}): {week['portfolios']:,} portfolios, "
+                       f"{week['trades_per_week']:,} trades and {week['forks_per_week']:,} forks a week -> "
+                       f"a week booked in {seconds:.1f} s at {f['per_second']:,.0f} trades/s")
+    restarts = document.get("restarts")
+    if restarts:
+        out.append(f"actor restart after a crash: median {restarts['restart_p50_ms']:.2f} ms, max "
+                   f"{restarts['restart_max_ms']:.2f} ms over {restarts['crashes']} crashes; crash -> next deposit "
+                   f"acknowledged: median {restarts['recovered_p50_ms']:.2f} ms")
+    for name, check in document["checks"].items():
+        out.append(f"database check ({name}): " + ("ok" if check.get("ok") else "FAILED: "
+                                                    + "; ".join(check.get("problems", []))))
+    notes = sorted({f"{f['mode']} {f['workload']} x{f['concurrency']}: {note}"
+                    for f in document["figures"] for note in f["notes"]})
+    out += [f"note: {note}" for note in notes]
+    out.append(f"took {document['duration_s']:,.0f} s")
+    return out
+
+
+# -- files -------------------------------------------------------------------------------------
+def write(document: dict, started: datetime, directory: Path = RESULTS_DIR) -> tuple[Path, list[Path]]:
+    directory.mkdir(parents=True, exist_ok=True)
+    stem = directory / f"bench-{started.strftime('%Y%m%d-%H%M%S')}"
+    json_path = stem.with_suffix(".json")
+    json_path.write_text(json.dumps(document, indent=2) + "\n")
+    try:
+        plots = plot(document, stem)
+    except ImportError:
+        plots = []
+    return json_path, plots
+
+
+def _series(document: dict) -> dict[tuple[str, str], list[dict]]:
+    """Figures measured at two or more concurrency levels, per (part, workload)."""
+    series: dict[tuple[str, str], list[dict]] = {}
+    for f in document["figures"]:
+        series.setdefault((f["mode"], f["workload"]), []).append(f)
+    return {key: sorted(values, key=lambda f: f["concurrency"]) for key, values in series.items() if len(values) > 1}
+
+
+def plot(document: dict, stem: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    series = _series(document)
+    if not series:
+        return []
+    levels = sorted({f["concurrency"] for values in series.values() for f in values})
+    title = f"{document['plan']} run, {document['started_at'][:16]} UTC"
+    throughput = stem.with_name(stem.name + "-throughput.png")
+    figure, axes = pyplot.subplots(figsize=(9, 5.5))
+    for (mode, workload), values in series.items():
+        axes.plot([f["concurrency"] for f in values], [f["per_second"] for f in values], marker="o",
+                  linestyle="--" if mode in ("naive", "ceiling") else "-", label=f"{mode} {workload}")
+    axes.set(xscale="log", xlabel="concurrent users", ylabel="durable operations / s",
+             title=f"Throughput against concurrency ({title})")
+    axes.set_xticks(levels, [f"{level:,}" for level in levels])
+    axes.grid(True, alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(throughput, dpi=100)
+    pyplot.close(figure)
+
+    latency = stem.with_name(stem.name + "-latency.png")
+    columns = min(2, len(series))
+    rows = -(-len(series) // columns)
+    figure, grid = pyplot.subplots(rows, columns, figsize=(6 * columns, 3.6 * rows), squeeze=False)
+    for axes, ((mode, workload), values) in zip(grid.flat, series.items()):
+        for key, label in (("p50_ms", "p50"), ("p95_ms", "p95"), ("p99_ms", "p99")):
+            points = [(f["concurrency"], f[key]) for f in values if f[key]]
+            axes.plot([x for x, _ in points], [y for _, y in points], marker="o", label=label)
+        axes.set(xscale="log", yscale="log", xlabel="concurrent users", ylabel="latency ms", title=f"{mode} {workload}")
+        axes.set_xticks(levels, [f"{level:,}" for level in levels])
+        axes.grid(True, alpha=0.3)
+        axes.legend(fontsize=8)
+    for axes in list(grid.flat)[len(series):]:
+        axes.set_visible(False)
+    figure.suptitle(f"Latency percentiles against concurrency ({title})")
+    figure.tight_layout()
+    figure.savefig(latency, dpi=100)
+    pyplot.close(figure)
+    return [throughput, latency]
