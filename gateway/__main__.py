@@ -15,7 +15,7 @@ import uvloop
 from aiohttp import web
 
 from actors.settings import ConfigError, load_settings
-from gateway.app import create_app
+from gateway.app import create_app, server_options
 
 
 def _admin_token(data_dir: str) -> tuple[str, bool]:
@@ -78,12 +78,9 @@ def main() -> int:
             print(f"admin token: in {settings.database.data_dir}/admin-token", flush=True)
 
     app.on_startup.append(announce)
-    security = settings.security
+    options = server_options(settings)
     web.run_app(app, host=server.host, port=server.port, print=None, access_log=None, shutdown_timeout=15,
-                ssl_context=tls, keepalive_timeout=security.keepalive_timeout_s,
-                handler_args={"max_line_size": security.header_line_bytes_max,
-                              "max_field_size": security.header_field_bytes_max,
-                              "max_headers": security.headers_max})
+                ssl_context=tls, keepalive_timeout=options.pop("keepalive_timeout"), handler_args=options)
     return 0
 
 

@@ -33,7 +33,7 @@ from engine.reports import PortfolioTree, PortfolioView, Reinvestment
 from actors.api import AUDIT_CONTEXT, Engine
 from actors.security import BOOTSTRAP, AuditVerification, CreatedToken, TokenInfo
 from engine.audit import AuditContext, Principal
-from gateway import permissions
+from gateway import permissions, protocol
 from gateway.abuse import FailureWindows, TokenBuckets, retry_after
 from actors.metrics import LATENCY_BUCKETS_S
 from actors.settings import Settings
@@ -196,9 +196,9 @@ async def auth_middleware(request: web.Request, handler):
     permission = permissions.PERMISSIONS.get((method, path))
     if permission is not None:
         if not permissions.allowed(permission, principal.role, principal.owner):
-            raise HttpError(403, "forbidden", f"the {principal.role} role may not do this"
-                            + (" with an owner-scoped token" if principal.owner else ""),
-                            {"role": principal.role})
+            why = (f"the {principal.role} role may not do this" if principal.role not in permission.roles
+                   else "an owner-scoped token may not use this route")
+            raise HttpError(403, "forbidden", why, {"role": principal.role})
         await _check_scope(request, principal.owner, permission.scope)
     reset = AUDIT_CONTEXT.set(context)
     try:
@@ -681,9 +681,17 @@ class HttpMetrics:
                                  buckets=LATENCY_BUCKETS_S, registry=registry)
 
 
+def server_options(settings: Settings) -> dict:
+    """The request handler's limits (aiohttp answers past them, in our error shape)."""
+    security = settings.security
+    return {"max_line_size": security.header_line_bytes_max, "max_field_size": security.header_field_bytes_max,
+            "max_headers": security.headers_max, "keepalive_timeout": security.keepalive_timeout_s}
+
+
 def create_app(settings: Settings, engine: Engine | None = None) -> web.Application:
     """The whole service as an aiohttp app. With no `engine`, the app starts and stops
     its own (in `cleanup_ctx`); tests may pass one they manage."""
+    protocol.install()
     app = web.Application(middlewares=[errors_middleware, auth_middleware],
                           client_max_size=settings.server.body_max_bytes)
     own_engine = engine is None

@@ -18,7 +18,7 @@ import pytest_asyncio
 from aiohttp.test_utils import TestClient, TestServer
 
 from actors.settings import load_settings
-from gateway.app import ROUTES, create_app
+from gateway.app import ROUTES, create_app, server_options
 from tests.conftest import eventually
 from tests.test_http import TOKEN, Api, assert_error, new_key
 
@@ -29,7 +29,9 @@ ROLES = ("admin", "operator", "strategy", "viewer")
 async def _client(database_url, **security) -> Api:
     settings = load_settings({}, {"database": {"url": database_url}, "server": {"admin_token": TOKEN},
                                   "security": security})
-    client = TestClient(TestServer(create_app(settings)))
+    server = TestServer(create_app(settings))
+    await server.start_server(**server_options(settings))  # the limits `python -m gateway` applies
+    client = TestClient(server)
     await client.start_server()
     return Api(client)
 
@@ -385,3 +387,22 @@ async def test_bad_token_requests_get_the_error_shape(api):
     assert_error(await api.post("/v1/tokens", {"name": "n", "role": "root"}), 422, "validation_failed", "role")
     assert_error(await api.post("/v1/tokens", {"name": "n", "role": "viewer", "extra": 1}), 422,
                  "validation_failed")
+
+
+async def test_oversized_headers_get_the_error_shape_and_are_not_echoed(database_url, caplog):
+    api = await _client(database_url)
+    try:
+        await _oversized_headers(api, caplog)
+    finally:
+        await api.client.close()
+
+
+async def _oversized_headers(api, caplog):
+    caplog.set_level(logging.DEBUG)
+    secret = "alu_" + "s" * 9000
+    reply = await api.get("/v1/accounts", token=secret)
+    assert reply.status == 400 and secret[:50] not in reply.raw.decode()
+    assert_error(reply, 400, "bad_request")
+    assert secret[:50] not in "\n".join(record.getMessage() for record in caplog.records)
+    many = {f"X-H{index}": "v" for index in range(70)}  # [security] headers_max = 64
+    assert_error(await api.get("/v1/whoami", headers=many), 400, "bad_request")
