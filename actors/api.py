@@ -90,17 +90,25 @@ def _override(reason: str | None):
         yield
         return
     context = AUDIT_CONTEXT.get()
-    overridden = AuditContext(context.principal if context else EMBEDDED,
-                              request_id=context.request_id if context else "",
-                              client=context.client if context else "", route=context.route if context else "",
-                              reason=reason)
-    reset = AUDIT_CONTEXT.set(overridden)
+    if context is None:
+        reset = AUDIT_CONTEXT.set(AuditContext(EMBEDDED, reason=reason))
+        try:
+            yield
+        finally:
+            AUDIT_CONTEXT.reset(reset)
+        return
+    before, context.reason = context.reason, reason
     try:
         yield
     finally:
-        if context is not None and overridden.recorded:
-            context.recorded = True
-        AUDIT_CONTEXT.reset(reset)
+        context.reason = before
+
+
+def _mark_replayed() -> None:
+    """This call answers with an earlier call's result (same idempotency key)."""
+    context = AUDIT_CONTEXT.get()
+    if context is not None:
+        context.replayed = True
 
 
 class Page(msgspec.Struct, frozen=True, kw_only=True):
@@ -397,6 +405,7 @@ class Engine:
         if in_flight is not None:
             if in_flight[0] != fingerprint:
                 raise IdempotencyKeyReused("this idempotency key was used with a different request", {"key": key})
+            _mark_replayed()
             return await self._bounded(asyncio.shield(in_flight[1]))
         self._admit()
         task = asyncio.ensure_future(self._counted(self._lookup_or_run(key, fingerprint, result_type, run)))
@@ -409,6 +418,7 @@ class Engine:
         if stored is not None:
             if stored[0] != fingerprint:
                 raise IdempotencyKeyReused("this idempotency key was used with a different request", {"key": key})
+            _mark_replayed()
             return msgspec.json.decode(stored[1], type=result_type)
         return await run((key, fingerprint))
 

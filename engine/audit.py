@@ -37,7 +37,7 @@ class AuditContext:
     `recorded` turns true once a commit carried a record of it, so the gateway knows
     whether it still has to record the request's outcome itself."""
 
-    __slots__ = ("principal", "request_id", "client", "route", "reason", "recorded")
+    __slots__ = ("principal", "request_id", "client", "route", "reason", "recorded", "replayed")
 
     def __init__(self, principal: Principal, *, request_id: str = "", client: str = "", route: str = "",
                  reason: str | None = None):
@@ -47,6 +47,8 @@ class AuditContext:
         self.route = route
         self.reason = reason
         self.recorded = False
+        # Answered with an earlier request's result (same idempotency key).
+        self.replayed = False
 
 
 class AuditRecord(msgspec.Struct, frozen=True, kw_only=True):

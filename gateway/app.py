@@ -123,8 +123,9 @@ async def errors_middleware(request: web.Request, handler):
     except web.HTTPNotFound:
         response = error_response(request, 404, "not_found", "no such route")
     except web.HTTPMethodNotAllowed as error:
+        allowed = sorted(error.allowed_methods)
         response = error_response(request, 405, "method_not_allowed", "method not allowed on this route",
-                                  {"allowed": sorted(error.allowed_methods)})
+                                  {"allowed": allowed}, {"Allow": ", ".join(allowed)})
     except web.HTTPException as error:
         response = error_response(request, error.status, "http_error", error.reason)
     except Exception:  # a bug: log it with the request id, leak nothing
@@ -263,7 +264,7 @@ async def _audit_outcome(request: web.Request, response: web.StreamResponse) -> 
     changes = method in MUTATING_METHODS and (method, path) not in NOT_CHANGES
     if status == 429 or not (status in (401, 403) or changes):
         return
-    code = request.get(ERROR_CODE) or ("replayed" if status < 300 else "")
+    code = request.get(ERROR_CODE) or ("replayed" if context.replayed else "no_change")
     target = next(iter(request.match_info.values()), None) if request.match_info else None
     try:
         await _engine(request).security.record(context, f"{method} {path}", target, f"{status} {code}".strip())
@@ -410,9 +411,12 @@ async def book_trade(request: web.Request) -> web.Response:
 
 
 async def list_transactions(request: web.Request) -> web.Response:
+    cursor = request.query.get("cursor")
+    if cursor is not None and not (cursor.isascii() and cursor.isdigit()):  # str.isdigit() takes "²"
+        raise HttpError(422, "validation_failed", "malformed cursor", {"field": "cursor"})
     page = await _engine(request).list_transactions(
         request.match_info["account_id"], limit=query_int(request, "limit", limits.PAGE_SIZE_DEFAULT),
-        cursor=request.query.get("cursor"))
+        cursor=cursor)
     return json_response(views.TransactionPage(items=page.items, next_cursor=page.next_cursor))
 
 
