@@ -27,17 +27,17 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# perf.bench (issue 4): every workload in-process and over HTTP at 1..1000 users, the
+# naive and bare-ceiling baselines, the ALL-USE week, restarts; bench-full adds the
+# million-account figures and takes medians of three. Its table comes last; a missed
+# analytics target is reported without stopping the run.
 bench: $(BENCH_STAMP)
+	-$(BIN)/python -m perf.analytics
 	$(BIN)/python -m perf.bench --quick
-	$(BIN)/python -m perf.naive --quick
-	$(BIN)/python -m perf.growth --portfolios 1000
-	$(BIN)/python -m perf.analytics
 
 bench-full: $(BENCH_STAMP)
+	-$(BIN)/python -m perf.analytics
 	$(BIN)/python -m perf.bench
-	$(BIN)/python -m perf.naive
-	$(BIN)/python -m perf.growth
-	$(BIN)/python -m perf.analytics
 
 project: $(STAMP)
 	$(BIN)/python -m actors.projection_cli

@@ -60,11 +60,11 @@ class Plan:
 
 QUICK = Plan(
     name="quick",
-    in_process=(("transfers-uniform", LEVELS), ("transfers-zipf", (64, 1000)), ("create-accounts", (64,)),
+    in_process=(("transfers-uniform", LEVELS), ("transfers-zipf", LEVELS), ("create-accounts", (64,)),
                 ("deposits", (64,)), ("reads", (64,)), ("forks", (64,))),
     http=(("transfers-uniform", LEVELS), ("transfers-zipf", (64,)), ("create-accounts", (64,)), ("deposits", (64,)),
           ("reads", (64,))),
-    ceiling=(("transfers-uniform", LEVELS), ("transfers-zipf", (64,))),
+    ceiling=(("transfers-uniform", LEVELS), ("transfers-zipf", LEVELS)),
     naive=(("transfers-uniform", (64,)), ("transfers-zipf", (64,))),
     repeats=1, week_portfolios=2_000, crashes=20, million_accounts=0)
 FULL = Plan(

@@ -13,6 +13,7 @@ from pathlib import Path
 from perf.common import RESULTS_DIR, Result, fmt, machine_description, render_rows
 from perf.workloads import TRANSFERS, WORKLOADS, ZIPF_S
 
+OTHER_LOAD_NOTE = "other processes used"   # the start of `perf.common.summarize`'s note
 MEDIAN_FIELDS = ("seconds", "per_second", "p50_ms", "p95_ms", "p99_ms", "max_ms", "avg_batch_size", "avg_commit_ms")
 ENGINE_MODES = ("in-process", "http")
 
@@ -139,6 +140,10 @@ def _errors(errors: dict[str, int]) -> str:
     return f"{total:,} ({code})" if len(errors) == 1 else f"{total:,} ({code} x{count}, ...)"
 
 
+def _disturbed(figure: dict) -> bool:
+    return any(note.startswith(OTHER_LOAD_NOTE) for note in figure["notes"])
+
+
 def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
@@ -151,7 +156,8 @@ def render(document: dict) -> str:
            + ("one run per figure" if repeats == 1 else f"median of {repeats} runs per figure")]
     header = ("part", "workload", "users", "ops/s", "p50 ms", "p95 ms", "p99 ms", "errors", "avg batch",
               "x naive", "x ceiling")
-    rows = [(f["mode"], f["workload"], f"{f['concurrency']:,}", fmt(f["per_second"], 0), fmt(f["p50_ms"], 2),
+    rows = [(f["mode"], f["workload"], f"{f['concurrency']:,}",
+             fmt(f["per_second"], 0) + ("*" if _disturbed(f) else " "), fmt(f["p50_ms"], 2),
              fmt(f["p95_ms"], 2), fmt(f["p99_ms"], 2), _errors(f["errors"]), fmt(f["avg_batch_size"], 1),
              _ratio(f["vs_naive"]), _ratio(f["vs_ceiling"])) for f in document["figures"]]
     out += render_rows(header, rows, {0, 1, 7})
@@ -180,8 +186,13 @@ def _extras(document: dict) -> list[str]:
     for name, check in document["checks"].items():
         out.append(f"database check ({name}): " + ("ok" if check.get("ok") else "FAILED: "
                                                     + "; ".join(check.get("problems", []))))
+    disturbed = [f for f in document["figures"] if _disturbed(f)]
+    if disturbed:
+        cores = [f["cpu_cores"].get("other") or 0 for f in disturbed]
+        out.append(f"* disturbed: other processes used {min(cores):.1f}-{max(cores):.1f} CPU cores during "
+                   f"{len(disturbed)} of {len(document['figures'])} figures' windows (the machine is shared)")
     notes = sorted({f"{f['mode']} {f['workload']} x{f['concurrency']}: {note}"
-                    for f in document["figures"] for note in f["notes"]})
+                    for f in document["figures"] for note in f["notes"] if not note.startswith(OTHER_LOAD_NOTE)})
     out += [f"note: {note}" for note in notes]
     out.append(f"took {document['duration_s']:,.0f} s")
     return out
@@ -212,11 +223,13 @@ def plot(document: dict, stem: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
-    from matplotlib import pyplot
+    from matplotlib import pyplot, ticker
 
     series = _series(document)
     if not series:
         return []
+    singles = [f for f in document["figures"] if f["workload"] in TRANSFERS
+               and (f["mode"], f["workload"]) not in series]
     levels = sorted({f["concurrency"] for values in series.values() for f in values})
     title = f"{document['plan']} run, {document['started_at'][:16]} UTC"
     throughput = stem.with_name(stem.name + "-throughput.png")
@@ -224,6 +237,9 @@ def plot(document: dict, stem: Path) -> list[Path]:
     for (mode, workload), values in series.items():
         axes.plot([f["concurrency"] for f in values], [f["per_second"] for f in values], marker="o",
                   linestyle="--" if mode in ("naive", "ceiling") else "-", label=f"{mode} {workload}")
+    for f in singles:
+        axes.plot([f["concurrency"]], [f["per_second"]], marker="x", markersize=9, linestyle="none",
+                  label=f"{f['mode']} {f['workload']}")
     axes.set(xscale="log", xlabel="concurrent users", ylabel="durable operations / s",
              title=f"Throughput against concurrency ({title})")
     axes.set_xticks(levels, [f"{level:,}" for level in levels])
@@ -243,6 +259,7 @@ def plot(document: dict, stem: Path) -> list[Path]:
             axes.plot([x for x, _ in points], [y for _, y in points], marker="o", label=label)
         axes.set(xscale="log", yscale="log", xlabel="concurrent users", ylabel="latency ms", title=f"{mode} {workload}")
         axes.set_xticks(levels, [f"{level:,}" for level in levels])
+        axes.yaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))
         axes.grid(True, alpha=0.3)
         axes.legend(fontsize=8)
     for axes in list(grid.flat)[len(series):]:

@@ -113,6 +113,7 @@ class Week:
         self.accounts = [account.id for view in portfolios for account in view.accounts]
         self.portfolios = [view.id for view in portfolios]
         self.next_trade = itertools.cycle(trades).__next__
+        self.client_pid: int | None = None   # the load generator's, while HTTP operators read
 
     def _book(self):
         from engine.errors import EngineError
@@ -130,7 +131,8 @@ class Week:
 
     async def _snapshot(self):
         return {"batches": self.engine.writer.batches, "operations": self.engine.writer.operations,
-                "cpu": cpu_sample(own="engine", pgdata=self.pgdata)}
+                "cpu": cpu_sample(own="engine", pids={"client": self.client_pid} if self.client_pid else None,
+                                  pgdata=self.pgdata)}
 
     async def _snapshot_cpu(self):
         return {"cpu": cpu_sample(own="engine", pgdata=self.pgdata)}
@@ -175,8 +177,10 @@ class Week:
                 "accounts": self.accounts, "portfolios": self.portfolios}
         books = replace(window, concurrency=BOOKERS)
         with LoadGenerator(spec) as generator:
+            self.client_pid = generator.process.pid
             booked = await drive(self._book(), self._pick_trade, books, self._snapshot, start_at=start_at)
             messages = await asyncio.to_thread(lambda: list(generator.messages()))
+        self.client_pid = None
         reads = Result(**next(m["result"] for m in messages if "result" in m))
         reads.mode, reads.avg_batch_size, reads.avg_commit_ms = "week", None, None   # the bookings' batches
         return [summarize("week", "week-bookings+http-reads", books, booked), reads]
