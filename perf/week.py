@@ -56,11 +56,11 @@ def week_trades(portfolios) -> list[tuple[str, str, int]]:
 
 def week_session(database: Database, portfolios: int, window: RunConfig, repeats: int, bar: ProgressBar,
                  loop: str) -> Session:
-    return run_async(_week(database, database.create("week"), portfolios, window, repeats, bar), loop)
+    return run_async(_week(database, database.create("week"), portfolios, window, repeats, bar, loop), loop)
 
 
 async def _week(database: Database, url: str, portfolios: int, window: RunConfig, repeats: int,
-                bar: ProgressBar) -> Session:
+                bar: ProgressBar, loop: str) -> Session:
     from aiohttp import web
 
     from actors.api import Engine
@@ -81,7 +81,7 @@ async def _week(database: Database, url: str, portfolios: int, window: RunConfig
         try:
             views = await _open_portfolios(engine, portfolios)
             trades = week_trades(views)
-            week = Week(engine, views, trades, database.pgdata)
+            week = Week(engine, views, trades, database.pgdata, loop)
             for _ in range(repeats):
                 for run in (week.with_readers_in_process, week.with_readers_over_http):
                     rows = await run(window, f"http://{HOST}:{port}", token)
@@ -108,8 +108,8 @@ async def _open_portfolios(engine, count: int) -> list:
 
 
 class Week:
-    def __init__(self, engine, portfolios, trades, pgdata):
-        self.engine, self.pgdata = engine, pgdata
+    def __init__(self, engine, portfolios, trades, pgdata, loop: str):
+        self.engine, self.pgdata, self.loop = engine, pgdata, loop
         self.accounts = [account.id for view in portfolios for account in view.accounts]
         self.portfolios = [view.id for view in portfolios]
         self.next_trade = itertools.cycle(trades).__next__
@@ -172,7 +172,7 @@ class Week:
 
         start_at = time.monotonic() + HTTP_READERS_START_S
         spec = {"task": "readers", "base": base, "token": token, "server_pid": os.getpid(), "pgdata": self.pgdata,
-                "loop": "uvloop", "concurrency": READERS, "start_at": start_at, "workload": "week-reads-http",
+                "loop": self.loop, "concurrency": READERS, "start_at": start_at, "workload": "week-reads-http",
                 "window": {"warmup_s": window.warmup_s, "seconds": window.seconds},
                 "accounts": self.accounts, "portfolios": self.portfolios}
         books = replace(window, concurrency=BOOKERS)
