@@ -153,6 +153,9 @@ class Engine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._in_flight = 0
         self._idempotent_ops: dict[str, tuple[str, asyncio.Future]] = {}
+        # Operation deadlines, oldest first, and the one timer that expires them (`_bounded`).
+        self._deadlines: collections.deque[list] = collections.deque()
+        self._deadline_timer: asyncio.TimerHandle | None = None
         self._maintenance: asyncio.Task | None = None
         self._hooks: AccountActorHooks | None = None
         self.supervisors: dict[str, Any] = {}
@@ -375,13 +378,39 @@ class Engine:
 
     async def _bounded(self, awaitable: Awaitable[T]) -> T:
         """Waits at most `operation_timeout_s`. A keyed operation is a task that goes on
-        after the wait ends (its key stays in flight until it resolves)."""
+        after the wait ends (its key stays in flight until it resolves).
+
+        Like `asyncio.timeout`, but every operation has the same timeout, so deadlines
+        come in order: one deque and one timer for all of them instead of a timer handle
+        per operation (`_expire_deadlines` cancels the overdue ones)."""
+        task = asyncio.current_task()
+        deadline = [self._loop.time() + self.settings.engine.operation_timeout_s, task, task.cancelling(), False]
+        deadlines = self._deadlines
+        deadlines.append(deadline)
+        if self._deadline_timer is None:
+            self._deadline_timer = self._loop.call_at(deadline[0], self._expire_deadlines)
         try:
-            async with asyncio.timeout(self.settings.engine.operation_timeout_s):
-                return await awaitable
-        except TimeoutError:
-            raise Unavailable("the operation did not finish in time; retry with the same idempotency key",
-                              code="operation_timeout") from None
+            return await awaitable
+        except asyncio.CancelledError:
+            if deadline[3] and task.uncancel() <= deadline[2]:
+                raise Unavailable("the operation did not finish in time; retry with the same idempotency key",
+                                  code="operation_timeout") from None
+            raise
+        finally:
+            deadline[1] = None
+            while deadlines and deadlines[0][1] is None:
+                deadlines.popleft()
+
+    def _expire_deadlines(self) -> None:
+        self._deadline_timer = None
+        deadlines, now = self._deadlines, self._loop.time()
+        while deadlines and (deadlines[0][1] is None or deadlines[0][0] <= now):
+            deadline = deadlines.popleft()
+            if deadline[1] is not None:
+                deadline[3] = True
+                deadline[1].cancel()
+        if deadlines:
+            self._deadline_timer = self._loop.call_at(deadlines[0][0], self._expire_deadlines)
 
     async def _idempotent(self, key: str | None, request: tuple[str, str | None, msgspec.Struct],
                           result_type: type[T], run: Callable[[tuple[str, str] | None], Awaitable[T]]) -> T:
@@ -397,7 +426,11 @@ class Engine:
     async def _idempotent_run(self, key, request, result_type, run):
         if key is None:
             self._admit()
-            return await self._bounded(self._counted(run(None)))
+            self._in_flight += 1
+            try:
+                return await self._bounded(run(None))
+            finally:
+                self._in_flight -= 1
         fingerprint = _fingerprint(*request)
         if not isinstance(key, str) or not 1 <= len(key) <= limits.IDEMPOTENCY_KEY_LENGTH_MAX:
             raise ValidationFailed("the idempotency key must be 1 to 200 characters", {"field": "Idempotency-Key"})
@@ -433,7 +466,7 @@ class Engine:
                           correlation_id=None):
         """Sends one command to an account actor (leased for the duration) and waits for
         the continuation the writer or the actor completes."""
-        entry = await self.registry.acquire(account_id)
+        entry = self.registry.acquire_resident(account_id) or await self.registry.acquire(account_id)
         try:
             self._check_account_load(entry)
             future = self._loop.create_future()
@@ -458,8 +491,9 @@ class Engine:
         all the parts as one write."""
         entries = []
         try:
+            registry = self.registry
             for account_id, _, _ in steps:
-                entries.append(await self.registry.acquire(account_id))
+                entries.append(registry.acquire_resident(account_id) or await registry.acquire(account_id))
             # Like a single-account operation, a chain is bounded where it enters: at its
             # first account (the others see one message each, within the global bound).
             self._check_account_load(entries[0])
@@ -592,6 +626,8 @@ class Engine:
         as for `withdraw`."""
         request = _validate(TransferRequest, from_account=from_account, to_account=to_account, amount=amount,
                             memo=memo, override_reason=override_reason)
+        if request.override_reason is None:
+            return await self._transfer(request, idempotency_key)
         with _override(request.override_reason):
             return await self._transfer(request, idempotency_key)
 

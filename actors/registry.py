@@ -64,6 +64,17 @@ class Registry:
         self.resident.move_to_end(account_id)
         return entry
 
+    def acquire_resident(self, account_id: str) -> Resident | None:
+        """`acquire` without a suspension point, for an account that is resident and not
+        quarantined; None otherwise (then `acquire` activates it or says why not)."""
+        entry = self.resident.get(account_id)
+        if entry is None or account_id in self.quarantined or entry.actor.actor_stopped.is_set():
+            return None
+        entry.leases += 1
+        entry.last_used_s = time.monotonic()
+        self.resident.move_to_end(account_id)
+        return entry
+
     def release(self, entry: Resident) -> None:
         entry.leases -= 1
         assert entry.leases >= 0
@@ -109,12 +120,10 @@ class Registry:
         entry = self.resident.get(account_id)
         if entry is None:
             return False
-        try:
-            entry.ref.tell(message)
+        if entry.actor.deliver(message):
             return True
-        except ActorDeadError:
-            self.forget(account_id, entry.ref)
-            return False
+        self.forget(account_id, entry.ref)
+        return False
 
     def forget(self, account_id: str, ref: Any) -> None:
         entry = self.resident.get(account_id)

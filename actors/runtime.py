@@ -18,6 +18,7 @@ from typing import Any
 
 import pykka
 from pykka import ActorDeadError, ActorRegistry, messages
+from pykka._envelope import Envelope
 
 log = logging.getLogger("alluse.runtime")
 
@@ -122,6 +123,14 @@ class PooledActor(pykka.Actor):
 
     def _start_actor_loop(self) -> None:
         self._pool.schedule(self)
+
+    def deliver(self, message: Any) -> bool:
+        """`ActorRef.tell` minus its indirections (the engine's loop sends every message
+        through here); False if the actor has stopped."""
+        if self.actor_stopped.is_set():
+            return False
+        self.actor_inbox.put(Envelope(message))
+        return True
 
     def mailbox_depth(self) -> int:
         return self.actor_inbox.qsize()

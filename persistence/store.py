@@ -55,27 +55,37 @@ SELECT_OWNER_EVENTS_AFTER = (
 SELECT_ACCOUNTS = f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = ANY($1::text[])"
 
 # One batch is one statement, hence one implicit transaction and one round trip: new
-# accounts, new entries, account updates (each guarded by the version it was read at)
-# and idempotency keys. Data-modifying CTEs always run to completion; the final SELECT
-# divides by zero - failing, so rolling back, the whole statement - unless every
+# accounts, new entries, account updates (each guarded by the version it was read at),
+# outbox events, idempotency keys, tokens and audit records. Each table's rows arrive as
+# one jsonb array (`persistence.batch.write_batch_args`): a handful of parameters the
+# driver sends as they are, instead of one array per column that it would encode element
+# by element on the event loop. Data-modifying CTEs always run to completion; the final
+# SELECT divides by zero - failing, so rolling back, the whole statement - unless every
 # guarded update found its row at the expected version.
 WRITE_BATCH = f"""
 WITH new_portfolios AS (
     INSERT INTO portfolios ({PORTFOLIO_COLUMNS})
-    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::integer[], $7::text[],
-                         $8::text[], $9::text[], $10::text[], $11::date[], $12::timestamptz[], $13::timestamptz[])
+    SELECT {PORTFOLIO_COLUMNS} FROM jsonb_to_recordset($1::jsonb) AS r(
+        id text, name text, owner text, parent_id text, root_id text, depth integer, status text,
+        generation_account_id text, revenue_account_id text, compounding_account_id text, opened_on date,
+        created_at timestamptz, merged_at timestamptz)
     RETURNING 1
 ), new_accounts AS (
     INSERT INTO accounts ({ACCOUNT_COLUMNS})
-    SELECT * FROM unnest($14::text[], $15::text[], $16::text[], $17::text[], $18::text[], $19::text[],
-                         $20::bigint[], $21::bigint[], $22::bigint[], $23::bigint[], $24::bigint[], $25::date[],
-                         $26::date[], $27::timestamptz[], $28::timestamptz[], $29::text[], $30::integer[],
-                         $31::bigint[], $32::text[])
+    SELECT id, name, type, status, owner, portfolio_id, balance, baseline, (allocations->>'contracts')::bigint,
+           (allocations->>'leaps')::bigint, version, opened_on, latest_effective_date, created_at, updated_at,
+           root_portfolio_id, portfolio_depth, trade_income_cents, last_reinvested_quarter
+    FROM jsonb_to_recordset($2::jsonb) AS r(
+        id text, name text, type text, status text, owner text, portfolio_id text, balance bigint, baseline bigint,
+        allocations jsonb, version bigint, opened_on date, latest_effective_date date, created_at timestamptz,
+        updated_at timestamptz, root_portfolio_id text, portfolio_depth integer, trade_income_cents bigint,
+        last_reinvested_quarter text)
     RETURNING 1
 ), new_entries AS (
     INSERT INTO entries ({ENTRY_COLUMNS})
-    SELECT * FROM unnest($33::text[], $34::text[], $35::bigint[], $36::text[], $37::text[], $38::bigint[],
-                         $39::bigint[], $40::text[], $41::text[], $42::text[], $43::date[], $44::timestamptz[])
+    SELECT {ENTRY_COLUMNS} FROM jsonb_to_recordset($3::jsonb) AS r(
+        id text, account_id text, sequence bigint, kind text, direction text, amount bigint, balance_after bigint,
+        counterparty_account_id text, memo text, correlation_id text, effective_date date, created_at timestamptz)
     RETURNING 1
 ), changed AS (
     UPDATE accounts AS a
@@ -83,50 +93,55 @@ WITH new_portfolios AS (
         latest_effective_date = u.latest_effective_date, updated_at = u.updated_at,
         allocation_contracts = u.allocation_contracts, allocation_leaps = u.allocation_leaps,
         trade_income_cents = u.trade_income_cents, last_reinvested_quarter = u.last_reinvested_quarter
-    FROM unnest($45::text[], $46::text[], $47::text[], $48::bigint[], $49::bigint[], $50::bigint[], $51::date[],
-                $52::timestamptz[], $53::bigint[], $54::bigint[], $55::bigint[], $56::text[])
-         AS u(id, name, status, balance, version, previous_version, latest_effective_date, updated_at,
-              allocation_contracts, allocation_leaps, trade_income_cents, last_reinvested_quarter)
+    FROM jsonb_to_recordset($4::jsonb) AS u(
+        id text, name text, status text, balance bigint, version bigint, previous_version bigint,
+        latest_effective_date date, updated_at timestamptz, allocation_contracts bigint, allocation_leaps bigint,
+        trade_income_cents bigint, last_reinvested_quarter text)
     WHERE a.id = u.id AND a.version = u.previous_version
     RETURNING 1
 ), merged_portfolios AS (
     UPDATE portfolios AS p SET status = 'merged', merged_at = u.merged_at
-    FROM unnest($57::text[], $58::timestamptz[]) AS u(id, merged_at)
+    FROM jsonb_to_recordset($5::jsonb) AS u(id text, merged_at timestamptz)
     WHERE p.id = u.id AND p.status = 'active'
     RETURNING 1
 ), new_reinvestments AS (
     INSERT INTO reinvestments (account_id, quarter, net_income, contracts, leaps, created_at)
-    SELECT * FROM unnest($59::text[], $60::text[], $61::bigint[], $62::bigint[], $63::bigint[], $64::timestamptz[])
+    SELECT account_id, quarter, net_income, contracts, leaps, at FROM jsonb_to_recordset($6::jsonb) AS r(
+        account_id text, quarter text, net_income bigint, contracts bigint, leaps bigint, at timestamptz)
     RETURNING 1
 ), new_events AS (
     INSERT INTO events (type, account_id, portfolio_id, correlation_id, payload, created_at)
-    SELECT * FROM unnest($65::text[], $66::text[], $67::text[], $68::text[], $69::jsonb[], $70::timestamptz[])
+    SELECT type, account_id, portfolio_id, correlation_id, payload, created_at FROM jsonb_to_recordset($7::jsonb) AS r(
+        type text, account_id text, portfolio_id text, correlation_id text, payload jsonb, created_at timestamptz)
     RETURNING 1
 ), new_keys AS (
     INSERT INTO idempotency_keys (key, fingerprint, response)
-    SELECT * FROM unnest($71::text[], $72::text[], $73::bytea[])
+    SELECT key, fingerprint, convert_to(response, 'UTF8') FROM jsonb_to_recordset($8::jsonb) AS r(
+        key text, fingerprint text, response text)
     ON CONFLICT (key) DO NOTHING
     RETURNING 1
 ), new_tokens AS (
     INSERT INTO api_tokens (id, name, role, owner, secret_hash, created_by, created_at)
-    SELECT * FROM unnest($76::text[], $77::text[], $78::text[], $79::text[], $80::text[], $81::text[],
-                         $82::timestamptz[])
+    SELECT id, name, role, owner, secret_hash, created_by, created_at FROM jsonb_to_recordset($11::jsonb) AS r(
+        id text, name text, role text, owner text, secret_hash text, created_by text, created_at timestamptz)
     RETURNING 1
 ), revoked_tokens AS (
     UPDATE api_tokens AS t SET revoked_at = u.revoked_at
-    FROM unnest($83::text[], $84::timestamptz[]) AS u(id, revoked_at)
+    FROM jsonb_to_recordset($12::jsonb) AS u(id text, revoked_at timestamptz)
     WHERE t.id = u.id AND t.revoked_at IS NULL
     RETURNING 1
 ), new_audit AS (
     INSERT INTO audit_log (seq, at, token_id, role, owner_scope, action, target, request_id, client, outcome,
                            details, prev_hash, hash)
-    SELECT * FROM unnest($85::bigint[], $86::timestamptz[], $87::text[], $88::text[], $89::text[], $90::text[],
-                         $91::text[], $92::text[], $93::text[], $94::text[], $95::text[], $96::text[], $97::text[])
+    SELECT seq, at, token_id, role, owner_scope, action, target, request_id, client, outcome, details, prev_hash, hash
+    FROM jsonb_to_recordset($13::jsonb) AS r(
+        seq bigint, at timestamptz, token_id text, role text, owner_scope text, action text, target text,
+        request_id text, client text, outcome text, details text, prev_hash text, hash text)
     RETURNING 1
 )
-SELECT 1 / (CASE WHEN (SELECT count(*) FROM changed) = $74
-                  AND (SELECT count(*) FROM merged_portfolios) = $75
-                  AND (SELECT count(*) FROM revoked_tokens) = $98 THEN 1 ELSE 0 END)"""
+SELECT 1 / (CASE WHEN (SELECT count(*) FROM changed) = $9
+                  AND (SELECT count(*) FROM merged_portfolios) = $10
+                  AND (SELECT count(*) FROM revoked_tokens) = $14 THEN 1 ELSE 0 END)"""
 
 SELECT_AUDIT_HEAD = "SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1"
 AUDIT_COLUMNS = ("seq, at, token_id, role, owner_scope, action, target, request_id, client, outcome, details, "
@@ -227,7 +242,10 @@ class Store:
     async def connect(self) -> asyncpg.Connection:
         """A dedicated connection (the writer's)."""
         async with translated_errors():
-            return await asyncpg.connect(self.url, command_timeout=self.command_timeout_s)
+            # UTC: the batch's timestamps travel as JSON text, and a naive one means UTC
+            # (as the driver's binary encoding treats it).
+            return await asyncpg.connect(self.url, command_timeout=self.command_timeout_s,
+                                         server_settings={"timezone": "UTC"})
 
     async def migrate(self) -> list[str]:
         """Applies the versioned SQL files in `persistence/migrations` that are not yet

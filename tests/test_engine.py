@@ -623,3 +623,48 @@ async def test_activating_an_account_while_every_resident_actor_is_busy_does_not
     finally:
         await blocker.close()
         await engine.stop()
+
+
+async def test_an_operation_stuck_behind_a_blocked_writer_times_out_and_the_engine_goes_on(database_url):
+    """`operation_timeout_s` bounds every wait: operations behind a commit that cannot
+    finish fail with 503 operation_timeout (keyed or not); an outside cancellation is
+    still a cancellation; once the writer is free, operations succeed again."""
+    from tests.conftest import engine_settings
+
+    engine = Engine(engine_settings(database_url, operation_timeout_s=0.5))
+    await engine.start()
+    blocker = await asyncpg.connect(database_url)
+    try:
+        account = await funded(engine, 1_000, name="stuck")
+        writer_pid = engine.writer.connection.get_server_pid()
+        locking = blocker.transaction()
+        await locking.start()
+        await blocker.execute("SELECT 1 FROM accounts WHERE id = $1 FOR UPDATE", account.id)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        stuck = [asyncio.ensure_future(engine.deposit(account.id, 1)),
+                 asyncio.ensure_future(engine.deposit(account.id, 2, idempotency_key="stuck-key"))]
+        cancelled = asyncio.ensure_future(engine.deposit(account.id, 3))
+        await wait_until_writer_waits_on_a_lock(engine, writer_pid)
+        cancelled.cancel()
+        outcomes = await asyncio.gather(*stuck, return_exceptions=True)
+        waited = loop.time() - started
+        assert all(isinstance(o, Unavailable) and o.code == "operation_timeout" for o in outcomes), outcomes
+        assert 0.4 <= waited < 5.0, waited
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        await locking.rollback()
+        # The timed-out (and the cancelled) operations were already with their actor: they
+        # commit late; a retry with the key finds its stored result.
+        await eventually(lambda: _balance_is(engine, account.id, 1_000 + 1 + 2 + 3), what="the late commits")
+        assert (await engine.deposit(account.id, 10)).balance_after == 1_016
+        retried = await engine.deposit(account.id, 2, idempotency_key="stuck-key")
+        # (the three late ones commit in any order: 1,000 + 2 + any of the other two)
+        assert retried.amount == 2 and retried.balance_after in {1_002, 1_003, 1_005, 1_006}
+    finally:
+        await blocker.close()
+        await engine.stop()
+
+
+async def _balance_is(engine: Engine, account_id: str, balance: int) -> bool:
+    return (await engine.get_account(account_id)).balance == balance
