@@ -10,7 +10,7 @@ from dataclasses import asdict, fields
 from datetime import datetime
 from pathlib import Path
 
-from perf.common import RESULTS_DIR, Result, fmt, machine_description, render_rows
+from perf.common import OTHER_LOAD_WARNING_CORES, RESULTS_DIR, Result, fmt, machine_description, render_rows
 from perf.workloads import TRANSFERS, WORKLOADS, ZIPF_S
 
 OTHER_LOAD_NOTE = "other processes used"   # the start of `perf.common.summarize`'s note
@@ -141,7 +141,8 @@ def _errors(errors: dict[str, int]) -> str:
 
 
 def _disturbed(figure: dict) -> bool:
-    return any(note.startswith(OTHER_LOAD_NOTE) for note in figure["notes"])
+    """More than OTHER_LOAD_WARNING_CORES used outside the benchmark (median over repeats)."""
+    return (figure["cpu_cores"].get("other") or 0) > OTHER_LOAD_WARNING_CORES
 
 
 def _ratio(value: float | None) -> str:
@@ -189,8 +190,9 @@ def _extras(document: dict) -> list[str]:
     disturbed = [f for f in document["figures"] if _disturbed(f)]
     if disturbed:
         cores = [f["cpu_cores"].get("other") or 0 for f in disturbed]
-        out.append(f"* disturbed: other processes used {min(cores):.1f}-{max(cores):.1f} CPU cores during "
-                   f"{len(disturbed)} of {len(document['figures'])} figures' windows (the machine is shared)")
+        out.append(f"* disturbed: other processes used {min(cores):.1f}-{max(cores):.1f} CPU cores during the "
+                   f"windows of {len(disturbed)} of {len(document['figures'])} figures (median over repeats; the "
+                   "machine is shared)")
     notes = sorted({f"{f['mode']} {f['workload']} x{f['concurrency']}: {note}"
                     for f in document["figures"] for note in f["notes"] if not note.startswith(OTHER_LOAD_NOTE)})
     out += [f"note: {note}" for note in notes]
