@@ -221,7 +221,21 @@ def _series(document: dict) -> dict[tuple[str, str], list[dict]]:
     return {key: sorted(values, key=lambda f: f["concurrency"]) for key, values in series.items() if len(values) > 1}
 
 
+MODE_STYLES = {"in-process": "-", "http": "-.", "ceiling": "--", "naive": ":", "week": "-"}
+
+
+def _plain_log_axes(axes, levels: list[int], ticker) -> None:
+    axes.set(xscale="log", yscale="log", xlabel="concurrent users")
+    axes.set_xticks(levels, [f"{level:,}" for level in levels])
+    axes.yaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:,.0f}" if value >= 1
+                                                        else f"{value:g}"))
+    axes.grid(True, which="both", alpha=0.25)
+
+
 def plot(document: dict, stem: Path) -> list[Path]:
+    """Two PNGs: throughput against concurrency (transfers against the baselines on the
+    left, the other workloads on the right), and latency percentiles against concurrency
+    (one panel per part and workload measured at several levels)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -230,44 +244,46 @@ def plot(document: dict, stem: Path) -> list[Path]:
     series = _series(document)
     if not series:
         return []
-    singles = [f for f in document["figures"] if f["workload"] in TRANSFERS
-               and (f["mode"], f["workload"]) not in series]
     levels = sorted({f["concurrency"] for values in series.values() for f in values})
+    colors = {name: f"C{index}" for index, name in enumerate(WORKLOADS)}
     title = f"{document['plan']} run, {document['started_at'][:16]} UTC"
     throughput = stem.with_name(stem.name + "-throughput.png")
-    figure, axes = pyplot.subplots(figsize=(9, 5.5))
+    figure, (left, right) = pyplot.subplots(1, 2, figsize=(14, 5.5))
+    singles = [f for f in document["figures"]
+               if f["workload"] in TRANSFERS and (f["mode"], f["workload"]) not in series]
     for (mode, workload), values in series.items():
+        axes = left if workload in TRANSFERS else right
         axes.plot([f["concurrency"] for f in values], [f["per_second"] for f in values], marker="o",
-                  linestyle="--" if mode in ("naive", "ceiling") else "-", label=f"{mode} {workload}")
+                  color=colors.get(workload), linestyle=MODE_STYLES.get(mode, "-"), label=f"{mode} {workload}")
     for f in singles:
-        axes.plot([f["concurrency"]], [f["per_second"]], marker="x", markersize=9, linestyle="none",
-                  label=f"{f['mode']} {f['workload']}")
-    axes.set(xscale="log", xlabel="concurrent users", ylabel="durable operations / s",
-             title=f"Throughput against concurrency ({title})")
-    axes.set_xticks(levels, [f"{level:,}" for level in levels])
-    axes.grid(True, alpha=0.3)
-    axes.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(throughput, dpi=100)
+        left.plot([f["concurrency"]], [f["per_second"]], marker="x", markersize=9, linestyle="none",
+                  color=colors.get(f["workload"]), label=f"{f['mode']} {f['workload']}")
+    for axes, name in ((left, "transfers: engine against the naive design and the bare ceiling"),
+                       (right, "other workloads")):
+        _plain_log_axes(axes, levels, ticker)
+        axes.set(ylabel="durable operations / s", title=name)
+        if axes.has_data():
+            axes.legend(fontsize=8)
+    figure.suptitle(f"Throughput against concurrency ({title})")
+    figure.tight_layout(rect=(0, 0, 1, 0.97))
+    figure.savefig(throughput, dpi=90)
     pyplot.close(figure)
 
     latency = stem.with_name(stem.name + "-latency.png")
-    columns = min(2, len(series))
+    columns = min(3, len(series))
     rows = -(-len(series) // columns)
-    figure, grid = pyplot.subplots(rows, columns, figsize=(6 * columns, 3.6 * rows), squeeze=False)
+    figure, grid = pyplot.subplots(rows, columns, figsize=(5 * columns, 3.4 * rows), squeeze=False)
     for axes, ((mode, workload), values) in zip(grid.flat, series.items()):
         for key, label in (("p50_ms", "p50"), ("p95_ms", "p95"), ("p99_ms", "p99")):
             points = [(f["concurrency"], f[key]) for f in values if f[key]]
             axes.plot([x for x, _ in points], [y for _, y in points], marker="o", label=label)
-        axes.set(xscale="log", yscale="log", xlabel="concurrent users", ylabel="latency ms", title=f"{mode} {workload}")
-        axes.set_xticks(levels, [f"{level:,}" for level in levels])
-        axes.yaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))
-        axes.grid(True, alpha=0.3)
+        _plain_log_axes(axes, levels, ticker)
+        axes.set(ylabel="latency ms", title=f"{mode} {workload}")
         axes.legend(fontsize=8)
     for axes in list(grid.flat)[len(series):]:
         axes.set_visible(False)
     figure.suptitle(f"Latency percentiles against concurrency ({title})")
-    figure.tight_layout()
-    figure.savefig(latency, dpi=100)
+    figure.tight_layout(rect=(0, 0, 1, 0.97))
+    figure.savefig(latency, dpi=80)
     pyplot.close(figure)
     return [throughput, latency]
