@@ -163,7 +163,7 @@ def render(document: dict) -> str:
              _ratio(f["vs_naive"]), _ratio(f["vs_ceiling"])) for f in document["figures"]]
     out += render_rows(header, rows, {0, 1, 7})
     out += ["", "Targets (issue 4)"]
-    out += render_rows(("figure", "target", "measured", ""),
+    out += render_rows(("figure", "target", "measured", "result"),
                        [(t["name"], t["target"], t["measured"], t["status"]) for t in document["targets"]], {0, 1, 2})
     out += _extras(document)
     return "\n".join(out)
