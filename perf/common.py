@@ -416,6 +416,7 @@ class Measurement:
     errors: dict[str, int]
     issued: int
     acknowledged_total: int       # warm-up and drain included: what the database must hold
+    errors_outside_window: int    # error replies during the warm-up or the drain
     window_s: float
     before: Snapshot
     after: Snapshot
@@ -436,10 +437,10 @@ async def drive(call: Call, pick: Callable[[random.Random], tuple], config: RunC
     window_close = window_open + config.seconds
     latencies: list[float] = []
     errors: Counter[str] = Counter()
-    issued = acknowledged = acknowledged_total = 0
+    issued = acknowledged = acknowledged_total = errors_outside = 0
 
     async def caller(index: int) -> None:
-        nonlocal issued, acknowledged, acknowledged_total
+        nonlocal issued, acknowledged, acknowledged_total, errors_outside
         rng = random.Random(config.seed * 1_000_003 + index)
         while issued < config.max_requests:
             started = clock()
@@ -456,6 +457,8 @@ async def drive(call: Call, pick: Callable[[random.Random], tuple], config: RunC
                     latencies.append(ended - started)
                 else:
                     errors[code] += 1
+            elif code is not None:
+                errors_outside += 1
 
     async def window() -> tuple[Snapshot, Snapshot, float]:
         await asyncio.sleep(max(0.0, window_open - clock()))
@@ -478,7 +481,8 @@ async def drive(call: Call, pick: Callable[[random.Random], tuple], config: RunC
         if task.exception() is not None:
             raise task.exception()
     return Measurement(acknowledged=acknowledged, latencies_s=latencies, errors=dict(errors), issued=issued,
-                       acknowledged_total=acknowledged_total, window_s=window_s, before=before, after=after,
+                       acknowledged_total=acknowledged_total, errors_outside_window=errors_outside,
+                       window_s=window_s, before=before, after=after,
                        capped=issued >= config.max_requests)
 
 
@@ -509,6 +513,7 @@ class Result:
     errors: dict[str, int]
     issued: int
     acknowledged_total: int
+    errors_outside_window: int = 0
     batches: int = 0
     batch_operations: int = 0
     avg_batch_size: float | None = None
@@ -561,6 +566,7 @@ def summarize(mode: str, workload: str, config: RunConfig, measurement: Measurem
         p50_ms=ms(percentile(latencies, 0.50)), p95_ms=ms(percentile(latencies, 0.95)),
         p99_ms=ms(percentile(latencies, 0.99)), max_ms=ms(latencies[-1] if latencies else None),
         errors=measurement.errors, issued=measurement.issued, acknowledged_total=measurement.acknowledged_total,
+        errors_outside_window=measurement.errors_outside_window,
         batches=batches, batch_operations=operations,
         avg_batch_size=round(average_batch, 2) if average_batch is not None else None,
         avg_commit_ms=round(commit_s / commits * 1000, 3) if commits else None, cpu_cores=cpu, notes=notes,

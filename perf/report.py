@@ -44,6 +44,7 @@ def aggregate(results: list[Result]) -> list[Result]:
         merged.update(
             errors=errors, acknowledged=sum(r.acknowledged for r in group), issued=sum(r.issued for r in group),
             acknowledged_total=sum(r.acknowledged_total for r in group), batches=sum(r.batches for r in group),
+            errors_outside_window=sum(r.errors_outside_window for r in group),
             batch_operations=sum(r.batch_operations for r in group), runs=[r.per_second for r in group],
             cpu_cores={name: _median([r.cpu_cores.get(name) for r in group]) for name in sorted(cpu_names)},
             notes=sorted({note for r in group for note in r.notes}))
@@ -88,11 +89,11 @@ def targets(figures: list[dict], extra: dict) -> list[dict]:
                         f"{skewed['per_second'] / naive['per_second']:.1f}x",
                         skewed and naive and naive["per_second"] and skewed["per_second"] >= 5 * naive["per_second"]))
     many, usual = _find(figures, "http", "transfers-uniform", 1000), _find(figures, "http", "transfers-uniform", 64)
-    errors = sum(many["errors"].values()) if many else 0
+    errors = sum(many["errors"].values()) + many["errors_outside_window"] if many else 0
     rows.append(_target("1,000 concurrent HTTP users (transfers)", "no errors, >= 80% of the 64-user figure",
                         many and usual and usual["per_second"] and
                         f"{many['per_second']:,.0f}/s = {many['per_second'] / usual['per_second']:.0%}, "
-                        f"{errors:,} errors",
+                        f"{errors:,} errors (warm-up included)",
                         many and usual and errors == 0 and many["per_second"] >= 0.8 * usual["per_second"]))
     forks = _find(figures, "in-process", "forks", 64)
     rows.append(_target("forks in-process, 64 callers", ">= 2,000/s", forks and f"{forks['per_second']:,.0f}/s",
