@@ -5,7 +5,7 @@ refused."""
 from __future__ import annotations
 
 from datetime import date
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from msgspec import Meta, Struct
 
@@ -84,6 +84,11 @@ class WeeklyReturns(Request, kw_only=True):
     compounding: Bps = 0
 
 
+# Basis points per account type; msgspec's JSON schema says nothing of the keys, so say it.
+PerType = Annotated[dict[AccountType, Annotated[int, Meta(ge=0, le=10_000)]],
+                    Meta(extra_json_schema={"propertyNames": {"enum": list(get_args(AccountType))}})]
+
+
 class ProjectionRequest(Request, kw_only=True):
     """A projection; the optional fields override the configured rules for this run."""
 
@@ -94,8 +99,8 @@ class ProjectionRequest(Request, kw_only=True):
     include_weeks: bool = True
     fork_threshold_cents: Amount | None = None
     merge_threshold_cents: Amount | None = None
-    cash_buffer_bps: dict[Literal["generation", "revenue", "compounding"], Annotated[int, Meta(ge=0, le=10_000)]] | None = None
-    capital_share_bps: dict[Literal["generation", "revenue", "compounding"], Annotated[int, Meta(ge=0, le=10_000)]] | None = None
+    cash_buffer_bps: PerType | None = None
+    capital_share_bps: PerType | None = None
 
 
 class FaultRequest(Request, kw_only=True):
