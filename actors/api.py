@@ -1014,7 +1014,7 @@ class Engine:
             raise ValidationFailed(f"limit must be 1 to {limits.PAGE_SIZE_MAX}", {"field": "limit"})
         before = None
         if cursor is not None:
-            if not (isinstance(cursor, str) and cursor.isdigit() and len(cursor) < 19):
+            if not (isinstance(cursor, str) and cursor.isascii() and cursor.isdigit() and len(cursor) < 19):
                 raise ValidationFailed("malformed cursor", {"field": "cursor"})
             before = int(cursor)
         if self.registry.peek(account_id) is None and await self.store.load_account(account_id) is None:

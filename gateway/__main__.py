@@ -36,8 +36,10 @@ def tls_context(cert_file: str, key_file: str) -> ssl.SSLContext | None:
     """A server TLS context (TLS 1.2 or newer) when both files are configured."""
     if not cert_file and not key_file:
         return None
-    if not (cert_file and key_file):
-        raise ConfigError("HTTPS needs both server.tls_cert_file and server.tls_key_file")
+    if not cert_file:
+        raise ConfigError("HTTPS needs server.tls_cert_file (ALLUSE_TLS_CERT_FILE) too: only the key is set")
+    if not key_file:
+        raise ConfigError("HTTPS needs server.tls_key_file (ALLUSE_TLS_KEY_FILE) too: only the certificate is set")
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(cert_file, key_file)
