@@ -11,13 +11,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import secrets
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 import msgspec
 
 from engine import limits
-from engine.audit import ROLES, AuditContext, ChainCheck, Principal
+from engine.audit import EMBEDDED, ROLES, AuditContext, ChainCheck, Principal
 from engine.errors import NotFound, ValidationFailed
 from actors.ids import new_id, next_op_id
 from persistence.writer import AuditEntry, WriteOp
@@ -115,7 +115,7 @@ class Security:
         secret = SECRET_PREFIX + secrets.token_urlsafe(32)
         hashed = secret_hash(secret)
         token_id = new_id("tok")
-        context = context or AuditContext(_embedded())
+        context = context or AuditContext(EMBEDDED)
         row = TokenRow(id=token_id, name=name, role=role, owner=owner, secret_hash=hashed,
                        created_by=context.principal.token_id, created_at=self.engine.clock())
         await self._write(context, "create_token", token_id, {"role": role, "owner": owner, "name": name},
@@ -135,7 +135,7 @@ class Security:
         if row["revoked_at"] is not None:
             return _token_info(row)
         now = self.engine.clock()
-        await self._write(context or AuditContext(_embedded()), "revoke_token", token_id, {},
+        await self._write(context or AuditContext(EMBEDDED), "revoke_token", token_id, {},
                           revocations=((token_id, now),))
         return _token_info({**row, "revoked_at": now})
 
@@ -184,12 +184,6 @@ class Security:
         await engine._bounded(future)
 
 
-def _embedded() -> Principal:
-    from engine.audit import EMBEDDED
-
-    return EMBEDDED
-
-
 def _check_text(field: str, value, length_max: int) -> None:
     if not isinstance(value, str) or not 1 <= len(value) <= length_max or "\x00" in value:
         raise ValidationFailed(f"{field} must be 1 to {length_max} characters", {"field": field})
@@ -199,6 +193,3 @@ def _token_info(row: dict) -> TokenInfo:
     return TokenInfo(id=row["id"], name=row["name"], role=row["role"], owner=row["owner"],
                      created_by=row["created_by"], created_at=row["created_at"], revoked_at=row["revoked_at"])
 
-
-def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
