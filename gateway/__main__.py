@@ -80,9 +80,11 @@ def main() -> int:
             print(f"admin token: in {settings.database.data_dir}/admin-token", flush=True)
 
     app.on_startup.append(announce)
-    options = server_options(settings)
+    # run_app hands these on to each connection's request handler (there is no
+    # `handler_args` here: an unknown keyword makes aiohttp drop all of them, silently
+    # but for a warning, access_log=None included).
     web.run_app(app, host=server.host, port=server.port, print=None, access_log=None, shutdown_timeout=15,
-                ssl_context=tls, keepalive_timeout=options.pop("keepalive_timeout"), handler_args=options)
+                ssl_context=tls, **server_options(settings))
     return 0
 
 

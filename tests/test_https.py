@@ -54,13 +54,14 @@ def certificates(tmp_path) -> dict[str, Path]:
 
 
 def request(port: int, method: str, path: str, *, context: ssl.SSLContext | None, token: str | None = None,
-            body: dict | None = None) -> tuple[int, dict | str]:
+            body: dict | None = None, extra_headers: dict | None = None) -> tuple[int, dict | str]:
     """One request over HTTPS (with `context`) or plain HTTP (without)."""
     if context is None:
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     else:
         connection = http.client.HTTPSConnection("127.0.0.1", port, timeout=10, context=context)
     headers = {"Authorization": f"Bearer {token}"} if token else {}
+    headers.update(extra_headers or {})
     data = None
     if body is not None:
         data = json.dumps(body).encode()
@@ -142,6 +143,14 @@ def test_the_service_serves_https_only_with_the_configured_certificate(database_
         assert status == 200 and read["id"] == account["id"], read
         status, error = request(port, "GET", "/v1/whoami", context=trusted, token="not-a-token")
         assert status == 401 and error["error"]["code"] == "unauthorized", error
+
+        # The service applies its [security] header limits (64 headers by default) and
+        # keeps no access log (it would be the one log line per request).
+        status, error = request(port, "GET", "/v1/whoami", context=trusted, token=ADMIN_TOKEN,
+                                extra_headers={f"X-Extra-{index}": "v" for index in range(70)})
+        assert status == 400 and error["error"]["code"] == "bad_request", error
+        assert "aiohttp.access" not in service.output() and "Failed to create request handler" not in \
+            service.output(), service.output()
 
         # Plain HTTP to the same port gets no answer.
         with pytest.raises((OSError, http.client.HTTPException)):
