@@ -125,8 +125,7 @@ class Security:
 
     async def revoke_token(self, token_id: str, *, context: AuditContext | None = None) -> TokenInfo:
         """Revokes at once: the token stops working before the revocation is written."""
-        tokens = {row["id"]: row for row in await self.engine.store.tokens()}
-        row = tokens.get(token_id)
+        row = await self.engine.store.token(token_id)
         if row is None:
             raise NotFound("no such token", {"token_id": token_id})
         hashed = self._by_id.pop(token_id, None)

@@ -406,6 +406,12 @@ class Store:
             rows = await self.pool.fetch(SELECT_AUDIT_PAGE, after, limit)
         return [AuditRecord(**dict(row)) for row in rows]
 
+    async def token(self, token_id: str) -> dict | None:
+        """One API token (revoked or not), without its secret: only its hash."""
+        async with translated_errors():
+            row = await self.pool.fetchrow(f"SELECT {TOKEN_COLUMNS} FROM api_tokens WHERE id = $1", token_id)
+        return dict(row) if row else None
+
     async def tokens(self) -> list[dict]:
         """Every API token (revoked ones too), without secrets: only their hashes."""
         async with translated_errors():
