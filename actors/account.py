@@ -60,8 +60,11 @@ class Reply:
         self._set(result, error)
 
     def send(self, result: Any = None, error: BaseException | None = None) -> None:
-        """From an actor thread."""
-        self.loop.call_soon_threadsafe(self._set, result, error)
+        """From an actor (on the loop: at once) or from any other thread."""
+        if asyncio._get_running_loop() is self.loop:
+            self._set(result, error)
+        else:
+            self.loop.call_soon_threadsafe(self._set, result, error)
 
 
 @dataclass(slots=True)

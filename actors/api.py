@@ -204,7 +204,7 @@ class Engine:
                              notify=self._notify_resolved, metrics=self.metrics,
                              batch_wait_s=settings.batch_wait_ms / 1000, on_commit=self._signal_commit)
         await self.writer.start()
-        self._pool = ActorPool(settings.actor_workers, name="account")
+        self._pool = ActorPool(self._loop, name="account")
         self.registry = Registry(load=self.store.load_account, spawn=self._spawn,
                                  resident_max=settings.resident_accounts_max, metrics=self.metrics)
         self._hooks = AccountActorHooks(submit=self.writer.submit, is_poisoned=self.writer.poisoned.__contains__,
@@ -261,7 +261,7 @@ class Engine:
             ref.stop(block=False)
         self.supervisors.clear()
         if self._pool is not None:
-            await asyncio.to_thread(self._pool.stop)
+            self._pool.stop()
             self._pool = None
         if self.store is not None:
             await self.store.close()
@@ -319,7 +319,10 @@ class Engine:
         return task
 
     def _tell_from_any_thread(self, account_id: str, message: Any) -> None:
-        self._loop.call_soon_threadsafe(self.registry.tell, account_id, message)
+        if asyncio._get_running_loop() is self._loop:
+            self._loop.call_soon(self.registry.tell, account_id, message)
+        else:
+            self._loop.call_soon_threadsafe(self.registry.tell, account_id, message)
 
     # -- supervision -----------------------------------------------------------------
     def _supervisor(self, supervisor_id: str):

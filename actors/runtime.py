@@ -1,17 +1,29 @@
-"""A pykka runtime that runs many actors on a few threads.
+"""A pykka runtime that runs many actors on the engine's event loop.
 
 pykka's `ThreadingActor` gives every actor its own OS thread; each message then costs a
 thread hand-off under the GIL (~30 us here) and the process tops out near 22,000
-threads. This runtime keeps pykka's `ActorRef`, `tell`/`ask`, proxies, futures and the
-`on_failure` hook, but an actor's inbox schedules the actor on a shared pool of worker
-threads when a message arrives. At most one worker runs a given actor at a time, so each
-mailbox stays serialized, as with Akka's dispatchers or Orleans' scheduler.
+threads. Under the GIL, threads add no parallelism to pure-Python decisions anyway; they
+only add hand-offs. This runtime keeps pykka's `ActorRef`, `tell`, the mailbox per actor
+and the `on_failure` hook, but an actor's inbox schedules the actor on the event loop
+that runs the gateway, the engine and the writer: the first message into an idle inbox
+puts the actor on the ready queue, and one loop callback runs every ready actor's slice
+(many messages per wake-up). Each mailbox stays serialized (an actor runs one message at
+a time, as with Akka's dispatchers or Orleans' scheduler), and a message between two
+accounts never crosses a thread.
+
+Consequences the rest of the engine relies on:
+- actor hooks (`on_start`, `on_receive`, `on_failure`) run on the event loop, so they
+  must never block (they only call the pure rules in `engine/`);
+- pykka's blocking `ask(...).get()` would deadlock the loop: the engine only tells, and
+  replies travel as asyncio futures completed by the actor;
+- a message told from another thread is handed to the loop with one
+  `call_soon_threadsafe`.
 """
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
-import queue
 import sys
 import threading
 from typing import Any
@@ -22,44 +34,56 @@ from pykka._envelope import Envelope
 
 log = logging.getLogger("alluse.runtime")
 
-# Messages an actor handles before yielding its worker to the next ready actor.
+# Messages an actor handles before yielding to the next ready actor.
 SLICE_MESSAGES_MAX = 64
+# Actor slices one loop callback runs before it lets I/O and other callbacks in.
+SLICES_PER_CALLBACK_MAX = 4096
 
 
 class ActorPool:
-    """Worker threads taking ready actors from one queue."""
+    """The ready queue of the actors that run on one event loop."""
 
-    def __init__(self, workers: int, name: str = "actor-worker"):
-        assert 1 <= workers <= 64
-        self._ready: queue.SimpleQueue = queue.SimpleQueue()
-        self._threads = [threading.Thread(target=self._work, name=f"{name}-{n}", daemon=True)
-                         for n in range(workers)]
-        for thread in self._threads:
-            thread.start()
+    def __init__(self, loop: asyncio.AbstractEventLoop, name: str = "actors"):
+        self.name = name
+        self._loop = loop
+        self._loop_thread = threading.get_ident()
+        self._ready: collections.deque = collections.deque()
+        self._drain_pending = False
+        self._stopped = False
 
     def schedule(self, actor: "PooledActor") -> None:
-        self._ready.put(actor)
+        if threading.get_ident() != self._loop_thread:
+            if not self._stopped:
+                self._loop.call_soon_threadsafe(self.schedule, actor)
+            return
+        self._ready.append(actor)
+        if not self._drain_pending:
+            self._drain_pending = True
+            self._loop.call_soon(self._drain)
 
-    def _work(self) -> None:
-        while True:
-            actor = self._ready.get()
-            if actor is None:
-                return
+    def _drain(self) -> None:
+        self._drain_pending = False
+        ready = self._ready
+        for _ in range(min(len(ready), SLICES_PER_CALLBACK_MAX)):
+            actor = ready.popleft()
             try:
                 actor._run_slice()
-            except BaseException:  # noqa: BLE001 - a worker must never die
-                log.exception("actor slice crashed the worker loop")
+            except BaseException:  # noqa: BLE001 - the loop must never lose its actors
+                log.exception("actor slice crashed")
+        if ready and not self._drain_pending:
+            self._drain_pending = True
+            self._loop.call_soon(self._drain)
 
-    def stop(self, timeout_s: float = 5.0) -> None:
-        for _ in self._threads:
-            self._ready.put(None)
-        for thread in self._threads:
-            thread.join(timeout_s)
+    def stop(self) -> None:
+        """Runs what is ready (actors being stopped tear down and fail what they hold)."""
+        self._drain()
+        self._stopped = True
 
 
 class PooledInbox:
     """A deque plus a 'scheduled' flag: the first message into an idle inbox schedules
-    its actor on the pool; the worker unschedules it when the inbox runs dry."""
+    its actor on the pool; the actor unschedules itself when the inbox runs dry. The lock
+    is for messages told from other threads (pykka's `stop`, tests)."""
 
     __slots__ = ("_items", "_lock", "_scheduled", "actor")
 
@@ -97,7 +121,7 @@ class PooledInbox:
 
 class PooledActor(pykka.Actor):
     """Base for actors on an `ActorPool`. Hooks (`on_start`, `on_receive`, `on_stop`,
-    `on_failure`) run on one of the pool's threads, never two at once for one actor."""
+    `on_failure`) run on the pool's event loop, one message at a time per actor."""
 
     @staticmethod
     def _create_actor_inbox() -> PooledInbox:

@@ -51,7 +51,6 @@ class DatabaseSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=
 
 
 class EngineSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    actor_workers: Annotated[int, Meta(ge=1, le=limits.ACTOR_WORKERS_MAX)] = 4
     resident_accounts_max: Annotated[int, Meta(ge=16, le=limits.RESIDENT_ACCOUNTS_MAX)] = 100_000
     passivate_idle_s: Annotated[float, Meta(gt=0)] = 300.0
     operations_in_flight_max: Annotated[int, Meta(ge=1, le=limits.OPERATIONS_IN_FLIGHT_MAX)] = 4096

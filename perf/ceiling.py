@@ -2,9 +2,8 @@
 
 What the machine allows for a durable transfer through this design with no business
 logic at all: the same actor hand-offs as an engine transfer (caller on the event loop
--> source account actor -> target account actor -> writer on the loop, as pykka
-messages through the project's own runtime `actors/runtime.py` on the same number of
-pool threads) and the same rows written per transfer (two `entries` rows, two outbox
+-> source account actor -> target account actor -> writer, as pykka messages through
+the project's own runtime `actors/runtime.py`, on the event loop like the engine's) and the same rows written per transfer (two `entries` rows, two outbox
 `events` rows, and each touched account's new balance and version once per batch),
 with asyncpg's `copy_records_to_table` inside one transaction per batch, the batch
 being everything waiting up to `batch_size_max` (as the engine's writer takes it).
@@ -167,7 +166,7 @@ async def ceiling_session(url: str, pgdata: str | None, runs: list[tuple[Workloa
     async with Engine(settings):
         pass   # our schema, from our migrations
     connection = await asyncpg.connect(url)
-    pool = ActorPool(settings.engine.actor_workers, name="ceiling")
+    pool = ActorPool(asyncio.get_running_loop(), name="ceiling")
     writer = None
     try:
         now = datetime.now(timezone.utc)
@@ -211,7 +210,7 @@ async def ceiling_session(url: str, pgdata: str | None, runs: list[tuple[Workloa
     finally:
         if writer is not None:
             await writer.stop()
-        await asyncio.to_thread(pool.stop)
+        pool.stop()
         await connection.close()
 
 

@@ -144,9 +144,13 @@ class Writer:
 
     # -- submission (any thread) -----------------------------------------------------
     def submit(self, op: WriteOp | ReloadOp) -> None:
-        """Thread-safe: hands `op` to the writer's loop. Ops from actor threads gather in a
-        deque; one loop wake-up moves all that arrived meanwhile (each wake-up costs a
-        write to the loop's self-pipe)."""
+        """Hands `op` to the writer: at once from the writer's loop (where the actors run),
+        thread-safe from anywhere else. Ops from other threads gather in a deque; one loop
+        wake-up moves all that arrived meanwhile (each wake-up costs a write to the
+        loop's self-pipe)."""
+        if asyncio._get_running_loop() is self._loop:
+            self.enqueue(op)
+            return
         self._inbox.append(op)
         if not self._wakeup_pending:
             self._wakeup_pending = True
