@@ -373,6 +373,8 @@ class AccountActor(PooledActor):
             self.pending.pop(op_id, None)
         for op_id in resolution.failed_op_ids:
             self.pending.pop(op_id, None)
+        for op_id in resolution.dropped_op_ids:
+            self.pending.pop(op_id, None)
         if resolution.state is not None and resolution.state.version > self.committed.version:
             self.committed = resolution.state
         if resolution.failed_op_ids:

@@ -26,7 +26,7 @@ import msgspec
 
 from engine import limits
 from engine.errors import (
-    EngineError, IdempotencyKeyReused, NotFound, Overloaded, Refused, Unavailable, ValidationFailed,
+    EngineError, IdempotencyKeyReused, KeyCommitted, NotFound, Overloaded, Refused, Unavailable, ValidationFailed,
 )
 from engine.model import (
     Account, BookTrade, Close, Deposit, Fork, GrowthOperation, Portfolio, Reinvest, Transaction, Transfer,
@@ -51,7 +51,7 @@ from actors.runtime import ActorPool
 from actors.settings import Settings, load_settings
 from persistence.embedded import EmbeddedServer
 from persistence.store import Store
-from persistence.writer import AuditEntry, Writer, WriteOp
+from persistence.writer import AuditEntry, PurgeKeysOp, Writer, WriteOp
 from engine.audit import EMBEDDED, SCHEDULER, AuditContext
 from actors.security import Security
 
@@ -62,6 +62,8 @@ MAINTENANCE_INTERVAL_S = 1.0
 # Supervisors of portfolios with nothing resident are swept every this many ticks (the
 # sweep walks every resident account).
 SUPERVISOR_SWEEP_TICKS = 10
+# Expired idempotency keys are purged every this many ticks.
+KEY_PURGE_TICKS = 60
 PORTFOLIO_CACHE_MAX = 100_000
 NO_SKIP: frozenset[str] = frozenset()
 REINVEST_SKIPS = frozenset({"already_reinvested", "account_not_active", "quarter_before_opening"})
@@ -282,11 +284,25 @@ class Engine:
                     self.registry.tell(account_id, ReloadIfStale())
             if ticks % SUPERVISOR_SWEEP_TICKS == 0:
                 self._passivate_idle_supervisors()
+            if ticks % KEY_PURGE_TICKS == 0 and self.writer.healthy:
+                self._in_background(self.purge_expired_keys())
             if self.settings.engine.reinvest_schedule:
                 quarter = previous_quarter(self.clock().date())
                 if quarter != self._scheduled_quarter:
                     self._scheduled_quarter = quarter
                     self._in_background(self._reinvest_everything(quarter))
+
+    async def purge_expired_keys(self) -> int:
+        """Deletes idempotency keys past `engine.idempotency_key_retention_s` (through the
+        writer, the only writer); returns how many. The maintenance task calls it every
+        minute; a request with a purged key runs anew."""
+        future = self._loop.create_future()
+        self.writer.submit(PurgeKeysOp(self.settings.engine.idempotency_key_retention_s,
+                                       Reply(self._loop, future).done_on_loop))
+        count = await future
+        if count:
+            log.info("purged %d expired idempotency keys", count)
+        return count
 
     async def check_ready(self) -> bool:
         """Readiness: recovery done and the database reachable."""
@@ -449,19 +465,32 @@ class Engine:
             _mark_replayed()
             return await self._bounded(asyncio.shield(in_flight[1]))
         self._admit()
-        task = asyncio.ensure_future(self._counted(self._lookup_or_run(key, fingerprint, result_type, run)))
+        task = asyncio.ensure_future(self._counted(self._run_keyed(key, fingerprint, result_type, run)))
         self._idempotent_ops[key] = (fingerprint, task)
         task.add_done_callback(lambda _: self._idempotent_ops.pop(key, None))
         return await self._bounded(asyncio.shield(task))
 
-    async def _lookup_or_run(self, key, fingerprint, result_type, run):
-        stored = await self.store.idempotent_response(key)
-        if stored is not None:
-            if stored[0] != fingerprint:
-                raise IdempotencyKeyReused("this idempotency key was used with a different request", {"key": key})
-            _mark_replayed()
-            return msgspec.json.decode(stored[1], type=result_type)
-        return await run((key, fingerprint))
+    async def _run_keyed(self, key, fingerprint, result_type, run):
+        """No read before the operation: the key table's unique index is the check, at
+        commit (the writer answers a committed key with `KeyCommitted`). A refusal may be
+        the retry of an operation that committed before the state changed (a withdrawal
+        of everything, retried): only then is the stored result looked up."""
+        try:
+            return await run((key, fingerprint))
+        except KeyCommitted as committed:
+            return self._replay(key, fingerprint, committed.fingerprint, committed.response, result_type)
+        except (Refused, NotFound, ValidationFailed):
+            stored = await self.store.idempotent_response(key)
+            if stored is None:
+                raise
+            return self._replay(key, fingerprint, stored[0], stored[1], result_type)
+
+    @staticmethod
+    def _replay(key: str, fingerprint: str, stored_fingerprint: str, response: bytes, result_type):
+        if stored_fingerprint != fingerprint:
+            raise IdempotencyKeyReused("this idempotency key was used with a different request", {"key": key})
+        _mark_replayed()
+        return msgspec.json.decode(response, type=result_type)
 
     async def _counted(self, awaitable: Awaitable[T]) -> T:
         self._in_flight += 1

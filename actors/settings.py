@@ -64,6 +64,9 @@ class EngineSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     # Reinvest every portfolio for the quarter that just ended, once it has ended.
     reinvest_schedule: bool = True
     tree_nodes_max: Annotated[int, Meta(ge=1, le=100_000)] = 10_000
+    # How long a committed idempotency key answers its retries (then it is purged and a
+    # request with it runs anew): 7 days, docs/decisions.md.
+    idempotency_key_retention_s: Annotated[float, Meta(ge=1, le=90 * 86_400)] = 7 * 86_400.0
 
 
 class SupervisionSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -49,5 +49,16 @@ class DatabaseUnavailable(Unavailable):
     code = "database_unavailable"
 
 
+class KeyCommitted(Exception):
+    """Internal, never shown: the operation's idempotency key had committed before (with
+    this fingerprint and stored response), so the operation did not run again. The
+    engine turns it into the stored result or `IdempotencyKeyReused`."""
+
+    def __init__(self, fingerprint: str, response: bytes):
+        super().__init__("idempotency key committed before")
+        self.fingerprint = fingerprint
+        self.response = response
+
+
 def refuse(code: str, message: str, **details) -> Refused:
     return Refused(message, details, code=code)

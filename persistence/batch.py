@@ -180,7 +180,7 @@ def write_batch_args(states: dict[str, Account], before_versions: dict[str, int]
             _json([{"id": portfolio_id, "merged_at": at} for portfolio_id, at in rows.merged]),
             _json(rows.reinvestments), _json(rows.outbox), _json(rows.keys), len(changed), len(rows.merged),
             _json(tokens), _json([{"id": token_id, "revoked_at": at} for token_id, at in rows.revocations]),
-            _json(rows.audit), len(rows.revocations))
+            _json(rows.audit), len(rows.revocations), len(rows.keys))
 
 
 async def write_batch(conn, states: dict[str, Account], before_versions: dict[str, int], rows: BatchRows) -> None:

@@ -34,6 +34,10 @@ SELECT_ENTRIES_PAGE = (f"SELECT {ENTRY_COLUMNS} FROM entries WHERE account_id = 
                        "ORDER BY sequence DESC LIMIT $3")
 SELECT_ENTRIES_BY_CORRELATION = f"SELECT {ENTRY_COLUMNS} FROM entries WHERE correlation_id = $1 ORDER BY direction DESC"
 SELECT_IDEMPOTENCY = "SELECT fingerprint, response FROM idempotency_keys WHERE key = $1"
+SELECT_IDEMPOTENCY_MANY = "SELECT key, fingerprint, response FROM idempotency_keys WHERE key = ANY($1::text[])"
+# Expired keys go in bounded chunks (the writer runs this between batches).
+PURGE_IDEMPOTENCY = """DELETE FROM idempotency_keys WHERE ctid = ANY(ARRAY(
+    SELECT ctid FROM idempotency_keys WHERE created_at < $1 LIMIT $2))"""
 SELECT_PORTFOLIO = f"SELECT {PORTFOLIO_COLUMNS} FROM portfolios WHERE id = $1"
 SELECT_CHILD_PORTFOLIOS = f"SELECT {PORTFOLIO_COLUMNS} FROM portfolios WHERE parent_id = ANY($1::text[]) ORDER BY id"
 SELECT_ACCOUNTS_BY_ID = f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = ANY($1::text[])"
@@ -139,9 +143,8 @@ WITH new_portfolios AS (
         request_id text, client text, outcome text, details text, prev_hash text, hash text)
     RETURNING 1
 )
-SELECT 1 / (CASE WHEN (SELECT count(*) FROM changed) = $9
-                  AND (SELECT count(*) FROM merged_portfolios) = $10
-                  AND (SELECT count(*) FROM revoked_tokens) = $14 THEN 1 ELSE 0 END)"""
+SELECT alluse_batch_guard((SELECT count(*) FROM new_keys), $15, (SELECT count(*) FROM changed), $9,
+                          (SELECT count(*) FROM merged_portfolios), $10, (SELECT count(*) FROM revoked_tokens), $14)"""
 
 SELECT_AUDIT_HEAD = "SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1"
 AUDIT_COLUMNS = ("seq, at, token_id, role, owner_scope, action, target, request_id, client, outcome, details, "
@@ -158,6 +161,14 @@ CONNECTION_ERRORS = (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, as
 class StatementRejected(Exception):
     """PostgreSQL refused a statement (a constraint, a value it cannot store, the batch's
     version guard): it did not commit. Only the writer sees this."""
+
+
+class KeyConflict(StatementRejected):
+    """A batch held an idempotency key that had committed before (the unique index said
+    so): nothing of the batch committed."""
+
+
+KEY_CONFLICT_SQLSTATE = "AL001"
 
 
 def account_from_row(row) -> Account:
@@ -215,6 +226,8 @@ async def translated_errors(rejections: bool = False):
         raise DatabaseUnavailable("the database is unavailable", {"reason": type(error).__name__}) from error
     except asyncpg.PostgresError as error:
         if rejections:
+            if getattr(error, "sqlstate", None) == KEY_CONFLICT_SQLSTATE:
+                raise KeyConflict(str(error)) from error
             raise StatementRejected(f"{type(error).__name__}: {error}") from error
         raise DatabaseUnavailable("the database refused the query", {"reason": type(error).__name__}) from error
 

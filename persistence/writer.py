@@ -26,15 +26,19 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from engine import audit
-from engine.errors import DatabaseUnavailable, EngineError, Overloaded, Unavailable
+from engine.errors import DatabaseUnavailable, EngineError, KeyCommitted, Overloaded, Unavailable
 from engine.model import Account, Event, LegPosted, PortfolioOpened, Transaction
 from persistence import store as sql
 from persistence.batch import BatchRows, KeyRow, apply_op, encode_json, write_batch_args
-from persistence.store import StatementRejected, Store, account_from_row, translated_errors
+from persistence.store import KeyConflict, StatementRejected, Store, account_from_row, translated_errors
 
 log = logging.getLogger("alluse.writer")
 
 RECONNECT_INTERVAL_S = 0.5
+# Expired idempotency keys deleted per statement, and statements per purge (the rest
+# waits for the next purge, so one purge never holds the writer for long).
+PURGE_CHUNK_ROWS = 5_000
+PURGE_CHUNKS_MAX = 20
 # Committed account rows the writer keeps (it is the only writer, so they stay true).
 CACHE_ACCOUNTS_MAX = 200_000
 
@@ -78,6 +82,15 @@ class ReloadOp:
     done: Callable[[Account | None, BaseException | None], None]
 
 
+@dataclass(slots=True, eq=False)
+class PurgeKeysOp:
+    """Delete idempotency keys older than `retention_s` (by the database's clock), in
+    bounded chunks, between batches; `done(count, error)`."""
+
+    retention_s: float
+    done: Callable[[int, BaseException | None], None]
+
+
 @dataclass(slots=True)
 class Resolution:
     """What the writer tells an account's actor after a batch: which of its operations
@@ -85,6 +98,9 @@ class Resolution:
 
     committed_op_ids: list[int] = field(default_factory=list)
     failed_op_ids: list[int] = field(default_factory=list)
+    # Operations that did not run (their idempotency key had committed before): the
+    # actor forgets them; its committed state is not in doubt.
+    dropped_op_ids: list[int] = field(default_factory=list)
     state: Account | None = None
 
 
@@ -205,6 +221,9 @@ class Writer:
                 # Behind every earlier write: flush them (and wait for their commit) first.
                 await self._flush()
                 await self._reload(item)
+            elif isinstance(item, PurgeKeysOp):
+                await self._flush()
+                await self._purge_keys(item)
             else:
                 self._waiting.append(item)
         await self._advance()
@@ -283,6 +302,25 @@ class Writer:
         else:
             self.cache.pop(op.account_id, None)
         op.done(state, None)
+
+    async def _purge_keys(self, op: PurgeKeysOp) -> None:
+        total = 0
+        try:
+            if not await self.ensure_connection():
+                raise DatabaseUnavailable("the database is unavailable")
+            cutoff = await self.connection.fetchval("SELECT now() - make_interval(secs => $1)", op.retention_s)
+            for _ in range(PURGE_CHUNKS_MAX):
+                async with translated_errors():
+                    status = await self.connection.execute(sql.PURGE_IDEMPOTENCY, cutoff, PURGE_CHUNK_ROWS)
+                deleted = int(status.rsplit(" ", 1)[-1])
+                total += deleted
+                if deleted < PURGE_CHUNK_ROWS:
+                    break
+        except EngineError as error:
+            self._drop_connection()
+            op.done(total, error)
+            return
+        op.done(total, None)
 
     def _drop_connection(self) -> None:
         self._audit_head = None
@@ -467,17 +505,39 @@ class Writer:
             self._spec_head = None
             self.queue.put_nowait(_WAKE)
 
-    async def _commit(self, ops: list[WriteOp]) -> None:
+    async def _commit(self, ops: list[WriteOp], *, replaying: bool = False) -> None:
         """Builds and commits `ops` now, as one batch, with nothing else in flight (the
-        one-by-one retry after a rejected statement)."""
+        one-by-one retry after a rejected statement, the rest of a batch that held a
+        committed idempotency key)."""
         batch = _Batch(epoch=self._epoch, head=self._audit_head)
         await self._apply_ops(batch, ops)
         if not batch.applied:
             self._fail([op for op, _ in batch.refused], None, poison=True, errors=[e for _, e in batch.refused])
             return
-        await self._execute(batch)
+        await self._execute(batch, replaying=replaying)
 
-    async def _execute(self, batch: "_Batch") -> None:
+    async def _replay_committed_keys(self, ops: list[WriteOp]) -> None:
+        """The batch held idempotency keys that had committed before (a retry after the
+        first attempt's reply was lost, or after a restart): nothing of it committed.
+        Those operations are answered with their stored result and their accounts reload
+        (their actors counted them in); the others commit as one batch again."""
+        self._invalidate()
+        keys = [op.idempotency[0] for op in ops if op.idempotency]
+        try:
+            async with translated_errors():
+                rows = await self.connection.fetch(sql.SELECT_IDEMPOTENCY_MANY, keys)
+        except EngineError as error:
+            self._drop_connection()
+            self._fail(ops, error, poison=True)
+            return
+        stored = {row["key"]: KeyCommitted(row["fingerprint"], bytes(row["response"])) for row in rows}
+        replayed = [op for op in ops if op.idempotency and op.idempotency[0] in stored]
+        others = [op for op in ops if not (op.idempotency and op.idempotency[0] in stored)]
+        self._fail(replayed, None, dropped=True, errors=[stored[op.idempotency[0]] for op in replayed])
+        if others:
+            await self._commit(others, replaying=True)
+
+    async def _execute(self, batch: "_Batch", *, replaying: bool = False) -> None:
         ready = [op for op, _ in batch.applied] + [op for op, _ in batch.refused]
         started = time.perf_counter()
         try:
@@ -486,6 +546,17 @@ class Writer:
                 raise DatabaseUnavailable("the database is unavailable")
             async with translated_errors(rejections=True):
                 await self.connection.fetchval(sql.WRITE_BATCH, *args)
+        except KeyConflict as conflict:
+            if not replaying:
+                await self._replay_committed_keys(ready)
+                return
+            # Two operations of one batch with one key: the engine's in-flight table
+            # should make that impossible.
+            log.error("batch of %d repeats an idempotency key: %s", len(ready), conflict)
+            self._invalidate()
+            self._fail(ready, Unavailable("the database rejected the operation", code="write_rejected"),
+                       poison=True)
+            return
         except StatementRejected as rejection:
             # Nothing committed, and the connection is fine. One operation is bad (a bug
             # upstream, since validation should have caught it): commit the others alone.
@@ -556,13 +627,14 @@ class Writer:
             op.done(result, None)
 
     def _fail(self, ops: list[WriteOp], error: BaseException | None, *, poison: bool = False,
-              errors: list[BaseException] | None = None) -> None:
+              errors: list[BaseException] | None = None, dropped: bool = False) -> None:
         if not ops:
             return
         resolutions: dict[str, Resolution] = defaultdict(Resolution)
         for op in ops:
             for account_id in op.accounts:
-                resolutions[account_id].failed_op_ids.append(op.op_id)
+                resolution = resolutions[account_id]
+                (resolution.dropped_op_ids if dropped else resolution.failed_op_ids).append(op.op_id)
                 if poison:
                     self.poisoned.add(account_id)
         self.notify(resolutions)

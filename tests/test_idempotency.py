@@ -1,0 +1,110 @@
+"""Idempotency on the operation path (issue 10): no read of the key table before a keyed
+operation; the key's unique index is the check at commit; a refused retry of an operation
+that committed before still gets its original result; keys expire after the retention
+period. Real actors, writer and PostgreSQL."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from actors.api import Engine
+from engine.errors import IdempotencyKeyReused
+from tests.conftest import engine_settings
+from tests.test_engine import checked_books, entry_count
+
+
+async def funded(engine: Engine, balance: int, type: str = "revenue"):
+    account = await engine.create_account(name="keys", type=type, owner="kim")
+    if balance:
+        await engine.deposit(account.id, balance)
+    return account
+
+
+class CountingLookups:
+    """Counts the engine's reads of the key table (the real store function still runs)."""
+
+    def __init__(self, engine: Engine):
+        self.calls = 0
+        self._original = engine.store.idempotent_response
+
+        async def counted(key):
+            self.calls += 1
+            return await self._original(key)
+
+        engine.store.idempotent_response = counted
+
+
+async def test_keyed_operations_commit_without_reading_the_key_table(engine):
+    source = await funded(engine, 100_000)
+    target = await funded(engine, 0)
+    lookups = CountingLookups(engine)
+    results = await asyncio.gather(*(engine.transfer(source.id, target.id, 10, idempotency_key=f"k-{n}")
+                                     for n in range(50)))
+    await engine.deposit(target.id, 5, idempotency_key="k-deposit")
+    assert lookups.calls == 0
+    assert len({transfer.id for transfer in results}) == 50
+    assert (await engine.get_account(target.id)).balance == 505
+
+
+async def test_a_retry_after_the_first_attempt_committed_gets_the_stored_result_and_moves_nothing(engine):
+    source = await funded(engine, 10_000)
+    target = await funded(engine, 0)
+    first = await engine.transfer(source.id, target.id, 2_500, memo="rent", idempotency_key="late-retry")
+    # The first attempt is no longer in flight: the retry is decided again and its batch
+    # meets the committed key at commit.
+    retries = await asyncio.gather(*(engine.transfer(source.id, target.id, 2_500, memo="rent",
+                                                     idempotency_key="late-retry") for _ in range(8)))
+    assert all(retry == first for retry in retries)
+    assert (await engine.get_account(source.id)).balance == 7_500
+    assert (await engine.get_account(target.id)).balance == 2_500
+    assert await checked_books(engine.store.fetch, [source.id, target.id]) == {source.id: 7_500, target.id: 2_500}
+
+
+async def test_other_operations_in_a_batch_with_a_replayed_key_still_commit(engine):
+    source = await funded(engine, 10_000)
+    target = await funded(engine, 0)
+    first = await engine.deposit(target.id, 100, idempotency_key="replayed")
+    outcomes = await asyncio.gather(
+        engine.deposit(target.id, 100, idempotency_key="replayed"),
+        *(engine.transfer(source.id, target.id, 1, idempotency_key=f"fresh-{n}") for n in range(20)))
+    assert outcomes[0] == first
+    assert (await engine.get_account(target.id)).balance == 120
+    assert await checked_books(engine.store.fetch, [source.id, target.id]) == {source.id: 9_980, target.id: 120}
+
+
+async def test_a_retry_that_the_rules_would_now_refuse_returns_the_original_result(engine):
+    account = await funded(engine, 3_000)
+    first = await engine.withdraw(account.id, 3_000, idempotency_key="empty-it")
+    # Deciding again would be insufficient_funds: the stored result answers instead.
+    assert await engine.withdraw(account.id, 3_000, idempotency_key="empty-it") == first
+    with pytest.raises(IdempotencyKeyReused):
+        await engine.withdraw(account.id, 2_999, idempotency_key="empty-it")
+    assert (await engine.get_account(account.id)).balance == 0
+    assert await entry_count(engine, account.id) == 2
+
+
+async def test_keys_older_than_the_retention_are_purged_and_then_run_anew(database_url):
+    engine = Engine(engine_settings(database_url, idempotency_key_retention_s=1.0))
+    await engine.start()
+    try:
+        account = await funded(engine, 0)
+        await engine.deposit(account.id, 700, idempotency_key="short-lived")
+        assert await engine.purge_expired_keys() == 0          # not expired yet
+        assert (await engine.deposit(account.id, 700, idempotency_key="short-lived")).balance_after == 700
+        await engine.store.fetch("SELECT pg_sleep(1.1)")
+        assert await engine.purge_expired_keys() == 1
+        rows = await engine.store.fetch("SELECT count(*) AS n FROM idempotency_keys WHERE key = 'short-lived'")
+        assert rows[0]["n"] == 0
+        again = await engine.deposit(account.id, 700, idempotency_key="short-lived")
+        assert again.balance_after == 1_400                      # a new deposit
+    finally:
+        await engine.stop()
+
+
+async def test_keys_inside_the_retention_survive_the_purge(engine):
+    account = await funded(engine, 0)
+    first = await engine.deposit(account.id, 700, idempotency_key="kept")
+    assert await engine.purge_expired_keys() == 0
+    assert await engine.deposit(account.id, 700, idempotency_key="kept") == first
+    assert (await engine.get_account(account.id)).balance == 700
