@@ -1,22 +1,27 @@
 """The account actor: one per resident account, its mailbox serializing that account's
 operations. It carries no business rules: it calls `engine.rules.decide` on its
-tentative state and hands the events to the writer with a continuation, then takes the
-next message at once (pipelining; DESIGN-NOTES section 1).
+tentative state and `engine.ledger.apply_events` to turn the decision into the rows the
+operation writes and the value it answers, hands them to the writer, and takes the next
+message at once (pipelining; DESIGN-NOTES section 1). Nothing is decided twice: the
+writer commits the rows as they are.
 
 Two views of the account:
 - `committed`: what PostgreSQL holds; reads are answered from it, so no reader ever sees
   a balance that might not survive;
-- `tentative`: committed plus every operation still in flight (`pending`, in decision
-  order); decisions are taken against it.
+- `tentative`: committed plus every operation still in flight (`pending`); decisions
+  are taken against it.
 After a failed write the actor turns *stale*: it refuses writes (503, safe to retry)
 until every in-flight operation has resolved, then reloads its row through the writer's
 queue, behind every earlier write.
 
-Operations on several accounts (transfers, merges, a portfolio's reinvestment) travel as
-a `Chain`: each account in turn decides its part on its tentative state, holds it, and
-passes the chain on; the last one submits every part as one write. A refusal walks the
-chain back (`Unwind`), each account dropping what it held, and the first one answers.
-No actor ever waits for another, so no order of requests can deadlock."""
+Every actor runs on the engine's event loop (`actors/runtime.py`), so an operation on
+several accounts (a transfer, a merge, a portfolio's reinvestment) never leaves the
+thread: the actor that receives it decides every account's part in one message, on each
+account's tentative state, and submits one write. Because each account's parts reach
+the writer in the order they were decided, entries carry their final `balance_after`
+and `sequence` from the decision. No actor ever waits for another, so nothing can
+deadlock; an account that cannot decide now (restarting after a failure) holds the
+operation until it can."""
 from __future__ import annotations
 
 import asyncio
@@ -26,11 +31,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Callable
 
-from pykka import ActorDeadError
-
 from engine.errors import EngineError, Unavailable, refuse
-from engine.model import Account, ChangeStatus, Close, Command, Event, MergeOut, UpdateAccount
-from engine.rules import DEFAULT_RULES, Rules, decide, mutate_all
+from engine.ledger import Rows, apply_events
+from engine.model import Account, Command, Event
+from engine.rules import DEFAULT_RULES, Rules, decide
 from actors.ids import new_id
 from actors.runtime import ActorPool, PooledActor
 from persistence.writer import ReloadOp, Resolution, WriteOp
@@ -68,45 +72,45 @@ class Reply:
 
 
 @dataclass(slots=True)
-class Operation:
-    """What the engine asks of one account actor: the command, the ids and time the core
-    needs, the idempotency record to commit with it, and where the answer goes."""
+class Step:
+    """One account's part of an operation."""
 
-    op_id: int
-    command: Command
-    reply: Reply
-    now: datetime
-    transaction_id: str
-    render: Callable
-    correlation_id: str | None = None
-    idempotency: tuple[str, str] | None = None
-    audit: Any = None
-
-
-@dataclass(slots=True)
-class ChainStep:
     account_id: str
-    ref: Any
+    actor: "AccountActor"
     transaction_id: str
     # The command, or a function of the events decided so far (a merge's last step).
     command: Command | Callable[[list[Event]], Command]
-    # Refusals with these codes skip the step instead of failing the chain.
+    # Refusals with these codes skip the step instead of failing the operation.
     skip_codes: frozenset[str] = frozenset()
 
 
 @dataclass(slots=True)
-class Chain:
-    operation: Operation          # its `command` is unused; each step carries its own
-    steps: list[ChainStep]
-    index: int = 0
-    events: list[Event] = field(default_factory=list)
-    skipped: list[tuple[str, str]] = field(default_factory=list)
+class Decided:
+    """What an operation's render function sees: its entries, the state of every account
+    after it, its events, and the steps skipped (account id, refusal code)."""
+
+    transactions: list
+    states: dict[str, Account]
+    events: list[Event]
+    skipped: list[tuple[str, str]]
 
 
 @dataclass(slots=True)
-class Unwind:
-    chain: Chain
-    error: BaseException
+class Operation:
+    """What the engine asks of the actors: the steps (one per account), the time and ids
+    the core needs, the idempotency record and audit entry to commit with it, how to
+    render its answer (`render(Decided)`), optional extra outbox rows
+    (`outbox(rows, result)`), and where the answer goes."""
+
+    op_id: int
+    steps: list[Step]
+    reply: Reply
+    now: datetime
+    render: Callable[[Decided], Any]
+    correlation_id: str | None = None
+    idempotency: tuple[str, str] | None = None
+    audit: Any = None
+    outbox: Callable[[Rows, Any], None] | None = None
 
 
 @dataclass(slots=True)
@@ -150,9 +154,12 @@ class AccountActorHooks:
     rules: Rules = field(default_factory=lambda: DEFAULT_RULES)
 
 
-def _changes_status(command: Any) -> bool:
-    return isinstance(command, (Close, ChangeStatus, MergeOut)) or (
-        isinstance(command, UpdateAccount) and command.status is not None)
+def _restarting() -> Unavailable:
+    return Unavailable("the account actor failed; retry with the same idempotency key", code="account_restarting")
+
+
+def _reloading() -> Unavailable:
+    return Unavailable("the account is reloading after a failed write; retry", code="account_reloading")
 
 
 class AccountActor(PooledActor):
@@ -161,22 +168,21 @@ class AccountActor(PooledActor):
         self.account_id = account.id
         self.committed = account
         self.tentative = account
-        self.pending: dict[int, list[Event]] = {}
+        self.pending: set[int] = set()
         self.stale = False
         self.reloading = False
         self.fault_armed = False
         # A restarted actor re-reads its row through the writer's queue (behind every
         # write its predecessor handed over) before it decides anything; until then it
-        # holds operations back instead of refusing them.
+        # holds operations back (`stash`) instead of refusing them.
         self.restarted = restarted
         self.hooks = hooks
-        # Operations and chain steps held back until nothing is in flight (`_must_wait`).
-        self.stash: collections.deque[Operation | Chain] = collections.deque()
+        self.stash: collections.deque[Operation] = collections.deque()
 
     # -- lifecycle ---------------------------------------------------------------------
     def on_start(self) -> None:
-        """Runs on a pool thread. An account whose last write failed while it was not
-        resident is still poisoned in the writer: reload it before taking writes."""
+        """An account whose last write failed while it was not resident is still
+        poisoned in the writer: reload it before taking writes."""
         if self.hooks.is_poisoned(self.account_id):
             self._turn_stale()
         elif self.restarted:
@@ -191,24 +197,19 @@ class AccountActor(PooledActor):
         self.hooks.on_failed(self.account_id, self.actor_ref, exception_value)
 
     def on_dropped(self, message: Any) -> None:
-        error = Unavailable("the account actor failed; retry with the same idempotency key",
-                            code="account_restarting")
-        if isinstance(message, Operation):
-            message.reply.send(error=error)
-        elif isinstance(message, Chain):
-            self._unwind(message, error)
-        elif isinstance(message, Unwind):
-            message.chain.index -= 1
-            self._unwind(message.chain, message.error)
-        elif isinstance(message, Read):
-            message.reply.send(error=error)
+        if isinstance(message, (Operation, Read)):
+            message.reply.send(error=_restarting())
 
     def is_idle(self) -> bool:
         return not self.pending and not self.stale and not self.stash and self.mailbox_depth() == 0
 
+    def can_decide(self) -> bool:
+        """Free to decide a part of an operation now (on the loop, between messages)."""
+        return not (self.restarted or self.stale or self.fault_armed or self.stash or self.actor_stopped.is_set())
+
     # -- messages ----------------------------------------------------------------------
     def on_receive(self, message: Any) -> Any:
-        if self.fault_armed and isinstance(message, (Operation, Chain, Read)):
+        if self.fault_armed and isinstance(message, (Operation, Read)):
             self.fault_armed = False
             self.on_dropped(message)
             raise InjectedFault(f"injected fault in account {self.account_id}")
@@ -224,18 +225,14 @@ class AccountActor(PooledActor):
     def _receive(self, message: Any) -> None:
         match message:
             case Operation():
-                self._execute(message)
-            case Chain():
-                self._step(message)
+                if self.stash:
+                    self.stash.append(message)   # behind what already waits here
+                else:
+                    self._run(message)
             case Resolved(resolution=resolution):
                 self._resolve(resolution)
             case Read(reply=reply):
                 reply.send(self.committed)
-            case Unwind(chain=chain, error=error):
-                self.pending.pop(chain.operation.op_id, None)
-                self._settle()
-                chain.index -= 1
-                self._unwind(chain, error)
             case Reloaded(state=state, error=error):
                 self._reloaded(state, error)
             case ReloadIfStale():
@@ -247,171 +244,96 @@ class AccountActor(PooledActor):
                 raise AssertionError(f"unexpected message {message!r}")
 
     # -- deciding ----------------------------------------------------------------------
-    def _must_wait(self, command: Any) -> bool:
-        """A status change waits until nothing is in flight. A transfer's debit is written
-        by the *last* account of its chain, so it can reach the writer after commands this
-        account decided later; a freeze, close or merge overtaking it would make the
-        writer refuse the debit. Once one operation waits, later ones queue behind it."""
-        return self.restarted or bool(self.stash) or (bool(self.pending) and _changes_status(command))
-
-    def _release_stash(self) -> None:
-        while self.stash and not self.stale and not self.restarted:
-            message = self.stash[0]
-            command = message.command if isinstance(message, Operation) else self._command_of(message)
-            if self.pending and _changes_status(command):
+    def _run(self, operation: Operation) -> None:
+        """Decides every step of `operation` now if all its accounts can; otherwise
+        refuses (an account is stale: retry) or hands it to the account that must come
+        back first (restarting, or about to fail)."""
+        for step in operation.steps:
+            actor = step.actor
+            if actor.actor_stopped.is_set():
+                operation.reply.send(error=_restarting())
                 return
-            self.stash.popleft()
-            if isinstance(message, Operation):
-                self._decide_and_submit(message)
-            else:
-                self._decide_step(message)
+            if actor.stale and not actor.restarted:
+                actor._maybe_reload()
+                operation.reply.send(error=_reloading())
+                return
+        for step in operation.steps:
+            actor = step.actor
+            if actor is self:
+                if self.restarted:
+                    self.stash.append(operation)
+                    return
+            elif not actor.can_decide():
+                # Its own mailbox: an armed fault fails it there, a restart holds it.
+                actor.deliver(operation)
+                return
+        self._decide(operation)
 
-    def _decide(self, operation: Operation, command: Command, transaction_id: str) -> list[Event]:
-        return decide(self.tentative, command, transaction_id=transaction_id, now=operation.now,
-                      correlation_id=operation.correlation_id, rules=self.hooks.rules, new_id=new_id)
-
-    def _execute(self, operation: Operation) -> None:
-        if self._refuse_if_stale(lambda e: operation.reply.send(error=e)):
+    def _decide(self, operation: Operation) -> None:
+        rows = Rows()
+        events_so_far: list[Event] = []
+        skipped: list[tuple[str, str]] = []
+        deciders: list[AccountActor] = []
+        rules = self.hooks.rules
+        for step in operation.steps:
+            actor = step.actor
+            command = step.command(events_so_far) if callable(step.command) else step.command
+            state = rows.states.get(step.account_id, actor.tentative)
+            try:
+                events = decide(state, command, transaction_id=step.transaction_id, now=operation.now,
+                                correlation_id=operation.correlation_id, rules=rules, new_id=new_id)
+            except EngineError as refusal:
+                if refusal.code not in step.skip_codes:
+                    operation.reply.send(error=refusal)
+                    return
+                skipped.append((step.account_id, refusal.code))
+                continue
+            if not events:
+                continue
+            rows.touch(state)
+            apply_events(rows, events)
+            events_so_far.extend(events)
+            deciders.append(actor)
+        if not deciders:
+            self._nothing_to_do(operation, skipped)
             return
-        if self._must_wait(operation.command):
-            self.stash.append(operation)
-            return
-        self._decide_and_submit(operation)
-
-    def _decide_and_submit(self, operation: Operation) -> None:
-        try:
-            events = self._decide(operation, operation.command, operation.transaction_id)
-        except EngineError as refusal:
-            operation.reply.send(error=refusal)
-            return
-        if not events:
-            operation.reply.send(operation.render([], {self.account_id: self.committed}))
-            return
-        self._hold(operation.op_id, events)
-        self.hooks.submit(WriteOp(op_id=operation.op_id, accounts=(self.account_id,), events=tuple(events),
-                                  idempotency=operation.idempotency, render=operation.render,
+        result = operation.render(Decided(rows.transactions, rows.states, events_so_far, skipped))
+        if operation.outbox is not None:
+            operation.outbox(rows, result)
+        for actor in deciders:
+            actor.tentative = rows.states[actor.account_id]
+            actor.pending.add(operation.op_id)
+        self.hooks.submit(WriteOp(op_id=operation.op_id, accounts=tuple(a.account_id for a in deciders),
+                                  rows=rows, result=result, idempotency=operation.idempotency,
                                   done=operation.reply.done_on_loop, audit=operation.audit))
 
-    # -- chains ------------------------------------------------------------------------
-    @staticmethod
-    def _command_of(chain: Chain) -> Command:
-        command = chain.steps[chain.index].command
-        return command(chain.events) if callable(command) else command
-
-    def _step(self, chain: Chain) -> None:
-        if self._refuse_if_stale(lambda e: self._unwind(chain, e)):
-            return
-        if self._must_wait(self._command_of(chain)):
-            self.stash.append(chain)
-            return
-        self._decide_step(chain)
-
-    def _decide_step(self, chain: Chain) -> None:
-        step = chain.steps[chain.index]
-        assert step.account_id == self.account_id
-        try:
-            events = self._decide(chain.operation, self._command_of(chain), step.transaction_id)
-        except EngineError as refusal:
-            if refusal.code not in step.skip_codes:
-                self._unwind(chain, refusal)
-                return
-            chain.skipped.append((self.account_id, refusal.code))
-            events = []
-        if events:
-            self._hold(chain.operation.op_id, events)
-        chain.events.extend(events)
-        chain.index += 1
-        if chain.index < len(chain.steps):
-            try:
-                chain.steps[chain.index].ref.tell(chain)
-            except ActorDeadError:
-                # The next account's actor failed meanwhile: give back what this one holds.
-                chain.index -= 1
-                self.pending.pop(chain.operation.op_id, None)
-                self._settle()
-                self._unwind(chain, Unavailable("an account of this operation is restarting; retry",
-                                                code="account_restarting"))
-            return
-        operation = chain.operation
-        if not chain.events:
-            code = chain.skipped[0][1] if chain.skipped else "nothing_to_do"
+    def _nothing_to_do(self, operation: Operation, skipped: list[tuple[str, str]]) -> None:
+        if skipped or len(operation.steps) > 1:
+            code = skipped[0][1] if skipped else "nothing_to_do"
             operation.reply.send(error=refuse(code, "no account had anything to do",
-                                              accounts=[account_id for account_id, _ in chain.skipped]))
+                                              accounts=[account_id for account_id, _ in skipped]))
             return
-        self.hooks.submit(WriteOp(op_id=operation.op_id, accounts=tuple(s.account_id for s in chain.steps),
-                                  events=tuple(chain.events), idempotency=operation.idempotency,
-                                  render=operation.render, done=operation.reply.done_on_loop,
-                                  audit=operation.audit))
-
-    def _unwind(self, chain: Chain, error: BaseException) -> None:
-        """Steps before `chain.index` hold their part: walk back; the first one answers.
-        A step whose actor has died meanwhile is passed over (its holds died with it)."""
-        while chain.index > 0:
-            try:
-                chain.steps[chain.index - 1].ref.tell(Unwind(chain, error))
-                return
-            except ActorDeadError:
-                chain.index -= 1
-        chain.operation.reply.send(error=error)
+        step = operation.steps[0]
+        operation.reply.send(operation.render(Decided([], {step.account_id: step.actor.committed}, [], [])))
 
     # -- bookkeeping -------------------------------------------------------------------
-    def _refuse_if_stale(self, reply_to: Callable[[BaseException], None]) -> bool:
-        if not self.stale:
-            return False
-        if self.restarted:
-            return False  # `_must_wait` holds it until the first reload lands
-        self._maybe_reload()
-        reply_to(Unavailable("the account is reloading after a failed write; retry", code="account_reloading"))
-        return True
-
-    def _hold(self, op_id: int, events: list[Event]) -> None:
-        self.pending[op_id] = events
-        self.tentative = mutate_all(self.tentative, events)
-
     def _resolve(self, resolution: Resolution) -> None:
+        pending = self.pending
         for op_id in resolution.committed_op_ids:
-            self.pending.pop(op_id, None)
+            pending.discard(op_id)
         for op_id in resolution.failed_op_ids:
-            self.pending.pop(op_id, None)
-        for op_id in resolution.dropped_op_ids:
-            self.pending.pop(op_id, None)
+            pending.discard(op_id)
         if resolution.state is not None and resolution.state.version > self.committed.version:
             self.committed = resolution.state
         if resolution.failed_op_ids:
             self._turn_stale()
-        else:
-            self._settle()
-
-    def _settle(self) -> None:
-        """After an operation left `pending`: recompute the tentative view (or go on
-        towards a reload), then let waiting operations through."""
-        if self.stale:
+        elif self.stale:
             self._maybe_reload()
-            return
-        self._recompute()
-        self._release_stash()
-
-    def _recompute(self) -> None:
-        """tentative = committed + every operation still in flight, in decision order."""
-        tentative = self.committed
-        try:
-            for events in self.pending.values():
-                tentative = mutate_all(tentative, events)
-        except AssertionError:
-            log.warning("account %s: in-flight operations no longer fit its committed state", self.account_id)
-            self._turn_stale()
-            return
-        self.tentative = tentative
 
     def _turn_stale(self) -> None:
         self.stale = True
         while self.stash:
-            message = self.stash.popleft()
-            error = Unavailable("the account is reloading after a failed write; retry", code="account_reloading")
-            if isinstance(message, Operation):
-                message.reply.send(error=error)
-            else:
-                self._unwind(message, error)
+            self.stash.popleft().reply.send(error=_reloading())
         self._maybe_reload()
 
     def _maybe_reload(self) -> None:
@@ -436,4 +358,8 @@ class AccountActor(PooledActor):
         self.tentative = state
         self.pending.clear()
         self.stale = False
-        self._release_stash()
+        while self.stash and self.can_decide_own():
+            self._run(self.stash.popleft())
+
+    def can_decide_own(self) -> bool:
+        return not (self.restarted or self.stale or self.fault_armed or self.actor_stopped.is_set())

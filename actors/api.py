@@ -36,11 +36,11 @@ from engine.requests import (
     CreateAccountRequest, CreatePortfolioRequest, DepositRequest, ForkRequest, ProjectionRequest, ReinvestRequest,
     TradeRequest, TransferRequest, UpdateAccountRequest, WithdrawalRequest,
 )
-from engine import analytics, growth, projection, reports
+from engine import analytics, growth, ledger, projection, reports
 from engine.rules import open_account, previous_quarter
 from actors.account import (
-    AccountActor, AccountActorHooks, Chain, ChainStep, InjectFault, Operation, Read, ReloadIfStale, Reply,
-    Resolved,
+    AccountActor, AccountActorHooks, Decided, InjectFault, Operation, Read, ReloadIfStale, Reply, Resolved,
+    Step,
 )
 from actors.supervisor import STANDALONE, ChildFailed, Release, RestartPolicy, Restarted, Supervisor, \
     SupervisorHooks
@@ -65,6 +65,11 @@ SUPERVISOR_SWEEP_TICKS = 10
 # Expired idempotency keys are purged every this many ticks.
 KEY_PURGE_TICKS = 60
 PORTFOLIO_CACHE_MAX = 100_000
+# Idempotency keys committed lately (loaded at start, kept as they commit): a request
+# with one of them is looked up before it is decided, so retries (after a lost reply or
+# a restart) are answered without deciding again. Older keys are still caught by the
+# key table's unique index at commit.
+RECENT_KEYS_MAX = 100_000
 NO_SKIP: frozenset[str] = frozenset()
 REINVEST_SKIPS = frozenset({"already_reinvested", "account_not_active", "quarter_before_opening"})
 SHUTDOWN_DRAIN_S = 10.0
@@ -160,6 +165,7 @@ class Engine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._in_flight = 0
         self._idempotent_ops: dict[str, tuple[str, asyncio.Future]] = {}
+        self._recent_keys: collections.OrderedDict[str, None] = collections.OrderedDict()
         # Operation deadlines, oldest first, and the one timer that expires them (`_bounded`).
         self._deadlines: collections.deque[list] = collections.deque()
         self._deadline_timer: asyncio.TimerHandle | None = None
@@ -223,6 +229,7 @@ class Engine:
         self.metrics.operations_in_flight.set_function(lambda: self._in_flight)
         self.metrics.write_queue_depth.set_function(lambda: self.writer.queue.qsize())
         self._drawdown_flags = await self.store.risk_flags()
+        self._recent_keys = collections.OrderedDict.fromkeys(await self.store.recent_keys(RECENT_KEYS_MAX))
         await self.security.load()
         self.metrics.drawdown_breaches.set_function(lambda: len(self._drawdown_flags))
         self._maintenance = asyncio.create_task(self._maintain(), name="alluse-maintenance")
@@ -475,8 +482,19 @@ class Engine:
         commit (the writer answers a committed key with `KeyCommitted`). A refusal may be
         the retry of an operation that committed before the state changed (a withdrawal
         of everything, retried): only then is the stored result looked up."""
+        recent = self._recent_keys
+        if key in recent:
+            # Most likely a retry of a committed operation: answer it from the key table
+            # rather than deciding it again.
+            stored = await self.store.idempotent_response(key)
+            if stored is not None:
+                return self._replay(key, fingerprint, stored[0], stored[1], result_type)
         try:
-            return await run((key, fingerprint))
+            result = await run((key, fingerprint))
+            recent[key] = None
+            if len(recent) > RECENT_KEYS_MAX:
+                recent.popitem(last=False)
+            return result
         except KeyCommitted as committed:
             return self._replay(key, fingerprint, committed.fingerprint, committed.response, result_type)
         except (Refused, NotFound, ValidationFailed):
@@ -501,49 +519,38 @@ class Engine:
 
     async def _on_account(self, account_id: str, command, render, idempotency, *, transaction_id=None,
                           correlation_id=None):
-        """Sends one command to an account actor (leased for the duration) and waits for
-        the continuation the writer or the actor completes."""
-        entry = self.registry.acquire_resident(account_id) or await self.registry.acquire(account_id)
-        try:
-            self._check_account_load(entry)
-            future = self._loop.create_future()
-            operation = Operation(op_id=next_op_id(), command=command, reply=Reply(self._loop, future),
-                                  now=self.clock(), transaction_id=transaction_id or new_id("txn"), render=render,
-                                  correlation_id=correlation_id, idempotency=idempotency, audit=audit_entry())
-            if not self.registry.tell(account_id, operation):
-                raise Unavailable("the account actor stopped; retry", code="account_restarting")
-            return await future
-        finally:
-            self.registry.release(entry)
+        """One command to one account's actor (leased for the duration); waits for the
+        answer the writer (after COMMIT) or the actor (a refusal) gives."""
+        return await self._run_steps([(account_id, command, NO_SKIP)], render, idempotency,
+                                     correlation_id=correlation_id, transaction_id=transaction_id)
 
     def _check_account_load(self, entry) -> None:
         if entry.leases > self.settings.engine.account_operations_in_flight_max:
             raise Overloaded("too many operations in flight on this account", {"account_id": entry.account_id})
 
-    async def _run_chain(self, steps: list[tuple[str, Any, frozenset[str]]], render, idempotency, *,
-                         correlation_id: str, chain_holder: list | None = None):
-        """A multi-account operation: `steps` are (account id, command or function of the
-        events so far, refusal codes that skip the step). Every account is leased (and
-        activated) first; the chain then travels actor to actor and the last one submits
-        all the parts as one write."""
+    async def _run_steps(self, steps: list[tuple[str, Any, frozenset[str]]], render, idempotency, *,
+                         correlation_id: str | None, transaction_id: str | None = None, outbox=None):
+        """An operation on one or more accounts: `steps` are (account id, command or
+        function of the events so far, refusal codes that skip the step). Every account
+        is leased (and activated) first; the first account's actor then decides every
+        part in one message and submits one write."""
         entries = []
         try:
             registry = self.registry
             for account_id, _, _ in steps:
                 entries.append(registry.acquire_resident(account_id) or await registry.acquire(account_id))
-            # Like a single-account operation, a chain is bounded where it enters: at its
-            # first account (the others see one message each, within the global bound).
+            # An operation is bounded where it enters: at its first account.
             self._check_account_load(entries[0])
             future = self._loop.create_future()
-            operation = Operation(op_id=next_op_id(), command=None, reply=Reply(self._loop, future), now=self.clock(),
-                                  transaction_id="", render=render, correlation_id=correlation_id,
-                                  idempotency=idempotency, audit=audit_entry())
-            chain = Chain(operation=operation, steps=[
-                ChainStep(account_id=account_id, ref=entry.ref, transaction_id=new_id("txn"), command=command,
-                          skip_codes=skip) for (account_id, command, skip), entry in zip(steps, entries)])
-            if chain_holder is not None:
-                chain_holder.append(chain)
-            if not self.registry.tell(steps[0][0], chain):
+            operation = Operation(
+                op_id=next_op_id(), reply=Reply(self._loop, future), now=self.clock(), render=render,
+                correlation_id=correlation_id, idempotency=idempotency, audit=audit_entry(), outbox=outbox,
+                steps=[Step(account_id=account_id, actor=entry.actor,
+                            transaction_id=transaction_id if transaction_id and len(steps) == 1 else new_id("txn"),
+                            command=command, skip_codes=skip)
+                       for (account_id, command, skip), entry in zip(steps, entries)])
+            if not entries[0].actor.deliver(operation):
+                registry.forget(steps[0][0], entries[0].ref)
                 raise Unavailable("the account actor stopped; retry", code="account_restarting")
             return await future
         finally:
@@ -558,14 +565,20 @@ class Engine:
         async def run(idempotency):
             account = open_account(account_id=new_id("acc"), name=request.name, account_type=request.type,
                                    owner=request.owner, opened_on=request.opened_on, now=self.clock())
-            future = self._loop.create_future()
-            self.writer.enqueue(WriteOp(op_id=next_op_id(), accounts=(account.id,), creates=(account,),
-                                        idempotency=idempotency, done=Reply(self._loop, future).done_on_loop,
-                                        audit=audit_entry(),
-                                        render=lambda _, states: states[account.id]))
-            return await future
+            rows = ledger.Rows()
+            ledger.open_account(rows, account)
+            return await self._write(rows, account, idempotency)
 
         return await self._idempotent(idempotency_key, ("create_account", None, request), Account, run)
+
+    async def _write(self, rows: "ledger.Rows", result, idempotency) -> Any:
+        """An operation decided here rather than by an actor (it opens accounts that have
+        none yet): straight to the writer."""
+        future = self._loop.create_future()
+        self.writer.enqueue(WriteOp(op_id=next_op_id(), accounts=(), rows=rows, result=result,
+                                    idempotency=idempotency, done=Reply(self._loop, future).done_on_loop,
+                                    audit=audit_entry()))
+        return await future
 
     async def get_account(self, account_id: str) -> Account:
         """The committed state, from the resident actor (reads keep working while the
@@ -674,10 +687,10 @@ class Engine:
             transfer_id = new_id("xfr")
             now = self.clock()
 
-            def render(legs, _states):
+            def render(decided: Decided) -> Transfer:
                 return Transfer(id=transfer_id, kind="transfer", from_account=request.from_account,
                                 to_account=request.to_account, amount=request.amount, memo=request.memo,
-                                created_at=now, legs=legs)
+                                created_at=now, legs=decided.transactions)
 
             steps = [(request.from_account,
                       TransferDebit(to_account=request.to_account, amount=request.amount, memo=request.memo,
@@ -685,7 +698,8 @@ class Engine:
                      (request.to_account,
                       TransferCredit(from_account=request.from_account, amount=request.amount, memo=request.memo),
                       NO_SKIP)]
-            result = await self._run_chain(steps, render, idempotency, correlation_id=transfer_id)
+            result = await self._run_steps(steps, render, idempotency, correlation_id=transfer_id,
+                                           outbox=ledger.transfer_events)
             await self._after_credit(request.to_account)
             return result
 
@@ -703,13 +717,10 @@ class Engine:
             events = growth.open_portfolio(name=request.name, owner=request.owner, capital=request.initial_capital,
                                            now=self.clock(), new_id=new_id, opened_on=request.opened_on,
                                            rules=self.rules)
-            portfolio = events[0].portfolio
-            future = self._loop.create_future()
-            self.writer.enqueue(WriteOp(
-                op_id=next_op_id(), accounts=(), events=tuple(events), idempotency=idempotency,
-                done=Reply(self._loop, future).done_on_loop, audit=audit_entry(),
-                render=lambda _, states: reports.portfolio_view(portfolio, states, [], {}, self.rules)))
-            return await future
+            rows = ledger.Rows()
+            ledger.apply_events(rows, events)
+            view = reports.portfolio_view(events[0].portfolio, rows.states, [], {}, self.rules)
+            return await self._write(rows, view, idempotency)
 
         return await self._idempotent(idempotency_key, ("create_portfolio", None, request),
                                       reports.PortfolioView, run)
@@ -823,12 +834,13 @@ class Engine:
         for account_id, command in growth.merge_steps(unit, root.compounding_account_id, when):
             steps.append((account_id, command or (lambda events: growth.merge_in(unit, events, when)), NO_SKIP))
 
-        def render(legs, _states):
+        def render(decided: Decided) -> GrowthOperation:
+            legs = decided.transactions
             amount = sum(leg.amount for leg in legs if leg.direction == "credit")
             return GrowthOperation(id=merge_id, kind="merge", portfolio_id=unit.id, amount=amount, created_at=now,
                                    legs=legs)
 
-        return await self._run_chain(steps, render, idempotency, correlation_id=merge_id)
+        return await self._run_steps(steps, render, idempotency, correlation_id=merge_id)
 
     async def reinvest_portfolio(self, portfolio_id: str, quarter: str, *,
                                  idempotency_key: str | None = None) -> reports.Reinvestment:
@@ -846,14 +858,10 @@ class Engine:
             if not steps:
                 raise Refused("no account of this portfolio reinvests", {"portfolio_id": portfolio_id},
                               code="already_reinvested")
-            holder: list[Chain] = []
+            def render(decided: Decided) -> reports.Reinvestment:
+                return reports.reinvestment_report(portfolio_id, request.quarter, decided.events, decided.skipped)
 
-            def render(_legs, _states):
-                chain = holder[0]
-                return reports.reinvestment_report(portfolio_id, request.quarter, chain.events, chain.skipped)
-
-            return await self._run_chain(steps, render, idempotency, correlation_id=new_id("rnv"),
-                                         chain_holder=holder)
+            return await self._run_steps(steps, render, idempotency, correlation_id=new_id("rnv"))
 
         return await self._idempotent(idempotency_key, ("reinvest", portfolio_id, request),
                                       reports.Reinvestment, run)
@@ -1081,13 +1089,14 @@ class Engine:
         }
 
 
-def _render_first_leg(legs, _states):
-    return legs[0]
+def _render_first_leg(decided: Decided):
+    return decided.transactions[0]
 
 
-def _render_fork(legs, states):
+def _render_fork(decided: Decided):
+    legs = decided.transactions
     debit = legs[0]
-    unit = states[debit.counterparty_account_id].portfolio_id
+    unit = decided.states[debit.counterparty_account_id].portfolio_id
     return GrowthOperation(id=debit.correlation_id, kind="fork", portfolio_id=unit, amount=debit.amount,
                            created_at=debit.created_at, legs=legs)
 
@@ -1119,7 +1128,7 @@ def run_projection(request: ProjectionRequest, rules, today: date) -> projection
 
 
 def _render_account(account_id: str):
-    return lambda _legs, states: states[account_id]
+    return lambda decided: decided.states[account_id]
 
 
 class BlockingEngine:

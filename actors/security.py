@@ -178,8 +178,8 @@ class Security:
                 else:
                     future.set_result(result)
 
-        engine.writer.enqueue(WriteOp(op_id=next_op_id(), accounts=(), done=done, render=lambda _legs, _s: None,
-                                      audit=entry, tokens=tokens, revocations=revocations))
+        engine.writer.enqueue(WriteOp(op_id=next_op_id(), accounts=(), done=done, audit=entry, tokens=tokens,
+                                      revocations=revocations))
         await engine._bounded(future)
 
 

@@ -320,6 +320,13 @@ class Store:
             rows = await self.pool.fetch(SELECT_ENTRIES_PAGE, account_id, before, limit)
         return [transaction_from_row(r) for r in rows]
 
+    async def recent_keys(self, limit: int) -> list[str]:
+        """The `limit` idempotency keys committed last, oldest first."""
+        async with translated_errors():
+            rows = await self.pool.fetch("SELECT key FROM (SELECT key, created_at FROM idempotency_keys "
+                                         "ORDER BY created_at DESC LIMIT $1) k ORDER BY created_at", limit)
+        return [row["key"] for row in rows]
+
     async def idempotent_response(self, key: str) -> tuple[str, bytes] | None:
         async with translated_errors():
             row = await self.pool.fetchrow(SELECT_IDEMPOTENCY, key)

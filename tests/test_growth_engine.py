@@ -635,28 +635,27 @@ async def _quarantined(engine: Engine, account_id: str):
     return status if account_id in status["quarantined"] and listed else None
 
 
-# -- a chain meeting an account whose actor died after it was leased ------------------------------
-# `Engine._run_chain` leases every account of a multi-account operation first, then sends
-# the chain from actor to actor by the refs it leased. If one of those actors fails in
-# between (a crash caused by another message), the next `ref.tell` raises pykka's
-# ActorDeadError inside a *healthy* actor. These tests build that situation directly.
+# -- an operation meeting an account whose actor died after it was leased -------------------------
+# `Engine._run_steps` leases every account of a multi-account operation first, then hands
+# the operation to the first account's actor, which decides every account's part. If one
+# of the leased actors fails in between (a crash caused by another message), the healthy
+# actor deciding the operation must answer the caller and stay alive. These tests build
+# that situation directly.
 
 async def _leased_transfer(engine: Engine, source: str, target: str, amount: int):
-    from actors.account import Chain, ChainStep, Operation, Reply
+    from actors.account import Operation, Reply, Step
     from actors.ids import new_id, next_op_id
     from engine.model import TransferCredit, TransferDebit
 
     entries = [await engine.registry.acquire(source), await engine.registry.acquire(target)]
     future = asyncio.get_running_loop().create_future()
-    operation = Operation(op_id=next_op_id(), command=None, reply=Reply(asyncio.get_running_loop(), future),
-                          now=engine.clock(), transaction_id="", render=lambda legs, _states: legs,
-                          correlation_id=new_id("xfr"))
-    chain = Chain(operation=operation, steps=[
-        ChainStep(account_id=source, ref=entries[0].ref, transaction_id=new_id("txn"),
-                  command=TransferDebit(to_account=target, amount=amount)),
-        ChainStep(account_id=target, ref=entries[1].ref, transaction_id=new_id("txn"),
-                  command=TransferCredit(from_account=source, amount=amount))])
-    return entries, chain, future
+    operation = Operation(op_id=next_op_id(), reply=Reply(asyncio.get_running_loop(), future), now=engine.clock(),
+                          render=lambda decided: decided.transactions, correlation_id=new_id("xfr"), steps=[
+                              Step(account_id=source, actor=entries[0].actor, transaction_id=new_id("txn"),
+                                   command=TransferDebit(to_account=target, amount=amount)),
+                              Step(account_id=target, actor=entries[1].actor, transaction_id=new_id("txn"),
+                                   command=TransferCredit(from_account=source, amount=amount))])
+    return entries, operation, future
 
 
 async def _crash(engine: Engine, account_id: str) -> None:
@@ -678,10 +677,10 @@ async def test_a_transfer_whose_target_actor_died_after_leasing_does_not_fail_th
         target = await engine.create_account(name="t", type="revenue", owner="ann")
         await engine.deposit(source.id, 100)
         await engine.get_account(target.id)
-        entries, chain, future = await _leased_transfer(engine, source.id, target.id, 10)
+        entries, operation, future = await _leased_transfer(engine, source.id, target.id, 10)
         try:
             await _crash(engine, target.id)          # the leased target's actor is gone
-            entries[0].ref.tell(chain)
+            assert entries[0].actor.deliver(operation)
             with pytest.raises(Unavailable):
                 await asyncio.wait_for(future, timeout=5.0)
         finally:
@@ -696,28 +695,25 @@ async def test_a_transfer_whose_target_actor_died_after_leasing_does_not_fail_th
             "consumes another account's restart budget")
 
 
-async def test_a_refused_chain_step_whose_previous_actor_died_still_answers_the_caller(database_url):
+async def test_an_operation_whose_first_actor_died_is_answered_by_the_healthy_one_deciding_it(database_url):
     async with Engine(growth_settings(database_url, fault_injection=True)) as engine:
         source = await engine.create_account(name="s", type="revenue", owner="ann")
         target = await engine.create_account(name="t", type="revenue", owner="ann")
         await engine.deposit(source.id, 100)
-        await engine.update_account(target.id, status="frozen")  # the credit step will refuse
-        entries, chain, future = await _leased_transfer(engine, source.id, target.id, 10)
+        entries, operation, future = await _leased_transfer(engine, source.id, target.id, 10)
         try:
-            # As if the source had decided its debit and passed the chain on, then crashed.
-            chain.index = 1
             await _crash(engine, source.id)
-            entries[1].ref.tell(chain)
-            with pytest.raises((Refused, Unavailable)):
+            assert entries[1].actor.deliver(operation)   # the target decides it, finding the source dead
+            with pytest.raises(Unavailable):
                 await asyncio.wait_for(asyncio.shield(future), timeout=2.0)
         except asyncio.TimeoutError:
-            pytest.fail("the caller was never answered: the target's refusal could not unwind to the dead "
-                        "source, and the target actor failed instead")
+            pytest.fail("the caller was never answered")
         finally:
             for entry in entries:
                 engine.registry.release(entry)
         failures = await _failures(engine)
         assert failures.get(target.id) is None, f"the healthy target actor failed: {failures.get(target.id)}"
+        assert (await engine.get_account(target.id)).balance == 0
 
 
 async def test_a_quarter_of_year_zero_is_a_validation_failure_not_a_crash(engine):

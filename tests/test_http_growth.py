@@ -584,9 +584,13 @@ async def test_the_event_feed_pages_in_commit_order_with_next_after(api):
     seqs = [item["seq"] for item in items]
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
     types = [item["type"] for item in items]
-    # The opening, then the premium, the fork's debit, the unit (before its accounts) and its credits.
+    # The opening, then the premium, then the fork: one event for the unit (before its
+    # accounts) carrying all three legs of the fork.
     assert types == ["portfolio.opened"] + ["account.opened"] * 3 + ["transaction.posted"] * 3 + \
-        ["transaction.posted"] * 2 + ["portfolio.forked"] + ["account.opened"] * 2 + ["transaction.posted"] * 2
+        ["transaction.posted"] + ["portfolio.forked"] + ["account.opened"] * 2
+    forked = items[types.index("portfolio.forked")]["payload"]
+    assert [leg["direction"] for leg in forked["legs"]] == ["debit", "credit", "credit"]
+    assert forked["amount"] == sum(leg["amount"] for leg in forked["legs"] if leg["direction"] == "credit")
     opened = items[0]
     assert opened["portfolio_id"] == root["id"] and opened["payload"]["portfolio"]["id"] == root["id"]
     posted = items[4]

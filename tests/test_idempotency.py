@@ -10,7 +10,7 @@ import pytest
 
 from actors.api import Engine
 from engine.errors import IdempotencyKeyReused
-from tests.conftest import engine_settings
+from tests.conftest import engine_settings, eventually
 from tests.test_engine import checked_books, entry_count
 
 
@@ -108,3 +108,44 @@ async def test_keys_inside_the_retention_survive_the_purge(engine):
     assert await engine.purge_expired_keys() == 0
     assert await engine.deposit(account.id, 700, idempotency_key="kept") == first
     assert (await engine.get_account(account.id)).balance == 700
+
+
+async def test_a_retry_of_a_key_the_engine_does_not_remember_is_caught_by_the_key_table_at_commit(engine):
+    source = await funded(engine, 10_000)
+    target = await funded(engine, 0)
+    first = await engine.transfer(source.id, target.id, 2_500, idempotency_key="forgotten")
+    engine._recent_keys.clear()   # as for a key older than the engine's memory of recent keys
+    lookups = CountingLookups(engine)
+    assert await engine.transfer(source.id, target.id, 2_500, idempotency_key="forgotten") == first
+    assert lookups.calls == 0     # answered from the conflict at commit, not from a read first
+    # The accounts reload after the replayed decision (503 meanwhile, safe to retry); then
+    # they work on, and another request under the key is refused.
+    await eventually(lambda: _transfers(engine, source.id, target.id), what="the accounts to take writes again")
+    engine._recent_keys.clear()
+    with pytest.raises(IdempotencyKeyReused):
+        await engine.transfer(source.id, target.id, 2_501, idempotency_key="forgotten")
+    await eventually(lambda: engine.get_account(source.id), what="the source to answer")
+    assert await checked_books(engine.store.fetch, [source.id, target.id]) == {source.id: 7_499, target.id: 2_501}
+
+
+async def _transfers(engine, source, target):
+    from engine.errors import Unavailable
+    try:
+        await engine.transfer(source, target, 1)
+        return True
+    except Unavailable:
+        return False
+
+
+async def test_the_engine_remembers_recent_keys_across_a_restart(engine, database_url):
+    account = await funded(engine, 0)
+    first = await engine.deposit(account.id, 100, idempotency_key="remembered")
+    await engine.stop()
+    restarted = Engine(engine_settings(database_url))
+    await restarted.start()
+    try:
+        assert "remembered" in restarted._recent_keys
+        assert await restarted.deposit(account.id, 100, idempotency_key="remembered") == first
+        assert (await restarted.get_account(account.id)).balance == 100
+    finally:
+        await restarted.stop()

@@ -1,0 +1,179 @@
+"""What one operation writes, decided once.
+
+The account actors decide an operation with `engine.rules.decide`, then `apply_events`
+turns the decided events into the operation's rows, in their committed shape: each
+touched account's state after the operation (and the version it had before, for the
+writer's guard), every ledger entry with its `balance_after` and `sequence`, the
+portfolios opened or merged, the reinvestments, and the outbox events. The writer takes
+these rows as they are: it never re-applies a rule. Pure: no I/O, no clock, no ids."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import msgspec
+
+from engine.model import (
+    Account, Event, LegPosted, Portfolio, PortfolioMerged, PortfolioOpened, Reinvested, Renamed, StatusChanged,
+    Transaction, Transfer,
+)
+from engine.rules import mutate, transition
+
+# Legs of these kinds belong to an operation on several accounts: its one event carries
+# them, instead of one `transaction.posted` per leg.
+MULTI_LEG_KINDS = frozenset({"transfer", "fork", "merge"})
+
+
+class OutboxRow(msgspec.Struct):
+    """One event of the transactional outbox; `payload` (a Struct or a dict) is encoded
+    with the rest of the batch."""
+
+    type: str
+    account_id: str | None
+    portfolio_id: str | None
+    correlation_id: str | None
+    payload: Any
+    created_at: datetime
+
+
+@dataclass(slots=True)
+class Rows:
+    """Everything one operation writes. `states` holds the state after the operation of
+    every account it touches (created ones included); `before` the version each existing
+    one had before it (the writer's guard); `created` the ids of accounts it opens."""
+
+    states: dict[str, Account] = field(default_factory=dict)
+    before: dict[str, int] = field(default_factory=dict)
+    created: list[str] = field(default_factory=list)
+    transactions: list[Transaction] = field(default_factory=list)
+    portfolios: list[Portfolio] = field(default_factory=list)
+    merged: list[tuple[str, datetime]] = field(default_factory=list)
+    reinvestments: list[Reinvested] = field(default_factory=list)
+    outbox: list[OutboxRow] = field(default_factory=list)
+
+    def touch(self, account: Account) -> None:
+        """`account` (its tentative state) takes part in the operation."""
+        if account.id not in self.states:
+            self.states[account.id] = account
+            self.before[account.id] = account.version
+
+
+def apply_events(rows: Rows, events: list[Event]) -> list[Transaction]:
+    """Applies decided `events` to `rows.states` (every account they name must have been
+    `touch`ed, or be opened by them) and appends their rows; returns the new entries.
+    Assertions guard our own invariants (a decision that does not fit its state is a bug)."""
+    transactions: list[Transaction] = []
+    # A fork's or a merge's one event carries its legs (a merge's come from every account
+    # of the operation): it takes its place before them and its legs once they exist.
+    growth: list[tuple[str, list]] = []
+    for event in events:
+        kind = type(event)
+        if kind is LegPosted:  # the common case first
+            transactions.append(_post(rows, event))
+        elif kind is PortfolioOpened:
+            rows.portfolios.append(event.portfolio)
+            growth.append(("fork", _portfolio_opened(rows, event.portfolio)))
+            for account in event.accounts:
+                open_account(rows, account)
+        elif kind is PortfolioMerged:
+            assert all(portfolio_id != event.portfolio_id for portfolio_id, _ in rows.merged), "merged twice"
+            rows.merged.append((event.portfolio_id, event.at))
+            growth.append(("merge", _portfolio_merged(rows, event)))
+        else:
+            _apply_account_event(rows, event)
+    rows.transactions.extend(transactions)
+    for leg_kind, outbox in growth:
+        _complete_growth_event(outbox, [t for t in rows.transactions if t.kind == leg_kind])
+    return transactions
+
+
+def open_account(rows: Rows, account: Account) -> None:
+    assert account.id not in rows.states, f"account {account.id} exists"
+    rows.states[account.id] = account
+    rows.created.append(account.id)
+    _event(rows, "account.opened", account, account.created_at, account_id=account.id,
+           portfolio_id=account.portfolio_id)
+
+
+def transfer_events(rows: Rows, transfer: Transfer) -> None:
+    """A transfer's outbox: one `transfer.posted` per owner it touches, each carrying
+    that owner's legs (an owner-scoped feed never shows another owner's balance)."""
+    by_owner: dict[str, list[Transaction]] = {}
+    for leg in transfer.legs:
+        by_owner.setdefault(rows.states[leg.account_id].owner, []).append(leg)
+    for legs in by_owner.values():
+        payload = transfer if len(legs) == len(transfer.legs) else msgspec.structs.replace(transfer, legs=legs)
+        first = rows.states[legs[0].account_id]
+        _event(rows, "transfer.posted", payload, transfer.created_at, account_id=first.id,
+               portfolio_id=first.portfolio_id, correlation_id=transfer.id)
+
+
+def _event(rows: Rows, kind: str, payload, at: datetime, *, account_id=None, portfolio_id=None,
+           correlation_id=None) -> None:
+    rows.outbox.append(OutboxRow(kind, account_id, portfolio_id, correlation_id, payload, at))
+
+
+def _post(rows: Rows, event: LegPosted) -> Transaction:
+    leg = event.leg
+    current = rows.states[leg.account_id]
+    assert current.status == "active", f"{current.id} is {current.status}"
+    after = mutate(current, event)
+    rows.states[leg.account_id] = after
+    transaction = Transaction(
+        id=leg.id, kind=leg.kind, account_id=leg.account_id, counterparty_account_id=leg.counterparty_account_id,
+        amount=leg.amount, direction=leg.direction, balance_after=after.balance, memo=leg.memo,
+        effective_date=leg.effective_date, created_at=leg.created_at, correlation_id=leg.correlation_id,
+        sequence=after.version)
+    if leg.kind not in MULTI_LEG_KINDS:
+        _event(rows, "transaction.posted", transaction, leg.created_at, account_id=leg.account_id,
+               portfolio_id=after.portfolio_id, correlation_id=leg.correlation_id)
+    return transaction
+
+
+def _portfolio_opened(rows: Rows, portfolio: Portfolio) -> OutboxRow:
+    kind = "portfolio.forked" if portfolio.is_unit else "portfolio.opened"
+    _event(rows, kind, {"portfolio": portfolio, "amount": 0, "from_account": None, "legs": []},
+           portfolio.created_at, portfolio_id=portfolio.id)
+    return rows.outbox[-1]
+
+
+def _portfolio_merged(rows: Rows, event: PortfolioMerged) -> OutboxRow:
+    _event(rows, "portfolio.merged", {"portfolio_id": event.portfolio_id, "amount": 0, "to_account": None,
+                                      "legs": []}, event.at, portfolio_id=event.portfolio_id)
+    return rows.outbox[-1]
+
+
+def _complete_growth_event(outbox: OutboxRow, legs: list[Transaction]) -> None:
+    """Fills in a fork's (amount, from_account) or a merge's (amount, to_account) event
+    from its legs; a root portfolio's opening has none."""
+    payload = outbox.payload
+    payload["legs"] = legs
+    if not legs:
+        return
+    if "from_account" in payload:
+        moved = [leg for leg in legs if leg.direction == "debit"]
+        payload["from_account"] = moved[0].account_id
+    else:
+        moved = [leg for leg in legs if leg.direction == "credit"]
+        payload["to_account"] = moved[0].account_id
+    payload["amount"] = sum(leg.amount for leg in moved)
+    outbox.correlation_id = moved[0].correlation_id
+
+
+def _apply_account_event(rows: Rows, event: Event) -> None:
+    current = rows.states[event.account_id]
+    if isinstance(event, StatusChanged):
+        transition(current, event.status)
+        assert event.status != "closed" or current.balance == 0, "closing a non-empty account"
+    after = mutate(current, event)
+    rows.states[event.account_id] = after
+    match event:
+        case StatusChanged(status=status, at=at):
+            _event(rows, "account.status_changed", {"account_id": after.id, "status": status}, at,
+                   account_id=after.id, portfolio_id=after.portfolio_id)
+        case Reinvested(at=at):
+            rows.reinvestments.append(event)
+            _event(rows, "account.reinvested", event, at, account_id=after.id, portfolio_id=after.portfolio_id)
+        case Renamed():
+            pass
