@@ -37,12 +37,22 @@ SELECT_IDEMPOTENCY = "SELECT fingerprint, response FROM idempotency_keys WHERE k
 SELECT_PORTFOLIO = f"SELECT {PORTFOLIO_COLUMNS} FROM portfolios WHERE id = $1"
 SELECT_CHILD_PORTFOLIOS = f"SELECT {PORTFOLIO_COLUMNS} FROM portfolios WHERE parent_id = ANY($1::text[]) ORDER BY id"
 SELECT_ACCOUNTS_BY_ID = f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = ANY($1::text[])"
+# The flow columns are Modified Dietz's (engine.analytics.WeekTotals): the net external
+# flow, each flow times the days from the start of its day to the week's end (isodow:
+# Monday = 1, so 8 - isodow days), and the weekday (Monday = 0) of the first inflow.
 ANALYTICS_WEEKS = """
 SELECT account_id, date_trunc('week', effective_date)::date AS week,
        coalesce(sum(amount) FILTER (WHERE kind = 'premium'), 0)::bigint AS premium,
        coalesce(sum(amount) FILTER (WHERE kind = 'loss'), 0)::bigint AS loss,
        coalesce(sum(amount) FILTER (WHERE kind = 'fee'), 0)::bigint AS fee,
-       (array_agg(balance_after ORDER BY sequence DESC))[1] AS end_balance
+       (array_agg(balance_after ORDER BY sequence DESC))[1] AS end_balance,
+       coalesce(sum(CASE WHEN direction = 'credit' THEN amount ELSE -amount END)
+                FILTER (WHERE kind NOT IN ('premium', 'loss', 'fee')), 0) AS flow,
+       coalesce(sum(CASE WHEN direction = 'credit' THEN amount ELSE -amount END
+                    * (8 - extract(isodow FROM effective_date)::int))
+                FILTER (WHERE kind NOT IN ('premium', 'loss', 'fee')), 0) AS flow_cent_days,
+       min(extract(isodow FROM effective_date)::int - 1)
+           FILTER (WHERE kind NOT IN ('premium', 'loss', 'fee') AND direction = 'credit') AS first_inflow_weekday
 FROM entries WHERE account_id = ANY($1::text[])
 GROUP BY account_id, week ORDER BY account_id, week"""
 SELECT_EVENTS_AFTER = f"SELECT {EVENT_COLUMNS} FROM events WHERE seq > $1 ORDER BY seq LIMIT $2"
@@ -358,7 +368,8 @@ class Store:
         found: dict[str, list] = {account_id: [] for account_id in account_ids}
         for row in rows:
             found[row["account_id"]].append(WeekTotals(row["week"], row["premium"], row["loss"], row["fee"],
-                                                       row["end_balance"]))
+                                                       row["end_balance"], int(row["flow"]),
+                                                       int(row["flow_cent_days"]), row["first_inflow_weekday"]))
         return found
 
     async def growth_moved(self, account_ids: list[str]) -> tuple[int, int]:
