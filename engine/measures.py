@@ -12,12 +12,16 @@ msgspec).
 from __future__ import annotations
 
 import math
+import sys
 
 WEEKS_PER_YEAR = 52
 TAIL_CUTOFF = 0.05  # historical VaR and CVaR at 95%: the worst 5% of weeks
-# scipy.stats.skew/kurtosis treat a variance this small against the mean as zero (their
-# "precision loss" guard): the moments of near-identical values are rounding noise.
-MOMENT_RESOLUTION = 1e-15
+# Two drawdowns equal in exact arithmetic can differ in the last bits of a float: within
+# this they are equally deep, and the first one is the maximum drawdown.
+DRAWDOWN_TIE = 1e-12
+# scipy.stats.skew/kurtosis treat a variance below (epsilon * mean)^2 as zero: the
+# moments of near-identical values are rounding noise.
+MOMENT_RESOLUTION = sys.float_info.epsilon
 
 
 def weekly_rate(annual_rate: float) -> float:
@@ -143,8 +147,9 @@ def drawdown_weeks(returns: list[float]) -> tuple[int, int | None]:
     - A drawdown runs from a peak (the last week at the running maximum) to its recovery
       (the first later week back at or above that peak), or to the last week while it
       lasts; its duration is recovery - peak weeks. The longest one, 0 without any.
-    - Time to recovery: weeks from the maximum drawdown's valley (its first deepest week)
-      to its recovery; 0 without a drawdown; None while it has not recovered."""
+    - Time to recovery: weeks from the maximum drawdown's valley (its first deepest week;
+      drawdowns within 1e-12 count as equally deep) to its recovery; 0 without a
+      drawdown; None while it has not recovered."""
     index = peak = 1.0
     peak_week = 0
     longest = 0
@@ -159,7 +164,7 @@ def drawdown_weeks(returns: list[float]) -> tuple[int, int | None]:
             peak, peak_week = index, week
             continue
         drawdown = (peak - index) / peak
-        if drawdown > worst:
+        if drawdown > worst + DRAWDOWN_TIE:
             worst, valley_peak, valley_week, recovery = drawdown, peak, week, None
     if peak_week < len(returns):
         longest = max(longest, len(returns) - peak_week)

@@ -204,13 +204,16 @@ async def test_account_analytics_of_an_imported_history_match_the_pure_functions
 
     result = await engine.account_analytics(ids["revenue"])
     assert plain(result) == plain(await direct_account_analytics(engine, ids["revenue"]))
-    # known answers: 19 weeks of 1% (to the cent), this week flat, the fee in week 19
+    # known answers: the opening week flat (it counts: it starts when the capital arrives),
+    # 19 weeks of 1% (to the cent), the fee in week 19, this week flat (its flows weighted)
     rows = result.weekly_returns
-    assert rows[0].week_start == analytics.week_of(opened) and rows[0].weekly_return is None
+    assert rows[0].week_start == analytics.week_of(opened) and rows[0].weekly_return == 0.0
+    assert rows[0].first_inflow_weekday == opened.weekday() and rows[0].flow == rows[0].average_capital
     assert rows[-1].week_start == analytics.week_of(today())
     assert [r.weekly_return for r in rows[1:19]] == pytest.approx([0.01] * 18, abs=1e-6)
-    assert rows[-1].weekly_return == 0.0
-    assert result.performance.weeks == 20
+    assert rows[-1].weekly_return == 0.0 and rows[-1].flow == 3_000_00
+    assert rows[-1].flow_cent_days == 3_000_00 * (7 - today().weekday())
+    assert result.performance.weeks == 21
     assert result.performance.max_drawdown == 0.0
     assert result.performance.income["fee"] == 25_00
     assert result.performance.target_weekly_return == 0.01
