@@ -17,6 +17,7 @@ import json
 import uuid
 from contextlib import asynccontextmanager
 from datetime import date, datetime, timedelta, timezone
+from fractions import Fraction
 
 import msgspec
 import pytest
@@ -44,11 +45,13 @@ def today() -> date:
 
 # -- the service -------------------------------------------------------------------------
 @asynccontextmanager
-async def serving(database_url: str, **rules):
+async def serving(database_url: str, analytics_settings: dict | None = None, **rules):
     """A started Engine and an HTTP client of the app around that very engine."""
     overrides = {"database": {"url": database_url}, "server": {"admin_token": TOKEN}}
     if rules:
         overrides["rules"] = rules
+    if analytics_settings:
+        overrides["analytics"] = analytics_settings
     settings = load_settings({}, overrides)
     engine = Engine(settings)
     await engine.start()
@@ -549,3 +552,51 @@ async def test_opened_on_in_the_future_is_422_for_portfolios_and_accounts(servic
     account = await api.created("/v1/accounts", {"name": "A", "type": "revenue", "owner": "ann",
                                                  "opened_on": today().isoformat()})
     assert account["id"]
+
+
+# -- the reference libraries (issue 15) ----------------------------------------------------
+SEASON_BPS = [180, -420, 95, 130, -610, 240, 70, -150, 310, -40, 0, 55, -280, 120, 85,
+              -520, 160, 45, -90, 200, -330, 110, 60, -700, 150, 20, -60, 90, -410, 130]
+
+
+async def test_a_30_week_rev_acc_booked_by_effective_date_matches_empyrical_over_http(database_url):
+    """The issue's test: a Rev-Acc with 30 weeks of known premiums and losses, the first
+    in the opening week, booked with effective dates, and this week a deposit before the
+    last trade. Every measure over HTTP equals the library's on the known weekly returns
+    (each trade over the capital it was booked against; this week's capital counts the
+    deposit from the day it landed), with a risk-free and a required return configured.
+    The portfolio's measures equal the library's on the portfolio's weekly returns."""
+    from analytics_reference import assert_matches_reference
+
+    rates = {"risk_free_rate": 0.04, "required_return": 0.02}
+    async with serving(database_url, analytics_settings=rates) as (engine, api):
+        portfolio, opened, ids = await open_portfolio(engine, weeks_back=len(SEASON_BPS) - 1)
+        total = (await engine.get_portfolio(portfolio.id)).totals.balance
+        deposit = 1_234_56
+        weight = Fraction(7 - today().weekday(), 7)
+        known, portfolio_known = [], []
+        balance = (await engine.get_account(ids["revenue"])).balance
+        for week, bps in enumerate(SEASON_BPS):
+            capital, portfolio_capital = Fraction(balance), Fraction(total)
+            if week == len(SEASON_BPS) - 1:
+                await engine.deposit(ids["revenue"], deposit)
+                capital, portfolio_capital = capital + deposit * weight, portfolio_capital + deposit * weight
+            amount = balance * abs(bps) // 10_000
+            net = amount if bps >= 0 else -amount
+            known.append(float(net / capital))
+            portfolio_known.append(float(net / portfolio_capital))
+            if amount:  # a flat week books nothing
+                trade = await engine.book_trade(ids["revenue"], kind="premium" if bps >= 0 else "loss",
+                                                amount=amount, effective_date=opened + timedelta(weeks=week))
+                total += trade.balance_after - balance
+                balance = trade.balance_after
+        await settled(engine)
+        reply = await api.ok(f"/v1/accounts/{ids['revenue']}/analytics")
+        assert reply["performance"]["weeks"] == 30  # the opening week counts
+        assert [r["weekly_return"] for r in reply["weekly_returns"]] == pytest.approx(known, rel=1e-12)
+        assert_matches_reference(reply["performance"], known, **rates)
+        whole = await api.ok(f"/v1/portfolios/{portfolio.id}/analytics")
+        assert [r["weekly_return"] for r in whole["weekly_returns"]] == pytest.approx(portfolio_known, rel=1e-12)
+        assert_matches_reference(whole["performance"], portfolio_known, **rates)
+        # in-process, the very same figures
+        assert plain(await engine.account_analytics(ids["revenue"])) == reply
