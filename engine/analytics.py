@@ -77,14 +77,14 @@ class WeekReturn(Struct, frozen=True, kw_only=True):
     fee: int
     end_balance: int
     weekly_return: float | None
-    # Modified Dietz (docs/analytics.md): the week's net external flow, the flows times
-    # the days each was in the account this week (cent-days), the weekday (Monday = 0)
-    # money first arrived (null without an inflow) and the average capital
-    # start_balance + flow_cent_days / period days, the return's denominator.
-    flow: int = 0
-    flow_cent_days: int = 0
-    first_inflow_weekday: int | None = None
-    average_capital: float = 0.0
+    # Modified Dietz (docs/analytics.md): the week's net external flow; each flow times
+    # the days from the start of its day to the week's end (cent-days, signed); the
+    # weekday (Monday = 0) money first arrived (null without an inflow); the average
+    # capital start_balance + flow_cent_days / period days, the return's denominator.
+    flow: int
+    flow_cent_days: int
+    first_inflow_weekday: int | None
+    average_capital: float
 
 
 class Performance(Struct, frozen=True, kw_only=True):
@@ -99,21 +99,21 @@ class Performance(Struct, frozen=True, kw_only=True):
     target_weekly_return: float
     meets_target: bool | None
     income: dict[str, int]
-    # Added by issue 15, each in the reference libraries' convention (docs/analytics.md).
-    return_over_volatility: float | None = None
-    sortino: float | None = None
-    calmar: float | None = None
-    value_at_risk_95: float | None = None
-    conditional_value_at_risk_95: float | None = None
-    best_week: float | None = None
-    worst_week: float | None = None
-    win_rate: float | None = None
-    max_drawdown_duration_weeks: int = 0
-    time_to_recovery_weeks: int | None = 0
-    skew: float | None = None
-    kurtosis: float | None = None
-    risk_free_rate: float = 0.0
-    required_return: float = 0.0
+    # Each in the reference libraries' convention (docs/analytics.md lists them).
+    return_over_volatility: float | None
+    sortino: float | None
+    calmar: float | None
+    value_at_risk_95: float | None
+    conditional_value_at_risk_95: float | None
+    best_week: float | None
+    worst_week: float | None
+    win_rate: float | None
+    max_drawdown_duration_weeks: int
+    time_to_recovery_weeks: int | None
+    skew: float | None
+    kurtosis: float | None
+    risk_free_rate: float
+    required_return: float
 
 
 class Risk(Struct, frozen=True, kw_only=True):

@@ -600,3 +600,25 @@ async def test_a_30_week_rev_acc_booked_by_effective_date_matches_empyrical_over
         assert_matches_reference(whole["performance"], portfolio_known, **rates)
         # in-process, the very same figures
         assert plain(await engine.account_analytics(ids["revenue"])) == reply
+
+
+async def test_openapi_describes_every_analytics_field_the_routes_answer(service):
+    """The new measures and the Modified Dietz columns are in /openapi.json (generated
+    from the same Structs), as required fields: each reply has exactly the documented
+    keys, for accounts and for portfolios."""
+    engine, api = service
+    portfolio, opened, ids = await open_portfolio(engine, weeks_back=3)
+    await weekly_premiums(engine, ids["revenue"], opened, range(0, 4), 100)
+    schemas = (await api.get("/openapi.json", token=None)).body["components"]["schemas"]
+    performance, week = schemas["Performance"], schemas["WeekReturn"]
+    for name in ("sharpe", "return_over_volatility", "sortino", "calmar", "value_at_risk_95",
+                 "conditional_value_at_risk_95", "best_week", "worst_week", "win_rate",
+                 "max_drawdown_duration_weeks", "time_to_recovery_weeks", "skew", "kurtosis", "risk_free_rate",
+                 "required_return"):
+        assert name in performance["required"], name
+    for name in ("flow", "flow_cent_days", "first_inflow_weekday", "average_capital"):
+        assert name in week["required"], name
+    for path in (f"/v1/accounts/{ids['revenue']}/analytics", f"/v1/portfolios/{portfolio.id}/analytics"):
+        reply = await api.ok(path)
+        assert set(reply["performance"]) == set(performance["properties"])
+        assert all(set(row) == set(week["properties"]) for row in reply["weekly_returns"])
