@@ -896,9 +896,9 @@ class Engine:
         portfolios = await self.store.portfolio_tree(portfolio_id, depth_max=self.rules.portfolio_depth_max + 1,
                                                      nodes_max=self.settings.engine.tree_nodes_max)
         ids = [i for p in portfolios for i in p.account_ids]
-        accounts = await self.store.load_accounts(ids)
-        ledger = await self.store.analytics_weeks(ids)
-        moved = await self.store.growth_moved(ids)
+        # Three independent reads over the pool: at once, not one after another.
+        accounts, ledger, moved = await asyncio.gather(
+            self.store.load_accounts(ids), self.store.analytics_weeks(ids), self.store.growth_moved(ids))
         return await asyncio.to_thread(
             analytics.portfolio_analytics, root, portfolios, accounts, ledger, today=self.clock().date(),
             weeks=weeks, rules=self.rules, risk_free_rate=self.settings.analytics.risk_free_rate,

@@ -280,9 +280,11 @@ def breached(drawdown: float, limit: float) -> bool:
 
 
 def performance(rows: list[WeekReturn], *, weekly_target: float, risk_free_rate: float = 0.0,
-                required_return: float = 0.0) -> Performance:
+                required_return: float = 0.0, full: bool = True) -> Performance:
     """Every performance measure of the window's weekly returns (docs/analytics.md);
-    `risk_free_rate` (Sharpe) and `required_return` (Sortino) are annual."""
+    `risk_free_rate` (Sharpe) and `required_return` (Sortino) are annual. Without `full`,
+    only what a portfolio's account summary shows (the rest None): it is computed for
+    every account of the tree on each request."""
     returns = [row.weekly_return for row in rows if row.weekly_return is not None]
     n = len(returns)
     twr = math.prod(max(0.0, 1.0 + r) for r in returns) - 1.0
@@ -291,27 +293,42 @@ def performance(rows: list[WeekReturn], *, weekly_target: float, risk_free_rate:
         volatility = statistics.stdev(returns) * math.sqrt(52) if n >= 2 else 0.0
     except OverflowError:
         volatility = math.inf
-    over_volatility = (annualized - risk_free_rate) / volatility \
-        if annualized is not None and 1e-12 < volatility < math.inf else None
     worst, current = drawdowns(returns)
-    longest, recovery = measures.drawdown_weeks(returns)
     mean = statistics.fmean(returns) if n else None
     income = {"premium": sum(r.premium for r in rows), "loss": sum(r.loss for r in rows),
               "fee": sum(r.fee for r in rows)}
     income["net"] = income["premium"] - income["loss"] - income["fee"]
+    extra = _measures(returns, annualized, volatility, worst, risk_free_rate, required_return) if full \
+        else {**dict.fromkeys(SUMMARY_OMITS), "max_drawdown_duration_weeks": 0}
     return Performance(
         weeks=n, time_weighted_return=twr, annualized_return=annualized, volatility=volatility,
-        sharpe=_finite(measures.sharpe, returns, measures.weekly_rate(risk_free_rate)), max_drawdown=worst,
-        current_drawdown=current, mean_weekly_return=mean, target_weekly_return=weekly_target,
+        max_drawdown=worst, current_drawdown=current, mean_weekly_return=mean, target_weekly_return=weekly_target,
         meets_target=None if mean is None else mean >= weekly_target, income=income,
-        return_over_volatility=over_volatility,
-        sortino=_finite(measures.sortino, returns, measures.weekly_rate(required_return)),
-        calmar=measures.calmar(annualized, worst), value_at_risk_95=_finite(measures.value_at_risk, returns),
-        conditional_value_at_risk_95=_finite(measures.conditional_value_at_risk, returns),
-        best_week=max(returns, default=None), worst_week=min(returns, default=None),
-        win_rate=measures.win_rate(returns), max_drawdown_duration_weeks=longest, time_to_recovery_weeks=recovery,
-        skew=_finite(measures.skew, returns), kurtosis=_finite(measures.kurtosis, returns),
-        risk_free_rate=risk_free_rate, required_return=required_return)
+        risk_free_rate=risk_free_rate, required_return=required_return, **extra)
+
+
+SUMMARY_OMITS = ("sharpe", "return_over_volatility", "sortino", "calmar", "value_at_risk_95",
+                 "conditional_value_at_risk_95", "best_week", "worst_week", "win_rate", "max_drawdown_duration_weeks",
+                 "time_to_recovery_weeks", "skew", "kurtosis")
+
+
+def _measures(returns: list[float], annualized: float | None, volatility: float, max_drawdown: float,
+              risk_free_rate: float, required_return: float) -> dict:
+    """The measures in the reference libraries' conventions (engine.measures), and the
+    old 'Sharpe', (annualized - risk-free) / volatility, as return_over_volatility."""
+    longest, recovery = measures.drawdown_weeks(returns)
+    return {
+        "sharpe": _finite(measures.sharpe, returns, measures.weekly_rate(risk_free_rate)),
+        "return_over_volatility": (annualized - risk_free_rate) / volatility
+        if annualized is not None and 1e-12 < volatility < math.inf else None,
+        "sortino": _finite(measures.sortino, returns, measures.weekly_rate(required_return)),
+        "calmar": measures.calmar(annualized, max_drawdown),
+        "value_at_risk_95": _finite(measures.value_at_risk, returns),
+        "conditional_value_at_risk_95": _finite(measures.conditional_value_at_risk, returns),
+        "best_week": max(returns, default=None), "worst_week": min(returns, default=None),
+        "win_rate": measures.win_rate(returns), "max_drawdown_duration_weeks": longest,
+        "time_to_recovery_weeks": recovery,
+        "skew": _finite(measures.skew, returns), "kurtosis": _finite(measures.kurtosis, returns)}
 
 
 def _finite(measure, *args) -> float | None:
@@ -408,12 +425,27 @@ def forecast(account: Account, rows: list[WeekReturn], today: date, rules: Rules
             balances[str(week)] = members[0][0].balance
         if unit is not None and merge_week is None and merge_due(unit, [m.balance for m, _ in members], rules):
             merge_week = week
-        if week >= FORECAST_HORIZONS[-1] and (next_fork is not None or not _can_fork(account)) \
-                and (merge_week is not None or unit is None):
+        fork_settled = next_fork is not None or not _can_fork(account) \
+            or _fork_out_of_reach(members[0][0], weekly, weeks_max - week, rules)
+        if week >= FORECAST_HORIZONS[-1] and fork_settled and (merge_week is not None or unit is None):
             break
     return Forecast(trailing_mean_weekly_return=float(weekly), balance=balances,
                     weeks_to_next_fork=next_fork if _can_fork(account) else None,
                     weeks_to_merge=merge_week if unit is not None else None)
+
+
+def _fork_out_of_reach(account: Account, rate: Fraction, weeks: int, rules: Rules) -> bool:
+    """No forecast week within `weeks` can fork: a week adds at most rate * balance + 1/2
+    (rounding), so the balance after k weeks is at most (b + k/2) (1 + m)^k, and a fork
+    needs baseline + threshold. Lets a slow Gen-Acc's forecast stop at 52 weeks instead of
+    simulating all 520 to find nothing (with a margin for the float bound)."""
+    if rate <= 0:
+        return True  # no premium, no credit: nothing to fork on
+    try:
+        bound = (account.balance + weeks / 2) * (1.0 + float(rate)) ** weeks
+    except OverflowError:
+        return False
+    return bound * (1 + 1e-9) + 1 < account.baseline + rules.fork_threshold_cents
 
 
 def _can_fork(account: Account) -> bool:
@@ -496,7 +528,7 @@ def portfolio_analytics(root: Portfolio, portfolios: list[Portfolio], accounts: 
     summaries = []
     for account_id, account in accounts.items():
         own = performance(window(series[account_id], weeks),
-                          weekly_target=rules.weekly_target_bps.get(account.type, 0) / 10_000)
+                          weekly_target=rules.weekly_target_bps.get(account.type, 0) / 10_000, full=False)
         own_risk = risk(own, drawdown_limit=rules.drawdown_limit_bps.get(account.type, 0) / 10_000,
                         concentration=account.balance / total if total else None)
         summaries.append(AccountSummary(account_id=account_id, portfolio_id=account.portfolio_id, type=account.type,
