@@ -920,7 +920,8 @@ class Engine:
         today = self.clock().date()
         result = await asyncio.to_thread(
             analytics.account_analytics, account, ledger[account_id], today=today, weeks=weeks, rules=self.rules,
-            risk_free_rate=self.settings.analytics.risk_free_rate, portfolio_balance=portfolio_balance, unit=unit,
+            risk_free_rate=self.settings.analytics.risk_free_rate,
+            required_return=self.settings.analytics.required_return, portfolio_balance=portfolio_balance, unit=unit,
             siblings=siblings)
         flagged = "drawdown_breach" in result.risk.flags if weeks is None else None
         if flagged is not None and flagged != (account_id in self._drawdown_flags):
@@ -935,12 +936,13 @@ class Engine:
         portfolios = await self.store.portfolio_tree(portfolio_id, depth_max=self.rules.portfolio_depth_max + 1,
                                                      nodes_max=self.settings.engine.tree_nodes_max)
         ids = [i for p in portfolios for i in p.account_ids]
-        accounts = await self.store.load_accounts(ids)
-        ledger = await self.store.analytics_weeks(ids)
-        moved = await self.store.growth_moved(ids)
+        # Three independent reads over the pool: at once, not one after another.
+        accounts, ledger, moved = await asyncio.gather(
+            self.store.load_accounts(ids), self.store.analytics_weeks(ids), self.store.growth_moved(ids))
         return await asyncio.to_thread(
             analytics.portfolio_analytics, root, portfolios, accounts, ledger, today=self.clock().date(),
-            weeks=weeks, rules=self.rules, risk_free_rate=self.settings.analytics.risk_free_rate, moved=moved)
+            weeks=weeks, rules=self.rules, risk_free_rate=self.settings.analytics.risk_free_rate,
+            required_return=self.settings.analytics.required_return, moved=moved)
 
     async def _check_drawdown(self, account_id: str) -> None:
         """Keeps the live `drawdown_breach` flag of one account: set (with one event) when

@@ -77,6 +77,8 @@ class SupervisionSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fiel
 class AnalyticsSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     # Annual risk-free rate for the Sharpe ratio, as a fraction (0.04 = 4%).
     risk_free_rate: Annotated[float, Meta(ge=-1, le=1)] = 0.0
+    # Annual required (minimum acceptable) return for the Sortino ratio, as a fraction.
+    required_return: Annotated[float, Meta(ge=-1, le=1)] = 0.0
 
 
 class Settings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -1,18 +1,25 @@
 """Account and portfolio analytics: pure functions over ledger entries (SPEC section 3).
 
-Weeks are ISO weeks (Monday to Sunday) of the entries' effective dates. For week w:
-    r_w = net trade result of week w / balance at the start of week w
-where the net trade result is premiums - losses - fees booked to that week and the
-balance at the start of the week is the balance after the last entry dated before it.
-Deposits, withdrawals, transfers, forks and merges are flows: they move the balance but
-never count as return. Weeks that start with a zero balance have no return and are
-skipped. Effective dates never go backwards on an account, so entries in ledger order
-are in date order too.
+Weeks are ISO weeks (Monday to Sunday) of the entries' effective dates. For week w, the
+Modified Dietz return
+    r_w = N_w / (B_w + sum_i F_i * W_i)
+where N_w is the net trade result (premiums - losses - fees booked to that week), B_w
+the balance at the start of the week (after the last entry dated before it), F_i each
+external flow of the week (deposits, withdrawals, transfers, fork and merge legs, the
+opening allocation; signed) and W_i the share of the week it was in (or out of) the
+account: a flow on weekday d (Monday = 0) counts from the start of that day, W_i =
+(7 - d) / 7 - the same weight in and out, so the two legs of a move inside a portfolio
+cancel. A week that starts at zero (the opening week, say) starts on the day its first
+money arrives, d0: W_i = (7 - d) / (7 - d0). Flows never count as return; a week whose
+average capital (the denominator) is not positive has no return. Effective dates never
+go backwards on an account, so entries in ledger order are in date order too.
 
 From the weekly returns of the window (the last `weeks` weeks, default all):
 - time-weighted return TWR = prod(1 + r_w) - 1; annualized = (1 + TWR)^(52/n) - 1;
 - volatility = sample stdev(r_w) * sqrt(52) (0 with fewer than two weeks);
-- Sharpe = (annualized - risk-free rate) / volatility (None when volatility is 0);
+- Sharpe, Sortino, Calmar, VaR, CVaR, win rate, skew, kurtosis, drawdown durations: in
+  the reference libraries' conventions (`engine.measures`); return over volatility =
+  (annualized - risk-free rate) / volatility (None when volatility is 0);
 - return index I_0 = 1, I_w = I_{w-1} * (1 + r_w); max drawdown = max over w of
   (peak_w - I_w) / peak_w; current drawdown = (peak - I_n) / peak;
 - risk: `drawdown_breach` when the current drawdown reaches the type's limit (15% / 10% /
@@ -35,7 +42,7 @@ from fractions import Fraction
 
 from msgspec import Struct
 
-from engine import limits
+from engine import limits, measures
 from engine.growth import merge_due
 from engine.model import Account, BookTrade, Portfolio
 from engine.rules import DEFAULT_RULES, Rules, decide, mutate_all
@@ -46,7 +53,9 @@ FORECAST_TRAILING_WEEKS = 13
 FORECAST_HORIZONS = (4, 13, 52)
 FORECAST_WEEKS_MAX = 520
 TRADE_SIGNS = {"premium": 1, "loss": -1, "fee": -1}
+TRADE_COLUMNS = {"premium": 0, "loss": 1, "fee": 2}
 DRAWDOWN_TOLERANCE = 1e-9
+DAYS_PER_WEEK = 7
 
 
 class Entry(Struct, frozen=True, array_like=True):
@@ -68,6 +77,14 @@ class WeekReturn(Struct, frozen=True, kw_only=True):
     fee: int
     end_balance: int
     weekly_return: float | None
+    # Modified Dietz (docs/analytics.md): the week's net external flow; each flow times
+    # the days from the start of its day to the week's end (cent-days, signed); the
+    # weekday (Monday = 0) money first arrived (null without an inflow); the average
+    # capital start_balance + flow_cent_days / period days, the return's denominator.
+    flow: int
+    flow_cent_days: int
+    first_inflow_weekday: int | None
+    average_capital: float
 
 
 class Performance(Struct, frozen=True, kw_only=True):
@@ -82,6 +99,21 @@ class Performance(Struct, frozen=True, kw_only=True):
     target_weekly_return: float
     meets_target: bool | None
     income: dict[str, int]
+    # Each in the reference libraries' convention (docs/analytics.md lists them).
+    return_over_volatility: float | None
+    sortino: float | None
+    calmar: float | None
+    value_at_risk_95: float | None
+    conditional_value_at_risk_95: float | None
+    best_week: float | None
+    worst_week: float | None
+    win_rate: float | None
+    max_drawdown_duration_weeks: int
+    time_to_recovery_weeks: int | None
+    skew: float | None
+    kurtosis: float | None
+    risk_free_rate: float
+    required_return: float
 
 
 class Risk(Struct, frozen=True, kw_only=True):
@@ -121,24 +153,58 @@ def week_of(day: date) -> date:
 
 
 class WeekTotals(Struct, frozen=True, array_like=True):
-    """One account's ledger summed over one ISO week (what the database returns)."""
+    """One account's ledger summed over one ISO week (what the database returns). The
+    flow fields are those of `WeekReturn`."""
 
     week_start: date
     premium: int
     loss: int
     fee: int
     end_balance: int
+    flow: int = 0
+    flow_cent_days: int = 0
+    first_inflow_weekday: int | None = None
+
+
+def flow_cent_days(entry: Entry) -> int:
+    """A flow (signed) times the days from the start of its day to the week's end."""
+    days = DAYS_PER_WEEK - entry.effective_date.weekday()
+    return entry.amount * days if entry.direction == "credit" else -entry.amount * days
 
 
 def week_totals(entries: list[Entry]) -> list[WeekTotals]:
     """Entries (in ledger order) summed per ISO week of their effective dates."""
-    aggregates: dict[date, list[int]] = {}
+    aggregates: dict[date, list] = {}
     for entry in entries:
-        week = aggregates.setdefault(week_of(entry.effective_date), [0, 0, 0, 0])
+        week = aggregates.setdefault(week_of(entry.effective_date), [0, 0, 0, 0, 0, 0, None])
         if entry.kind in TRADE_SIGNS:
-            week[{"premium": 0, "loss": 1, "fee": 2}[entry.kind]] += entry.amount
+            week[TRADE_COLUMNS[entry.kind]] += entry.amount
+        else:
+            week[4] += entry.amount if entry.direction == "credit" else -entry.amount
+            week[5] += flow_cent_days(entry)
+            if entry.direction == "credit" and week[6] is None:
+                week[6] = entry.effective_date.weekday()
         week[3] = entry.balance_after
     return [WeekTotals(week, *values) for week, values in aggregates.items()]
+
+
+def dietz(start: int, net: int, cent_days: int, first_inflow_weekday: int | None) -> tuple[int, int, int]:
+    """(numerator, denominator, period days) of the week's Modified Dietz return, in
+    integers: r = N * T / (B * T + flow cent-days), T = 7, or the days from the first
+    inflow to the week's end when the week starts at zero. The return exists when the
+    denominator is positive."""
+    days = DAYS_PER_WEEK if start > 0 or first_inflow_weekday is None else DAYS_PER_WEEK - first_inflow_weekday
+    return net * days, start * days + cent_days, days
+
+
+def week_return(week: date, start: int, premium: int, loss: int, fee: int, end: int, flow: int, cent_days: int,
+                first_inflow_weekday: int | None) -> WeekReturn:
+    net = premium - loss - fee
+    numerator, denominator, days = dietz(start, net, cent_days, first_inflow_weekday)
+    return WeekReturn(week_start=week, start_balance=start, net_trade=net, premium=premium, loss=loss, fee=fee,
+                      end_balance=end, weekly_return=numerator / denominator if denominator > 0 else None,
+                      flow=flow, flow_cent_days=cent_days, first_inflow_weekday=first_inflow_weekday,
+                      average_capital=denominator / days)
 
 
 def weekly_series(ledger: list[Entry] | list[WeekTotals], today: date) -> list[WeekReturn]:
@@ -153,31 +219,29 @@ def weekly_series(ledger: list[Entry] | list[WeekTotals], today: date) -> list[W
     week, last, balance = min(by_week), max(week_of(today), max(by_week)), 0
     while week <= last:
         found = by_week.get(week)
-        premium, loss, fee, end = (found.premium, found.loss, found.fee, found.end_balance) if found \
-            else (0, 0, 0, balance)
-        net = premium - loss - fee
-        rows.append(WeekReturn(week_start=week, start_balance=balance, net_trade=net, premium=premium, loss=loss,
-                               fee=fee, end_balance=end, weekly_return=net / balance if balance > 0 else None))
-        balance = end
+        if found is None:
+            rows.append(week_return(week, balance, 0, 0, 0, balance, 0, 0, None))
+        else:
+            rows.append(week_return(week, balance, found.premium, found.loss, found.fee, found.end_balance,
+                                    found.flow, found.flow_cent_days, found.first_inflow_weekday))
+            balance = found.end_balance
         week += timedelta(days=7)
     return rows
 
 
 def combine(series: list[list[WeekReturn]]) -> list[WeekReturn]:
     """A portfolio's weekly series: per week, the sums over its accounts."""
-    weeks: dict[date, list[int]] = {}
+    weeks: dict[date, list] = {}
     for rows in series:
         for row in rows:
-            total = weeks.setdefault(row.week_start, [0, 0, 0, 0, 0, 0])
-            for index, value in enumerate((row.start_balance, row.net_trade, row.premium, row.loss, row.fee,
-                                           row.end_balance)):
+            total = weeks.setdefault(row.week_start, [0, 0, 0, 0, 0, 0, 0, None])
+            for index, value in enumerate((row.start_balance, row.premium, row.loss, row.fee, row.end_balance,
+                                           row.flow, row.flow_cent_days)):
                 total[index] += value
-    combined = []
-    for week in sorted(weeks):
-        start, net, premium, loss, fee, end = weeks[week]
-        combined.append(WeekReturn(week_start=week, start_balance=start, net_trade=net, premium=premium, loss=loss,
-                                   fee=fee, end_balance=end, weekly_return=net / start if start > 0 else None))
-    return combined
+            if row.first_inflow_weekday is not None:
+                first = total[7]
+                total[7] = row.first_inflow_weekday if first is None else min(first, row.first_inflow_weekday)
+    return [week_return(week, *weeks[week]) for week in sorted(weeks)]
 
 
 def window(rows: list[WeekReturn], weeks: int | None) -> list[WeekReturn]:
@@ -198,6 +262,8 @@ def drawdowns(returns: list[float]) -> tuple[float, float]:
 
 
 def _annualized(twr: float, n: int) -> float | None:
+    if n and 1.0 + twr == 0.0:
+        return -1.0  # everything lost: -100% a year, as empyrical's annual_return says
     if not n or not 1.0 + twr > 0 or not math.isfinite(twr):
         return None
     try:
@@ -213,7 +279,12 @@ def breached(drawdown: float, limit: float) -> bool:
     return limit > 0 and drawdown >= limit - DRAWDOWN_TOLERANCE
 
 
-def performance(rows: list[WeekReturn], *, weekly_target: float, risk_free_rate: float = 0.0) -> Performance:
+def performance(rows: list[WeekReturn], *, weekly_target: float, risk_free_rate: float = 0.0,
+                required_return: float = 0.0, full: bool = True) -> Performance:
+    """Every performance measure of the window's weekly returns (docs/analytics.md);
+    `risk_free_rate` (Sharpe) and `required_return` (Sortino) are annual. Without `full`,
+    only what a portfolio's account summary shows (the rest None): it is computed for
+    every account of the tree on each request."""
     returns = [row.weekly_return for row in rows if row.weekly_return is not None]
     n = len(returns)
     twr = math.prod(max(0.0, 1.0 + r) for r in returns) - 1.0
@@ -222,17 +293,52 @@ def performance(rows: list[WeekReturn], *, weekly_target: float, risk_free_rate:
         volatility = statistics.stdev(returns) * math.sqrt(52) if n >= 2 else 0.0
     except OverflowError:
         volatility = math.inf
-    sharpe = (annualized - risk_free_rate) / volatility \
-        if annualized is not None and 1e-12 < volatility < math.inf else None
     worst, current = drawdowns(returns)
     mean = statistics.fmean(returns) if n else None
     income = {"premium": sum(r.premium for r in rows), "loss": sum(r.loss for r in rows),
               "fee": sum(r.fee for r in rows)}
     income["net"] = income["premium"] - income["loss"] - income["fee"]
-    return Performance(weeks=n, time_weighted_return=twr, annualized_return=annualized, volatility=volatility,
-                       sharpe=sharpe, max_drawdown=worst, current_drawdown=current, mean_weekly_return=mean,
-                       target_weekly_return=weekly_target, meets_target=None if mean is None else mean >= weekly_target,
-                       income=income)
+    extra = _measures(returns, annualized, volatility, worst, risk_free_rate, required_return) if full \
+        else {**dict.fromkeys(SUMMARY_OMITS), "max_drawdown_duration_weeks": 0}
+    return Performance(
+        weeks=n, time_weighted_return=twr, annualized_return=annualized, volatility=volatility,
+        max_drawdown=worst, current_drawdown=current, mean_weekly_return=mean, target_weekly_return=weekly_target,
+        meets_target=None if mean is None else mean >= weekly_target, income=income,
+        risk_free_rate=risk_free_rate, required_return=required_return, **extra)
+
+
+SUMMARY_OMITS = ("sharpe", "return_over_volatility", "sortino", "calmar", "value_at_risk_95",
+                 "conditional_value_at_risk_95", "best_week", "worst_week", "win_rate", "max_drawdown_duration_weeks",
+                 "time_to_recovery_weeks", "skew", "kurtosis")
+
+
+def _measures(returns: list[float], annualized: float | None, volatility: float, max_drawdown: float,
+              risk_free_rate: float, required_return: float) -> dict:
+    """The measures in the reference libraries' conventions (engine.measures), and the
+    old 'Sharpe', (annualized - risk-free) / volatility, as return_over_volatility."""
+    longest, recovery = measures.drawdown_weeks(returns)
+    return {
+        "sharpe": _finite(measures.sharpe, returns, measures.weekly_rate(risk_free_rate)),
+        "return_over_volatility": (annualized - risk_free_rate) / volatility
+        if annualized is not None and 1e-12 < volatility < math.inf else None,
+        "sortino": _finite(measures.sortino, returns, measures.weekly_rate(required_return)),
+        "calmar": measures.calmar(annualized, max_drawdown),
+        "value_at_risk_95": _finite(measures.value_at_risk, returns),
+        "conditional_value_at_risk_95": _finite(measures.conditional_value_at_risk, returns),
+        "best_week": max(returns, default=None), "worst_week": min(returns, default=None),
+        "win_rate": measures.win_rate(returns), "max_drawdown_duration_weeks": longest,
+        "time_to_recovery_weeks": recovery,
+        "skew": _finite(measures.skew, returns), "kurtosis": _finite(measures.kurtosis, returns)}
+
+
+def _finite(measure, *args) -> float | None:
+    """A measure, or None where floats give out (an absurd history - a week earning 10^12
+    times its capital - can overflow a power or a mean): JSON has no infinity."""
+    try:
+        value = measure(*args)
+    except (OverflowError, ZeroDivisionError):
+        return None
+    return value if value is None or math.isfinite(value) else None
 
 
 def risk(perf: Performance, *, drawdown_limit: float, concentration: float | None) -> Risk:
@@ -259,20 +365,28 @@ def trend(rows: list[WeekReturn]) -> Trend:
 
 def trailing_mean(rows: list[WeekReturn]) -> Fraction | None:
     """The mean of the last 13 weekly returns, exactly (as a fraction)."""
-    exact = [Fraction(row.net_trade, row.start_balance) for row in rows if row.start_balance > 0]
+    exact = []
+    for row in rows:
+        numerator, denominator, _ = dietz(row.start_balance, row.net_trade, row.flow_cent_days,
+                                          row.first_inflow_weekday)
+        if denominator > 0:
+            exact.append(Fraction(numerator, denominator))
     exact = exact[-FORECAST_TRAILING_WEEKS:]
     return sum(exact, Fraction(0)) / len(exact) if exact else None
 
 
-def _round_half_away(value: Fraction) -> int:
-    whole = math.floor(abs(value) + Fraction(1, 2))
-    return whole if value >= 0 else -whole
+def _round_half_away(rate: Fraction, amount: int) -> int:
+    """round(rate * amount), halves away from zero, in integers: floor(|N| / D + 1/2) =
+    (2|N| + D) // 2D (the forecast runs this 520 times a request; Fractions are slow)."""
+    numerator, denominator = rate.numerator * amount, rate.denominator
+    whole = (2 * abs(numerator) + denominator) // (2 * denominator)
+    return whole if numerator >= 0 else -whole
 
 
 def _grow(account: Account, weekly: Fraction, day: date, rules: Rules) -> tuple[Account, bool]:
     """One forecast week, through the live rules: book round(balance * m) as a premium
     (or a loss) with `decide`; returns the account after it and whether it forked."""
-    change = _round_half_away(weekly * account.balance)
+    change = _round_half_away(weekly, account.balance)
     # A forecast stops where the rules would: no balance below zero or past its limit.
     change = max(-account.balance, min(change, limits.BALANCE_MAX_CENTS - account.balance))
     if change == 0 or account.status != "active":
@@ -311,12 +425,27 @@ def forecast(account: Account, rows: list[WeekReturn], today: date, rules: Rules
             balances[str(week)] = members[0][0].balance
         if unit is not None and merge_week is None and merge_due(unit, [m.balance for m, _ in members], rules):
             merge_week = week
-        if week >= FORECAST_HORIZONS[-1] and (next_fork is not None or not _can_fork(account)) \
-                and (merge_week is not None or unit is None):
+        fork_settled = next_fork is not None or not _can_fork(account) \
+            or _fork_out_of_reach(members[0][0], weekly, weeks_max - week, rules)
+        if week >= FORECAST_HORIZONS[-1] and fork_settled and (merge_week is not None or unit is None):
             break
     return Forecast(trailing_mean_weekly_return=float(weekly), balance=balances,
                     weeks_to_next_fork=next_fork if _can_fork(account) else None,
                     weeks_to_merge=merge_week if unit is not None else None)
+
+
+def _fork_out_of_reach(account: Account, rate: Fraction, weeks: int, rules: Rules) -> bool:
+    """No forecast week within `weeks` can fork: a week adds at most rate * balance + 1/2
+    (rounding), so the balance after k weeks is at most (b + k/2) (1 + m)^k, and a fork
+    needs baseline + threshold. Lets a slow Gen-Acc's forecast stop at 52 weeks instead of
+    simulating all 520 to find nothing (with a margin for the float bound)."""
+    if rate <= 0:
+        return True  # no premium, no credit: nothing to fork on
+    try:
+        bound = (account.balance + weeks / 2) * (1.0 + float(rate)) ** weeks
+    except OverflowError:
+        return False
+    return bound * (1 + 1e-9) + 1 < account.baseline + rules.fork_threshold_cents
 
 
 def _can_fork(account: Account) -> bool:
@@ -325,13 +454,13 @@ def _can_fork(account: Account) -> bool:
 
 def account_analytics(account: Account, entries: list[Entry] | list[WeekTotals], *, today: date,
                       weeks: int | None = None, rules: Rules = DEFAULT_RULES, risk_free_rate: float = 0.0,
-                      portfolio_balance: int | None = None, unit: Portfolio | None = None,
+                      required_return: float = 0.0, portfolio_balance: int | None = None, unit: Portfolio | None = None,
                       siblings: list[tuple[Account, list[Entry] | list[WeekTotals]]] | None = None
                       ) -> AccountAnalytics:
     rows = weekly_series(entries, today)
     shown = window(rows, weeks)
     perf = performance(shown, weekly_target=rules.weekly_target_bps.get(account.type, 0) / 10_000,
-                       risk_free_rate=risk_free_rate)
+                       risk_free_rate=risk_free_rate, required_return=required_return)
     concentration = account.balance / portfolio_balance if portfolio_balance else None
     sibling_rows = [(a, weekly_series(e, today)) for a, e in (siblings or [])]
     return AccountAnalytics(
@@ -383,21 +512,23 @@ class PortfolioAnalytics(Struct, frozen=True, kw_only=True):
 
 def portfolio_analytics(root: Portfolio, portfolios: list[Portfolio], accounts: dict[str, Account],
                         entries: dict[str, list[Entry] | list[WeekTotals]], *, today: date, weeks: int | None = None,
-                        rules: Rules = DEFAULT_RULES, risk_free_rate: float = 0.0,
+                        rules: Rules = DEFAULT_RULES, risk_free_rate: float = 0.0, required_return: float = 0.0,
                         moved: tuple[int, int] | None = None) -> PortfolioAnalytics:
-    """The same measures over a portfolio and every unit below it: weekly returns of the
-    summed net trade results over the summed start balances (flows between its accounts
-    - forks, merges - cancel out), each account's own figures, and the fork tree's growth."""
+    """The same measures over a portfolio and every unit below it: Modified Dietz weekly
+    returns of the summed net trade results over the summed average capital (flows
+    between its accounts - forks, merges - cancel out), each account's own figures, and
+    the fork tree's growth."""
     series = {account_id: weekly_series(entries.get(account_id, []), today) for account_id in accounts}
     rows = window(combine(list(series.values())), weeks)
     total = sum(a.balance for a in accounts.values())
     weekly_target = sum(rules.weekly_target_bps.get(a.type, 0) * a.balance for a in accounts.values()) \
         / (10_000 * total) if total else 0.0
-    perf = performance(rows, weekly_target=weekly_target, risk_free_rate=risk_free_rate)
+    perf = performance(rows, weekly_target=weekly_target, risk_free_rate=risk_free_rate,
+                       required_return=required_return)
     summaries = []
     for account_id, account in accounts.items():
         own = performance(window(series[account_id], weeks),
-                          weekly_target=rules.weekly_target_bps.get(account.type, 0) / 10_000)
+                          weekly_target=rules.weekly_target_bps.get(account.type, 0) / 10_000, full=False)
         own_risk = risk(own, drawdown_limit=rules.drawdown_limit_bps.get(account.type, 0) / 10_000,
                         concentration=account.balance / total if total else None)
         summaries.append(AccountSummary(account_id=account_id, portfolio_id=account.portfolio_id, type=account.type,
@@ -444,7 +575,7 @@ def _portfolio_forecast(portfolios, accounts, series, rows, today, rules) -> Por
     total = sum(a.balance for a in accounts.values())
     values, value = {}, total
     for week in range(1, FORECAST_HORIZONS[-1] + 1):
-        value += _round_half_away((weekly or Fraction(0)) * value)
+        value += _round_half_away(weekly or Fraction(0), value)
         if week in FORECAST_HORIZONS:
             values[str(week)] = value
     next_fork = next_merge = None

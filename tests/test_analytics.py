@@ -1,14 +1,16 @@
 """Analytics of the functional core (`engine/analytics.py`, SPEC section 3 "Analytics"):
 known series with known answers, built by hand as `Entry` lists (effective date, kind,
 direction, amount, balance after), and hypothesis properties: returns are invariant to
-flows and to the scale of the money, every weekly return is net trade / start balance,
-drawdowns stay between 0 and 1, and the forecast of a constant-return account matches
-the projection (`engine.projection.project`).
+flows at the start of a week and to the scale of the money, every weekly return is the
+week's Modified Dietz return (an exact reference in `dietz_reference`), drawdowns stay
+between 0 and 1, and the forecast of a constant-return account matches the projection
+(`engine.projection.project`). The comparison with the reference library
+(empyrical-reloaded) is `tests/test_analytics_reference.py`.
 
-Most series hold an account's week-start balance fixed at `BASE` cents: each week books
-its trade and then a flow (a deposit or a withdrawal, which is never a return) puts the
-balance back, so every weekly return is exactly `net / BASE` and the expected figures
-are exact."""
+Most series hold an account's weekly capital fixed at `BASE` cents: each week books its
+trade and a flow on the next Monday (a deposit or a withdrawal, which is never a
+return, weighted in full) puts the balance back, so every weekly return is exactly
+`net / BASE` and the expected figures are exact."""
 from __future__ import annotations
 
 import math
@@ -87,11 +89,16 @@ class Ledger:
 
 
 def constant_base(nets: list[int], base: int = BASE) -> Ledger:
-    """Week 0: a deposit of `base`. Week k >= 1: a trade of nets[k-1] cents, then a flow back
-    to `base`, so week k's return is exactly nets[k-1] / base."""
+    """Week k: a trade of nets[k] cents on Wednesday, then a flow back to `base`, so week
+    k's return is exactly nets[k] / base. The flows are ones Modified Dietz weighs fully:
+    the opening deposit on Monday of week 0 (and a week that starts at zero starts when
+    the money arrives) and each flow back to `base` on the next Monday (weight 1: the
+    next week's average capital is `base`). After the last week there is no flow back."""
     ledger = Ledger().add(0, "deposit", base)
-    for week, net in enumerate(nets, start=1):
-        ledger.trade(week, net, weekday=2).restore(week, base)
+    for week, net in enumerate(nets):
+        if week:
+            ledger.restore(week, base, weekday=0)
+        ledger.trade(week, net, weekday=2)
     return ledger
 
 
@@ -136,7 +143,7 @@ def test_compounding_one_percent_weeks_without_any_flow_give_the_same_answer():
     """The balance compounds (no flows at all): each premium is 1% of the week's start
     balance up to a fraction of a cent, on a balance large enough that it does not show."""
     ledger = Ledger().add(0, "deposit", 10**15)
-    for week in range(1, 53):
+    for week in range(52):  # the opening week earns too: it starts with the deposit
         ledger.add(week, "premium", round(ledger.balance / 100), weekday=4)
     perf = run(ledger).performance
     assert perf.weeks == 52
@@ -156,19 +163,20 @@ def test_the_weekly_target_is_the_account_types_and_meets_target_compares_the_me
 
 
 def twelve_percent_loss() -> Ledger:
-    """Four 1% weeks, then a week losing 12% of its start balance, then two flat weeks."""
+    """Four 1% weeks (the opening week the first), then a week losing 12% of its start
+    balance."""
     ledger = Ledger().add(0, "deposit", 10**12)  # large enough that every amount is exact
-    for week in range(1, 5):
+    for week in range(4):
         assert ledger.balance % 100 == 0
         ledger.add(week, "premium", ledger.balance // 100)
     assert ledger.balance * 12 % 100 == 0
-    ledger.add(5, "loss", ledger.balance * 12 // 100)
+    ledger.add(4, "loss", ledger.balance * 12 // 100)
     return ledger
 
 
 def test_one_twelve_percent_loss_week_is_a_twelve_percent_drawdown():
     ledger = twelve_percent_loss()
-    result = run(ledger, today=ledger.day(7))
+    result = run(ledger, today=ledger.day(6))  # then two flat weeks
     perf = result.performance
     assert returns_of(result) == pytest.approx([0.01, 0.01, 0.01, 0.01, -0.12, 0.0, 0.0], abs=1e-15)
     assert perf.max_drawdown == pytest.approx(0.12, abs=1e-12)
@@ -223,10 +231,10 @@ def test_the_risk_score_follows_its_documented_formula():
     # a calm standalone account scores 0; one beyond every limit scores 100
     assert run(constant_base([0] * 4)).risk.score == 0
     wild = constant_base([BASE // 2, -BASE // 2, BASE // 2, -BASE // 2])
-    assert run(wild, "revenue", portfolio_balance=BASE).risk.score == 100
+    assert run(wild, "revenue", portfolio_balance=wild.balance).risk.score == 100
 
 
-def test_volatility_is_the_sample_standard_deviation_annualized_and_sharpe_subtracts_the_risk_free_rate():
+def test_volatility_is_the_sample_standard_deviation_annualized_and_sharpe_is_the_mean_weekly_excess_over_it():
     nets = [2_000_000, 0, 1_000_000, -1_000_000, 3_000_000]  # 2%, 0%, 1%, -1%, 3%
     ledger = constant_base(nets)
     expected_returns = [n / BASE for n in nets]
@@ -234,9 +242,14 @@ def test_volatility_is_the_sample_standard_deviation_annualized_and_sharpe_subtr
     annualized = math.prod(1 + r for r in expected_returns) ** (52 / 5) - 1
     for risk_free_rate in (0.0, 0.04):
         perf = run(ledger, risk_free_rate=risk_free_rate).performance
+        weekly_risk_free = (1 + risk_free_rate) ** (1 / 52) - 1
+        excess = [r - weekly_risk_free for r in expected_returns]
         assert perf.volatility == pytest.approx(volatility, rel=1e-12)
         assert perf.annualized_return == pytest.approx(annualized, rel=1e-12)
-        assert perf.sharpe == pytest.approx((annualized - risk_free_rate) / volatility, rel=1e-12)
+        assert perf.sharpe == pytest.approx(statistics.fmean(excess) / statistics.stdev(excess) * math.sqrt(52),
+                                            rel=1e-12)
+        assert perf.return_over_volatility == pytest.approx((annualized - risk_free_rate) / volatility, rel=1e-12)
+        assert perf.risk_free_rate == risk_free_rate
     assert run(constant_base([1_000_000])).performance.volatility == 0.0  # one week: no deviation
 
 
@@ -252,11 +265,30 @@ def test_income_totals_add_up_premiums_losses_and_fees_and_their_net():
 
 
 # -- flows ---------------------------------------------------------------------------------
-def test_deposits_withdrawals_transfers_forks_and_merges_are_flows_not_returns():
+def dietz_reference(entries: list[Entry], week_start: date) -> Fraction | None:
+    """The week's Modified Dietz return as docs/analytics.md states it, exactly: the net
+    trade result over the start balance plus each flow weighted by the share of the week
+    from the start of its day, (7 - d) / 7; a week starting at zero starts on the day its
+    first money arrives (d0), each weight (7 - d) / (7 - d0). None when that average
+    capital is not positive."""
+    before = [e for e in entries if e.effective_date < week_start]
+    inside = [e for e in entries if week_start <= e.effective_date < week_start + timedelta(7)]
+    start = before[-1].balance_after if before else 0
+    sign = {"credit": 1, "debit": -1}
+    net = sum(sign[e.direction] * e.amount for e in inside if e.kind in ("premium", "loss", "fee"))
+    flows = [(sign[e.direction] * e.amount, e.effective_date.weekday()) for e in inside
+             if e.kind not in ("premium", "loss", "fee")]
+    first = min((d for amount, d in flows if amount > 0), default=0)
+    period = 7 if start > 0 else 7 - first
+    capital = start + sum(amount * Fraction(7 - d, period) for amount, d in flows)
+    return Fraction(net) / capital if capital > 0 else None
+
+
+def test_deposits_withdrawals_transfers_forks_and_merges_are_flows_weighted_by_their_day():
     ledger = Ledger().add(0, "deposit", BASE)
-    ledger.add(1, "deposit", 5_000_000).add(1, "premium", 1_000_000, weekday=2)           # start BASE
-    ledger.add(2, "transfer", 20_000_000, "debit").add(2, "loss", 500_000, weekday=1)    # start BASE + 5.5M
-    ledger.add(2, "transfer", 3_000_000, "credit", weekday=5)
+    ledger.add(1, "deposit", 5_000_000).add(1, "premium", 1_000_000, weekday=2)           # weight 7/7
+    ledger.add(2, "transfer", 20_000_000, "debit").add(2, "loss", 500_000, weekday=1)    # 7/7
+    ledger.add(2, "transfer", 3_000_000, "credit", weekday=5)                            # 2/7
     ledger.add(3, "withdrawal", 7_000_000, weekday=1).add(3, "fork", 1_000_000, "debit", weekday=2)
     ledger.add(3, "fee", 12_345, weekday=3).add(3, "merge", 2_000_000, "credit", weekday=4)
     ledger.add(4, "premium", 777_777, weekday=6)
@@ -264,24 +296,51 @@ def test_deposits_withdrawals_transfers_forks_and_merges_are_flows_not_returns()
     starts = [0, BASE, BASE + 6_000_000, BASE + 6_000_000 - 20_500_000 + 3_000_000]
     starts.append(starts[3] - 7_000_000 - 1_000_000 - 12_345 + 2_000_000)
     nets = [0, 1_000_000, -500_000, -12_345, 777_777]
+    capital = [Fraction(BASE), BASE + Fraction(5_000_000), starts[2] - 20_000_000 + Fraction(3_000_000 * 2, 7),
+               starts[3] - Fraction(7_000_000 * 6, 7) - Fraction(1_000_000 * 5, 7) + Fraction(2_000_000 * 3, 7),
+               Fraction(starts[4])]
     assert [r.start_balance for r in result.weekly_returns] == starts
     assert [r.net_trade for r in result.weekly_returns] == nets
-    assert returns_of(result) == [n / s for n, s in zip(nets[1:], starts[1:])]
+    assert [r.flow for r in result.weekly_returns] == [BASE, 5_000_000, -17_000_000, -6_000_000, 0]
+    assert [r.average_capital for r in result.weekly_returns] == [float(c) for c in capital]
+    assert returns_of(result) == [float(n / c) for n, c in zip(nets, capital)]
+    assert returns_of(result) == [float(dietz_reference(ledger.entries, r.week_start))
+                                  for r in result.weekly_returns]
     assert result.performance.income["net"] == sum(nets)
 
 
-def test_a_week_that_starts_with_a_zero_balance_has_no_return_and_is_skipped():
-    ledger = Ledger().add(0, "deposit", BASE).add(0, "premium", 1_000_000, weekday=3)  # start 0: skipped
+def test_the_worked_modified_dietz_example_of_the_docs():
+    """docs/analytics.md: $100,000 at the start of the week, $20,000 deposited on
+    Wednesday, a $1,500 premium on Thursday, $7,000 withdrawn on Friday, a $20 fee on
+    Saturday: r = 1,480 / (100,000 + 20,000 x 5/7 - 7,000 x 3/7) = 1.3299%."""
+    ledger = Ledger().add(0, "deposit", 100_000_00)
+    ledger.add(1, "deposit", 20_000_00, weekday=2).add(1, "premium", 1_500_00, weekday=3)
+    ledger.add(1, "withdrawal", 7_000_00, weekday=4).add(1, "fee", 20_00, weekday=5)
+    week = run(ledger).weekly_returns[1]
+    assert (week.start_balance, week.flow, week.flow_cent_days) == (100_000_00, 13_000_00, 7_900_000)
+    assert week.average_capital == pytest.approx(111_285_71.43, abs=0.01)
+    assert week.weekly_return == 1_480_00 * 7 / (100_000_00 * 7 + 7_900_000)
+    assert round(week.weekly_return, 6) == 0.013299
+
+
+def test_a_week_that_starts_at_zero_starts_when_its_money_arrives():
+    """The opening week (the capital arrives on a Thursday and earns a premium that week)
+    counts in full; so does a week in which an emptied account is funded again. The week
+    it was emptied on a Monday had no capital at all: no return."""
+    ledger = Ledger().add(0, "deposit", BASE, weekday=3).add(0, "premium", 1_000_000, weekday=4)  # 1%
     ledger.add(1, "premium", ledger.balance // 100)                                    # 1%
-    ledger.add(2, "withdrawal", ledger.balance)                                        # emptied
-    ledger.add(3, "deposit", BASE).add(3, "premium", 5 * BASE, weekday=1)              # start 0: skipped
+    ledger.add(2, "withdrawal", ledger.balance)                                        # emptied: no capital
+    ledger.add(3, "deposit", BASE, weekday=1).add(3, "premium", BASE // 20, weekday=1)  # 5%
+    ledger.add(3, "deposit", BASE, weekday=4)                                          # weight 3/6
     ledger.add(4, "premium", ledger.balance // 50)                                     # 2%
     result = run(ledger)
-    assert [r.weekly_return for r in result.weekly_returns] == [None, 0.01, 0.0, None, 0.02]
-    assert result.performance.weeks == 3
-    assert result.performance.time_weighted_return == pytest.approx(1.01 * 1.02 - 1, rel=1e-12)
-    # the skipped weeks' trades still count as income
-    assert result.performance.income["premium"] == 1_000_000 + 1_010_000 + 5 * BASE + ledger.entries[-1].amount
+    assert [r.first_inflow_weekday for r in result.weekly_returns] == [3, None, None, 1, None]
+    assert [r.weekly_return for r in result.weekly_returns] == [
+        0.01, 0.01, None, BASE // 20 / (BASE + BASE * 3 / 6), 0.02]
+    assert result.performance.weeks == 4
+    assert result.performance.time_weighted_return == pytest.approx(1.01 * 1.01 * (1 + 1 / 30) * 1.02 - 1,
+                                                                    rel=1e-12)
+    assert result.performance.income["premium"] == sum(e.amount for e in ledger.entries if e.kind == "premium")
 
 
 def test_an_account_without_entries_has_empty_figures_and_keeps_its_balance_in_the_forecast():
@@ -298,8 +357,8 @@ def test_weeks_without_entries_up_to_today_are_zero_return_weeks():
     ledger = constant_base([1_000_000, 1_000_000])
     result = run(ledger, today=ledger.day(5, weekday=3))
     assert [r.week_start for r in result.weekly_returns] == [ledger.day(w) for w in range(6)]
-    assert returns_of(result) == [0.01, 0.01, 0.0, 0.0, 0.0]
-    assert all(r.start_balance == r.end_balance == BASE for r in result.weekly_returns[3:])
+    assert returns_of(result) == [0.01, 0.01, 0.0, 0.0, 0.0, 0.0]
+    assert all(r.start_balance == r.end_balance == ledger.balance for r in result.weekly_returns[2:])
 
 
 # -- window --------------------------------------------------------------------------------
@@ -362,7 +421,7 @@ def test_the_forecast_compounds_the_trailing_13_week_mean_week_by_week():
     result = run(ledger)
     weekly = Fraction(sum(nets[-13:]), 13 * BASE)
     assert result.forecast.trailing_mean_weekly_return == float(weekly)
-    path = compounded(BASE, weekly, 52)
+    path = compounded(ledger.balance, weekly, 52)
     assert result.forecast.balance == {"4": path[3], "13": path[12], "52": path[51]}
     assert result.forecast.weeks_to_next_fork is None and result.forecast.weeks_to_merge is None
 
@@ -370,9 +429,9 @@ def test_the_forecast_compounds_the_trailing_13_week_mean_week_by_week():
 def test_a_losing_account_is_forecast_to_shrink_never_below_zero():
     ledger = constant_base([-BASE // 5] * 13)  # -20% a week
     result = run(ledger)
-    path = compounded(BASE, Fraction(-1, 5), 52)
+    path = compounded(ledger.balance, Fraction(-1, 5), 52)
     assert result.forecast.balance == {"4": path[3], "13": path[12], "52": path[51]}
-    assert all(b >= 0 for b in path) and path[3] == round(BASE * 0.8 ** 4)
+    assert all(b >= 0 for b in path) and path[3] == round(ledger.balance * 0.8 ** 4)
 
 
 def test_a_portfolio_gen_acc_is_forecast_to_fork_when_its_surplus_reaches_the_threshold():
@@ -407,7 +466,7 @@ def test_a_huge_weekly_return_does_not_break_the_annualized_return_or_the_foreca
     route may never answer 500 or 409 for a read)."""
     ledger = Ledger().add(0, "deposit", 1).add(1, "premium", 1_000_000)
     result = run(ledger)
-    assert returns_of(result) == [1_000_000.0]
+    assert returns_of(result) == [0.0, 1_000_000.0]
     assert result.forecast.balance["4"] >= result.balance
 
 
@@ -416,7 +475,7 @@ def test_a_doubling_account_forecast_for_52_weeks_stays_within_the_balance_limit
     the forecast must not turn that into a refusal."""
     ledger = constant_base([100_000] * 13, base=100_000)  # +100% a week on $1,000
     result = run(ledger)
-    assert result.forecast.balance["4"] == 100_000 * 2 ** 4
+    assert result.forecast.balance["4"] == ledger.balance * 2 ** 4
     assert result.forecast.balance["52"] >= result.forecast.balance["13"]
 
 
@@ -460,8 +519,10 @@ def test_portfolio_returns_are_summed_trades_over_summed_start_balances_with_int
     assert [r.start_balance for r in result.weekly_returns] == [0, three, three + 30_000_000,
                                                                 three + 29_000_000]
     assert [r.net_trade for r in result.weekly_returns] == [0, 30_000_000, -1_000_000, 2_000_000]
-    assert returns_of(result) == [30_000_000 / three, -1_000_000 / (three + 30_000_000),
+    # every move inside the tree has its two legs on one day: they cancel
+    assert returns_of(result) == [0.0, 30_000_000 / three, -1_000_000 / (three + 30_000_000),
                                   2_000_000 / (three + 29_000_000)]
+    assert [r.flow for r in result.weekly_returns] == [three, 0, 0, 0]
     assert result.balance == three + 31_000_000 == sum(a.balance for a in accounts.values())
     assert result.performance.income == {"premium": 32_000_000, "loss": 1_000_000, "fee": 0, "net": 31_000_000}
 
@@ -519,7 +580,7 @@ def test_portfolio_forecast_grows_the_total_at_the_portfolios_trailing_mean():
     result = analytics.portfolio_analytics(root, portfolios, accounts, entries, today=MONDAY + timedelta(days=21))
     weekly = Fraction(30_000_000, 3 * BASE) + Fraction(-1_000_000, 3 * BASE + 30_000_000) \
         + Fraction(2_000_000, 3 * BASE + 29_000_000)
-    weekly /= 3
+    weekly /= 4  # the opening week (0%) is one of the four
     path = compounded(result.balance, weekly, 52)
     assert result.forecast.total_value == {"4": path[3], "13": path[12], "52": path[51]}
     assert result.forecast.trailing_mean_weekly_return == float(weekly)
@@ -626,7 +687,7 @@ def test_returns_are_invariant_to_the_scale_of_the_money(ledger, k, extra_weeks)
 
 @settings(max_examples=200, deadline=None)
 @given(ledger=ledgers(ordinary=False), extra_weeks=st.integers(0, 4))
-def test_every_weekly_return_is_the_weeks_net_trade_over_its_start_balance(ledger, extra_weeks):
+def test_every_weekly_return_is_the_weeks_modified_dietz_return(ledger, extra_weeks):
     today = ledger.last_day + timedelta(days=7 * extra_weeks)
     rows = analytics.weekly_series(ledger.entries, today)
     first = analytics.week_of(ledger.entries[0].effective_date)
@@ -643,34 +704,34 @@ def test_every_weekly_return_is_the_weeks_net_trade_over_its_start_balance(ledge
         assert (row.premium, row.loss, row.fee) == tuple(sum(e.amount for e in inside if e.kind == kind)
                                                          for kind in ("premium", "loss", "fee"))
         assert row.end_balance == (inside[-1].balance_after if inside else start)
-        assert row.weekly_return == (net / start if start > 0 else None)
+        assert row.end_balance == row.start_balance + row.flow + row.net_trade
+        exact = dietz_reference(ledger.entries, row.week_start)
+        assert row.weekly_return == (None if exact is None else float(exact))
 
 
 def with_flows(percents: list[int], flows: list[tuple[int, int]], start: int) -> Ledger:
     """A ledger earning exactly percents[w-1] % in week w whatever the flows: each week
-    an optional deposit before the trade, the trade (a premium, or a loss and a fee
-    together), then an optional withdrawal or transfer out of part of the balance, then a
-    deposit of at most 99 cents so the next week's start balance is a whole multiple of
-    100 cents again."""
+    starts with flows on its Monday (weight 1: they are the week's capital) - an optional
+    deposit, an optional withdrawal or transfer out of part of the balance, a deposit of
+    at most 99 cents so that the capital is a whole multiple of 100 cents - then the trade
+    on percent % of it (a premium, or a loss and a fee together)."""
     ledger = Ledger().add(0, "deposit", start * 100)
     for week, (percent, (deposit, out)) in enumerate(zip(percents, flows), start=1):
-        start_balance = ledger.balance
-        assert start_balance % 100 == 0
         if deposit:
             ledger.add(week, "deposit", deposit * 100)
-        net = start_balance // 100 * percent
+        if out and ledger.balance * out // 100:
+            ledger.add(week, "transfer" if out % 2 else "withdrawal", ledger.balance * out // 100, "debit")
+        if ledger.balance % 100:
+            ledger.add(week, "deposit", 100 - ledger.balance % 100)
+        capital = ledger.balance
+        net = capital // 100 * percent
         if net > 0:
             ledger.add(week, "premium", net, weekday=1)
         elif net < 0:
-            fee = min(-net, start_balance // 1000 + 1)
+            fee = min(-net, capital // 1000 + 1)
             if -net - fee:
                 ledger.add(week, "loss", -net - fee, weekday=1)
             ledger.add(week, "fee", fee, weekday=2)
-        if out and ledger.balance * out // 100:
-            ledger.add(week, "transfer" if out % 2 else "withdrawal", ledger.balance * out // 100, "debit",
-                       weekday=3)
-        if ledger.balance % 100:
-            ledger.add(week, "deposit", 100 - ledger.balance % 100, weekday=6)
     return ledger
 
 
@@ -688,7 +749,7 @@ def test_returns_are_invariant_to_flows(percents, data, start):
     today = quiet.day(len(percents))
     quiet_rows, a, _, a_trend = figures(quiet.entries, today)
     busy_rows, b, _, b_trend = figures(busy.entries, today)
-    assert [r.weekly_return for r in quiet_rows] == [None] + [p / 100 for p in percents]
+    assert [r.weekly_return for r in quiet_rows] == [0.0] + [p / 100 for p in percents]
     assert [r.weekly_return for r in busy_rows] == [r.weekly_return for r in quiet_rows]
     for field in ("weeks", "time_weighted_return", "annualized_return", "volatility", "sharpe", "max_drawdown",
                   "current_drawdown", "mean_weekly_return"):
@@ -696,15 +757,16 @@ def test_returns_are_invariant_to_flows(percents, data, start):
     assert a_trend == b_trend
 
 
-def test_a_loss_beyond_the_weeks_start_balance_is_at_most_a_total_loss():
-    """A week can lose more than it started with when money arrived during it ($100 at the
-    start, $10,000 deposited on Monday, $300 lost on Tuesday: r = -300%). The drawdown is
-    still at most 1, and two such weeks do not add up to a gain."""
+def test_a_loss_beyond_the_weeks_average_capital_is_at_most_a_total_loss():
+    """A week can lose more than its average capital when money arrived late in it ($100
+    at the start, $7,000 deposited on Sunday - weight 1/7 - and $3,000 lost that day:
+    r = -3,000 / 1,100 = -273%). The drawdown is still at most 1, and two such weeks do
+    not add up to a gain."""
     ledger = Ledger().add(0, "deposit", 100_00)
-    ledger.add(1, "deposit", 10_000_00).add(1, "loss", 300_00, weekday=1)          # r = -3
-    ledger.add(2, "deposit", 30_000_00).add(2, "loss", 3 * 9_800_00, weekday=1)    # r = -3
+    ledger.add(1, "deposit", 7_000_00, weekday=6).add(1, "loss", 3_000_00, weekday=6)
+    ledger.add(2, "deposit", 7_000_00, weekday=6).add(2, "loss", 8_000_00, weekday=6)
     rows, perf, _, _ = figures(ledger.entries, ledger.last_day)
-    assert [r.weekly_return for r in rows] == [None, -3.0, -3.0]
+    assert [r.weekly_return for r in rows] == [0.0, -3_000_00 / 1_100_00, -8_000_00 / 5_100_00]
     assert 0.0 <= perf.current_drawdown <= perf.max_drawdown <= 1.0, (perf.current_drawdown, perf.max_drawdown)
     assert perf.time_weighted_return < 0, perf.time_weighted_return
 

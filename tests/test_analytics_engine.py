@@ -17,6 +17,7 @@ import json
 import uuid
 from contextlib import asynccontextmanager
 from datetime import date, datetime, timedelta, timezone
+from fractions import Fraction
 
 import msgspec
 import pytest
@@ -44,11 +45,13 @@ def today() -> date:
 
 # -- the service -------------------------------------------------------------------------
 @asynccontextmanager
-async def serving(database_url: str, **rules):
+async def serving(database_url: str, analytics_settings: dict | None = None, **rules):
     """A started Engine and an HTTP client of the app around that very engine."""
     overrides = {"database": {"url": database_url}, "server": {"admin_token": TOKEN}}
     if rules:
         overrides["rules"] = rules
+    if analytics_settings:
+        overrides["analytics"] = analytics_settings
     settings = load_settings({}, overrides)
     engine = Engine(settings)
     await engine.start()
@@ -204,13 +207,16 @@ async def test_account_analytics_of_an_imported_history_match_the_pure_functions
 
     result = await engine.account_analytics(ids["revenue"])
     assert plain(result) == plain(await direct_account_analytics(engine, ids["revenue"]))
-    # known answers: 19 weeks of 1% (to the cent), this week flat, the fee in week 19
+    # known answers: the opening week flat (it counts: it starts when the capital arrives),
+    # 19 weeks of 1% (to the cent), the fee in week 19, this week flat (its flows weighted)
     rows = result.weekly_returns
-    assert rows[0].week_start == analytics.week_of(opened) and rows[0].weekly_return is None
+    assert rows[0].week_start == analytics.week_of(opened) and rows[0].weekly_return == 0.0
+    assert rows[0].first_inflow_weekday == opened.weekday() and rows[0].flow == rows[0].average_capital
     assert rows[-1].week_start == analytics.week_of(today())
     assert [r.weekly_return for r in rows[1:19]] == pytest.approx([0.01] * 18, abs=1e-6)
-    assert rows[-1].weekly_return == 0.0
-    assert result.performance.weeks == 20
+    assert rows[-1].weekly_return == 0.0 and rows[-1].flow == 3_000_00
+    assert rows[-1].flow_cent_days == 3_000_00 * (7 - today().weekday())
+    assert result.performance.weeks == 21
     assert result.performance.max_drawdown == 0.0
     assert result.performance.income["fee"] == 25_00
     assert result.performance.target_weekly_return == 0.01
@@ -546,3 +552,73 @@ async def test_opened_on_in_the_future_is_422_for_portfolios_and_accounts(servic
     account = await api.created("/v1/accounts", {"name": "A", "type": "revenue", "owner": "ann",
                                                  "opened_on": today().isoformat()})
     assert account["id"]
+
+
+# -- the reference libraries (issue 15) ----------------------------------------------------
+SEASON_BPS = [180, -420, 95, 130, -610, 240, 70, -150, 310, -40, 0, 55, -280, 120, 85,
+              -520, 160, 45, -90, 200, -330, 110, 60, -700, 150, 20, -60, 90, -410, 130]
+
+
+async def test_a_30_week_rev_acc_booked_by_effective_date_matches_empyrical_over_http(database_url):
+    """The issue's test: a Rev-Acc with 30 weeks of known premiums and losses, the first
+    in the opening week, booked with effective dates, and this week a deposit before the
+    last trade. Every measure over HTTP equals the library's on the known weekly returns
+    (each trade over the capital it was booked against; this week's capital counts the
+    deposit from the day it landed), with a risk-free and a required return configured.
+    The portfolio's measures equal the library's on the portfolio's weekly returns."""
+    from analytics_reference import assert_matches_reference
+
+    rates = {"risk_free_rate": 0.04, "required_return": 0.02}
+    async with serving(database_url, analytics_settings=rates) as (engine, api):
+        portfolio, opened, ids = await open_portfolio(engine, weeks_back=len(SEASON_BPS) - 1)
+        total = (await engine.get_portfolio(portfolio.id)).totals.balance
+        deposit = 1_234_56
+        weight = Fraction(7 - today().weekday(), 7)
+        known, portfolio_known = [], []
+        balance = (await engine.get_account(ids["revenue"])).balance
+        for week, bps in enumerate(SEASON_BPS):
+            capital, portfolio_capital = Fraction(balance), Fraction(total)
+            if week == len(SEASON_BPS) - 1:
+                await engine.deposit(ids["revenue"], deposit)
+                capital, portfolio_capital = capital + deposit * weight, portfolio_capital + deposit * weight
+            amount = balance * abs(bps) // 10_000
+            net = amount if bps >= 0 else -amount
+            known.append(float(net / capital))
+            portfolio_known.append(float(net / portfolio_capital))
+            if amount:  # a flat week books nothing
+                trade = await engine.book_trade(ids["revenue"], kind="premium" if bps >= 0 else "loss",
+                                                amount=amount, effective_date=opened + timedelta(weeks=week))
+                total += trade.balance_after - balance
+                balance = trade.balance_after
+        await settled(engine)
+        reply = await api.ok(f"/v1/accounts/{ids['revenue']}/analytics")
+        assert reply["performance"]["weeks"] == 30  # the opening week counts
+        assert [r["weekly_return"] for r in reply["weekly_returns"]] == pytest.approx(known, rel=1e-12)
+        assert_matches_reference(reply["performance"], known, **rates)
+        whole = await api.ok(f"/v1/portfolios/{portfolio.id}/analytics")
+        assert [r["weekly_return"] for r in whole["weekly_returns"]] == pytest.approx(portfolio_known, rel=1e-12)
+        assert_matches_reference(whole["performance"], portfolio_known, **rates)
+        # in-process, the very same figures
+        assert plain(await engine.account_analytics(ids["revenue"])) == reply
+
+
+async def test_openapi_describes_every_analytics_field_the_routes_answer(service):
+    """The new measures and the Modified Dietz columns are in /openapi.json (generated
+    from the same Structs), as required fields: each reply has exactly the documented
+    keys, for accounts and for portfolios."""
+    engine, api = service
+    portfolio, opened, ids = await open_portfolio(engine, weeks_back=3)
+    await weekly_premiums(engine, ids["revenue"], opened, range(0, 4), 100)
+    schemas = (await api.get("/openapi.json", token=None)).body["components"]["schemas"]
+    performance, week = schemas["Performance"], schemas["WeekReturn"]
+    for name in ("sharpe", "return_over_volatility", "sortino", "calmar", "value_at_risk_95",
+                 "conditional_value_at_risk_95", "best_week", "worst_week", "win_rate",
+                 "max_drawdown_duration_weeks", "time_to_recovery_weeks", "skew", "kurtosis", "risk_free_rate",
+                 "required_return"):
+        assert name in performance["required"], name
+    for name in ("flow", "flow_cent_days", "first_inflow_weekday", "average_capital"):
+        assert name in week["required"], name
+    for path in (f"/v1/accounts/{ids['revenue']}/analytics", f"/v1/portfolios/{portfolio.id}/analytics"):
+        reply = await api.ok(path)
+        assert set(reply["performance"]) == set(performance["properties"])
+        assert all(set(row) == set(week["properties"]) for row in reply["weekly_returns"])
