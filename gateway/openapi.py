@@ -43,6 +43,8 @@ QUERY: dict[str, dict[str, dict]] = {
     "list_transactions": {"limit": _LIMIT, "cursor": {"type": "string", "pattern": "^[0-9]{1,18}$"}},
     "list_events": {"after": _SEQUENCE, "limit": _LIMIT},
     "list_audit": {"cursor": _SEQUENCE, "limit": {**_LIMIT, "maximum": limits.AUDIT_PAGE_SIZE_MAX}},
+    "list_webhook_attempts": {"cursor": _SEQUENCE, "limit": _LIMIT},
+    "list_dead_letters": {"cursor": _SEQUENCE, "limit": _LIMIT},
     "account_analytics": {"weeks": _WEEKS},
     "portfolio_analytics": {"weeks": _WEEKS},
 }
