@@ -623,7 +623,10 @@ class Webhooks:
         try:
             await self.table.save_progress(attempts, [(e.id, cursor, at) for e, cursor, at in moved])
         except BaseException:
-            self._attempts = attempts + self._attempts
+            # Kept for the next flush (bounded: attempts of deleted endpoints go, and at
+            # most `attempts_kept_max` wait).
+            kept = [a for a in attempts + self._attempts if a[0] in self.endpoints]
+            self._attempts = kept[-self.settings.attempts_kept_max:]
             self._dirty.set()
             raise
         for endpoint, cursor, at in moved:

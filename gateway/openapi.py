@@ -18,7 +18,7 @@ ERROR_STATUSES = {
     "403": "The token's role, or its owner scope, forbids this", "404": "Unknown id or route",
     "409": "A rule refuses (insufficient_funds, account_not_active, withdrawal_not_allowed, "
            "account_not_empty, balance_limit_exceeded, fork_not_allowed, merge_not_allowed, already_reinvested, "
-           "reinvest_not_allowed, quarter_before_opening, idempotency_key_reused)",
+           "reinvest_not_allowed, quarter_before_opening, idempotency_key_reused, webhook_limit_reached)",
     "413": "Body too large", "415": "Body is not application/json", "422": "Validation failed (details.field)",
     "429": "Rate limited, or too many invalid tokens from this address (Retry-After)",
     "503": "Overloaded or database unavailable (Retry-After)",

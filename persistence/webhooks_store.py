@@ -30,8 +30,10 @@ DELETE_ENDPOINT = "DELETE FROM webhook_endpoints WHERE id = $1"
 ADVANCE_CURSOR = ("UPDATE webhook_endpoints SET cursor = greatest(cursor, $2), "
                   "last_success_at = coalesce($3, last_success_at) WHERE id = $1")
 DISABLE = "UPDATE webhook_endpoints SET enabled = false, disabled_reason = $2, updated_at = $3 WHERE id = $1"
+# Attempts of an endpoint deleted meanwhile are dropped (not an error).
 INSERT_ATTEMPT = ("INSERT INTO webhook_attempts (endpoint_id, event_seq, message_id, attempt, at, outcome, status, "
-                  "latency_ms, response_excerpt, error) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)")
+                  "latency_ms, response_excerpt, error) SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10 "
+                  "WHERE EXISTS (SELECT 1 FROM webhook_endpoints WHERE id = $1)")
 SELECT_ATTEMPTS = (f"SELECT {ATTEMPT_COLUMNS} FROM webhook_attempts WHERE endpoint_id = $1 AND id > $2 "
                    "ORDER BY id LIMIT $3")
 # Keeps the newest `$2` attempts of an endpoint (the history is bounded).

@@ -20,7 +20,7 @@ from standardwebhooks.webhooks import WebhookVerificationError
 from actors.api import Engine
 from actors.settings import load_settings
 from actors.webhooks import GuardedResolver, RefusedTarget
-from engine.errors import ValidationFailed
+from engine.errors import Refused, ValidationFailed
 from engine.rules import quarter_of
 from engine.webhooks import check_target, retry_delay_s, wants
 from gateway.app import create_app
@@ -405,3 +405,38 @@ async def test_supervisor_status_and_metrics_show_each_endpoint(api, receiver):
                 and "alluse_webhook_delivery_seconds_bucket" in body and "alluse_webhook_lag_seconds" in body)
 
     await eventually(metrics_show_it, "the webhook metrics")
+
+
+async def test_the_horizon_waits_at_a_missing_sequence_number_then_passes_it():
+    from types import SimpleNamespace
+
+    from actors.webhooks import Webhooks
+
+    settings = load_settings({}, {"webhooks": {"gap_wait_s": 5.0}})
+    hooks = Webhooks(SimpleNamespace(settings=settings))
+    page = [SimpleNamespace(seq=seq) for seq in (1, 2, 4, 5)]       # 3 not visible (yet)
+    gap = hooks._advance(page, None, now=100.0)
+    assert hooks.horizon == 2 and gap == (3, 100.0)
+    gap = hooks._advance(page[2:], gap, now=104.0)                  # still within gap_wait_s
+    assert hooks.horizon == 2 and gap == (3, 100.0)
+    assert hooks._advance([SimpleNamespace(seq=s) for s in (3, 4, 5)], gap, now=104.5) is None
+    assert hooks.horizon == 5                                       # 3 committed late: delivered in order
+    gap = hooks._advance([SimpleNamespace(seq=7)], None, now=200.0)
+    assert hooks.horizon == 5
+    assert hooks._advance([SimpleNamespace(seq=7)], gap, now=205.1) is None and hooks.horizon == 7
+
+
+async def test_the_endpoint_limit_refuses_with_409_and_deleting_a_busy_endpoint_is_clean(database_url, receiver):
+    receiver.behaviour = lambda n: (500, 0.0)
+    async with running(database_url, endpoints_max=2) as engine:
+        first = await engine.webhooks.create(url=receiver.url)
+        await engine.webhooks.create(url=receiver.url)
+        with pytest.raises(Refused) as refused:
+            await engine.webhooks.create(url=receiver.url)
+        assert refused.value.code == "webhook_limit_reached"
+        await engine.create_account(name="a", type="revenue", owner="ann")
+        await eventually(lambda: _received(receiver), "a failing attempt")
+        await engine.webhooks.delete(first.id)                      # with attempts still buffered
+        await engine.webhooks.flush_progress()
+        rows = await engine.store.fetch("SELECT count(*) AS n FROM webhook_attempts WHERE endpoint_id = $1", first.id)
+        assert rows[0]["n"] == 0 and first.id not in {s["id"] for s in await engine.webhooks.status()}
