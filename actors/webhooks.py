@@ -212,6 +212,8 @@ class Endpoint:
     success_at: datetime | None = None
     transitions: collections.deque = field(default_factory=lambda: collections.deque(maxlen=TRANSITIONS_KEPT))
     signers: tuple = ()
+    refusal: str | None = None
+    breaker: Any = None
 
     @property
     def id(self) -> str:
@@ -313,6 +315,12 @@ class Webhooks:
         else:
             endpoint.row = row
         endpoint.signers = self._signers(row)
+        # Judged once per URL (the settings do not change while running).
+        try:
+            check_target(row["url"], allow_private=self.settings.allow_private_targets)
+            endpoint.refusal = None
+        except ValidationFailed as refusal:
+            endpoint.refusal = refusal.message
         return endpoint
 
     def _signers(self, row: dict) -> tuple:
@@ -498,7 +506,9 @@ class Webhooks:
                        attempt: int) -> Result | None:
         """One attempt through the endpoint's circuit breaker; None if the circuit is
         open (after waiting out its cool-down: the next attempt is the trial)."""
-        breaker = await self._breakers.get_breaker(endpoint.id)
+        if endpoint.breaker is None:
+            endpoint.breaker = await self._breakers.get_breaker(endpoint.id)
+        breaker = endpoint.breaker
         result: Result | None = None
         try:
             async with breaker:
@@ -533,10 +543,8 @@ class Webhooks:
 
     async def _post(self, endpoint: Endpoint, message_id: str, body: bytes) -> Result:
         url = endpoint.row["url"]
-        try:
-            check_target(url, allow_private=self.settings.allow_private_targets)
-        except ValidationFailed as refusal:
-            return Result("refused_target", error=refusal.message)
+        if endpoint.refusal is not None:
+            return Result("refused_target", error=endpoint.refusal)
         headers = self._headers(endpoint, message_id, body)
         timeout = aiohttp.ClientTimeout(total=self.settings.timeout_s)
         async with self._semaphore:

@@ -14,7 +14,6 @@ from datetime import timedelta
 import msgspec
 import pytest
 import pytest_asyncio
-from aiohttp.test_utils import TestClient, TestServer
 from standardwebhooks.webhooks import WebhookVerificationError
 
 from actors.api import Engine
@@ -23,10 +22,10 @@ from actors.webhooks import GuardedResolver, RefusedTarget
 from engine.errors import Refused, ValidationFailed
 from engine.rules import quarter_of
 from engine.webhooks import check_target, retry_delay_s, wants
-from gateway.app import create_app
 from tests.conftest import eventually
 from tests.test_analytics_engine import open_portfolio, weekly_premiums
-from tests.test_http import TOKEN, Api, assert_error
+from tests.test_http import TOKEN, assert_error
+from tests.test_http_growth import serving
 from tests.webhook_receiver import Receiver
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -331,13 +330,8 @@ async def _received(receiver: Receiver) -> bool:
 # -- the HTTP API and the audit log --------------------------------------------------------
 @pytest_asyncio.fixture(loop_scope="session")
 async def api(database_url):
-    settings = settings_for(database_url)
-    client = TestClient(TestServer(create_app(settings)))
-    await client.start_server()
-    try:
-        yield Api(client)
-    finally:
-        await client.close()
+    async with serving(settings_for(database_url)) as client:
+        yield client
 
 
 async def test_webhook_management_over_http_is_audited_and_never_shows_the_secret_again(api, receiver):
@@ -372,10 +366,7 @@ async def test_webhook_management_over_http_is_audited_and_never_shows_the_secre
 
 async def test_refused_webhook_urls_answer_422_in_the_error_shape(database_url):
     settings = load_settings({}, {"database": {"url": database_url}, "server": {"admin_token": TOKEN}})
-    client = TestClient(TestServer(create_app(settings)))
-    await client.start_server()
-    try:
-        api = Api(client)
+    async with serving(settings) as api:
         for url in ("http://127.0.0.1:8080/hook", "https://10.0.0.8/hook", "https://[::1]/", "https://localhost/",
                     "https://169.254.169.254/", "http://hooks.example.com/"):
             assert_error(await api.post("/v1/webhooks", {"url": url}), 422, "validation_failed", "url")
@@ -384,8 +375,6 @@ async def test_refused_webhook_urls_answer_422_in_the_error_shape(database_url):
         assert_error(await api.post("/v1/webhooks", {"url": "https://x.example", "secret": "mine"}), 422,
                      "validation_failed")
         assert (await api.ok("/v1/webhooks"))["items"] == []
-    finally:
-        await client.close()
 
 
 async def test_supervisor_status_and_metrics_show_each_endpoint(api, receiver):

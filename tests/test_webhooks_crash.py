@@ -10,7 +10,6 @@ import asyncio
 import threading
 import time
 
-import pytest
 
 from tests.test_crash import Client, data_dir, services  # noqa: F401 - fixtures
 from tests.webhook_receiver import Receiver
