@@ -63,6 +63,7 @@ FEED_PAGE_SIZE = limits.PAGE_SIZE_MAX
 REDELIVERIES_PER_ROUND = 50
 PROGRESS_FLUSH_S = 0.1
 IDLE_WAIT_S = 1.0
+AHEAD_WAIT_S = 0.1
 ERROR_PAUSE_S = 1.0
 PRUNE_INTERVAL_S = 60.0
 TRANSITIONS_KEPT = 20
@@ -360,6 +361,13 @@ class Webhooks:
                     await self._changed.wait()
                     continue
                 self.horizon = max(self.horizon, min(e.cursor for e in active))
+                if self.horizon - max(e.cursor for e in active) >= FEED_PAGE_SIZE:
+                    # Every endpoint has a page or more to deliver (or waits for a retry):
+                    # reading further ahead would only cost CPU. Note how far the outbox is.
+                    self.latest_seq = max(self.latest_seq, await self._latest_event_seq())
+                    self._publish(active)
+                    await asyncio.sleep(AHEAD_WAIT_S)
+                    continue
                 signal = self.engine._commit_signal
                 page = await self.engine.events_page(after=self.horizon, limit=FEED_PAGE_SIZE)
                 gap = self._advance(page, gap, loop.time())
