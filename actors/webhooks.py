@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import ipaddress
 import logging
 import random
 import secrets
@@ -51,6 +52,10 @@ from engine.errors import EngineError, NotFound, Refused, ValidationFailed
 from engine.webhooks import check_target, is_public_address, retry_delay_s, wants
 from actors.ids import new_id
 from persistence.webhooks_store import WebhookStore
+from actors.webhook_views import (
+    Attempt, AttemptPage, CreatedWebhook, DeadLetter, DeadLetterPage, Redelivery, RotatedSecret, WebhookPage,
+    WebhookView, view as _view,
+)
 
 if TYPE_CHECKING:
     from actors.api import Engine
@@ -70,83 +75,6 @@ TRANSITIONS_KEPT = 20
 USER_AGENT = "alluse-webhooks/1"
 CIRCUIT_LEVEL = {"closed": 0, "half_open": 1, "open": 2}
 encode_json = msgspec.json.Encoder().encode
-
-
-# -- what the API shows -------------------------------------------------------------------
-class WebhookView(msgspec.Struct, frozen=True, kw_only=True):
-    """An endpoint as the API shows it: never its secrets."""
-
-    id: str
-    url: str
-    description: str | None = None
-    event_types: list[str] | None = None
-    owner: str | None = None
-    enabled: bool
-    disabled_reason: str | None = None
-    cursor: int
-    last_success_at: datetime | None = None
-    previous_secret_expires_at: datetime | None = None
-    created_by: str
-    created_at: datetime
-    updated_at: datetime
-
-
-class CreatedWebhook(WebhookView, frozen=True, kw_only=True):
-    """The answer to creating an endpoint: the only time its secret is shown."""
-
-    secret: str
-
-
-class RotatedSecret(msgspec.Struct, frozen=True, kw_only=True):
-    id: str
-    secret: str
-    previous_secret_expires_at: datetime
-
-
-class WebhookPage(msgspec.Struct, frozen=True, kw_only=True):
-    items: list[WebhookView]
-
-
-class Attempt(msgspec.Struct, frozen=True, kw_only=True):
-    id: int
-    event_seq: int
-    message_id: str
-    attempt: int
-    at: datetime
-    # delivered, http_error, timeout, connection_error, refused_target, gone
-    outcome: str
-    status: int | None = None
-    latency_ms: float
-    response_excerpt: str | None = None
-    error: str | None = None
-
-
-class AttemptPage(msgspec.Struct, frozen=True, kw_only=True):
-    items: list[Attempt]
-    next_cursor: str | None = None
-
-
-class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
-    event_seq: int
-    event_type: str
-    # dead, or redelivering (asked for; the next attempt settles it)
-    state: str
-    attempts: int
-    last_outcome: str
-    dead_at: datetime
-
-
-class DeadLetterPage(msgspec.Struct, frozen=True, kw_only=True):
-    items: list[DeadLetter]
-    next_cursor: str | None = None
-
-
-class Redelivery(msgspec.Struct, frozen=True, kw_only=True):
-    requeued: int
-
-
-def _view(row: dict) -> WebhookView:
-    return WebhookView(**{name: row[name] for name in WebhookView.__struct_fields__})
 
 
 def _safe_url(url: str) -> str:
@@ -175,7 +103,6 @@ class GuardedResolver(AbstractResolver):
         self._allow_private = allow_private
 
     async def resolve(self, host: str, port: int = 0, family: int = socket.AF_INET):
-        import ipaddress
 
         found = await self._inner.resolve(host, port, family)
         if not self._allow_private:

@@ -32,7 +32,7 @@ from engine.analytics import AccountAnalytics, PortfolioAnalytics
 from engine.reports import PortfolioTree, PortfolioView, Reinvestment
 from actors.api import AUDIT_CONTEXT, Engine
 from actors.security import BOOTSTRAP, AuditVerification, CreatedToken, TokenInfo
-from actors import webhooks as webhook_views
+from actors import webhook_views
 from engine.webhooks import CreateWebhookRequest, UpdateWebhookRequest
 from engine.audit import AuditContext, Principal
 from gateway import permissions, protocol

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from contextlib import asynccontextmanager
 from datetime import timedelta
@@ -334,7 +335,8 @@ async def api(database_url):
         yield client
 
 
-async def test_webhook_management_over_http_is_audited_and_never_shows_the_secret_again(api, receiver):
+async def test_webhook_management_over_http_is_audited_and_never_shows_the_secret_again(api, receiver, caplog):
+    caplog.set_level(logging.DEBUG)
     created = await api.created("/v1/webhooks", {"url": receiver.url + "?token=receiver-side-secret",
                                                  "event_types": ["portfolio.*"], "description": "growth"})
     secret = created["secret"]
@@ -362,6 +364,8 @@ async def test_webhook_management_over_http_is_audited_and_never_shows_the_secre
     text = json.dumps(log)
     assert secret not in text and rotated.body["secret"] not in text and "receiver-side-secret" not in text
     assert (await api.ok("/v1/audit/verify"))["valid"] is True
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert secret not in logged and rotated.body["secret"] not in logged
 
 
 async def test_refused_webhook_urls_answer_422_in_the_error_shape(database_url):
