@@ -33,6 +33,7 @@ test: $(STAMP)
 # analytics target is reported without stopping the run.
 bench: $(BENCH_STAMP)
 	-$(BIN)/python -m perf.analytics
+	-$(BIN)/python -m perf.webhooks --quick
 	$(BIN)/python -m perf.bench --quick
 
 bench-full: $(BENCH_STAMP)

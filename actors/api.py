@@ -54,6 +54,7 @@ from persistence.store import Store
 from persistence.writer import AuditEntry, PurgeKeysOp, Writer, WriteOp
 from engine.audit import EMBEDDED, SCHEDULER, AuditContext
 from actors.security import Security
+from actors.webhooks import Webhooks
 
 log = logging.getLogger("alluse.engine")
 T = TypeVar("T")
@@ -184,6 +185,8 @@ class Engine:
         self._flag_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         # Tokens and the audit log (`engine.security.create_token(...)`, `.verify_audit()`).
         self.security = Security(self)
+        # Webhook endpoints and their delivery (`engine.webhooks.create(url=...)`).
+        self.webhooks = Webhooks(self)
 
     # -- lifecycle -------------------------------------------------------------------
     async def __aenter__(self) -> "Engine":
@@ -234,6 +237,7 @@ class Engine:
         self.metrics.drawdown_breaches.set_function(lambda: len(self._drawdown_flags))
         self._maintenance = asyncio.create_task(self._maintain(), name="alluse-maintenance")
         self.ready = True
+        await self.webhooks.start()
         log.info("engine ready")
 
     async def _open_store(self) -> None:
@@ -254,6 +258,7 @@ class Engine:
         """Graceful: stop admitting, let operations in flight finish (bounded), flush the
         writer, stop the actors, close the database."""
         self.ready = False
+        await self.webhooks.stop()
         if self._maintenance is not None:
             self._maintenance.cancel()
             self._maintenance = None

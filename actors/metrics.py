@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+WEBHOOK_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
@@ -39,6 +40,20 @@ class Metrics:
                                        "type's limit", registry=r)
         self.forks = Counter("alluse_forks_total", "Units forked", registry=r)
         self.merges = Counter("alluse_merges_total", "Units merged", registry=r)
+        # Webhooks (actors.webhooks); per-endpoint series are removed with their endpoint.
+        self.webhook_deliveries = Counter("alluse_webhook_deliveries_total", "Webhook delivery attempts by outcome",
+                                          ["outcome"], registry=r)
+        self.webhook_delivery_latency = Histogram("alluse_webhook_delivery_seconds", "One webhook attempt, from "
+                                                  "connecting to the end of the answer",
+                                                  buckets=WEBHOOK_BUCKETS_S, registry=r)
+        self.webhook_dead_letters = Counter("alluse_webhook_dead_letters_total", "Events that exhausted their "
+                                            "retry schedule", registry=r)
+        self.webhook_lag_events = Gauge("alluse_webhook_lag_events", "Outbox events after the endpoint's cursor",
+                                        ["endpoint"], registry=r)
+        self.webhook_lag_seconds = Gauge("alluse_webhook_lag_seconds", "Age of the oldest event the endpoint has "
+                                         "not yet received", ["endpoint"], registry=r)
+        self.webhook_circuit_state = Gauge("alluse_webhook_circuit_state", "Circuit breaker: 0 closed, "
+                                           "1 half-open, 2 open", ["endpoint"], registry=r)
 
     def observe_batch(self, size: int, elapsed_s: float) -> None:
         self.batch_size.observe(size)

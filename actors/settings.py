@@ -81,6 +81,36 @@ class AnalyticsSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields
     required_return: Annotated[float, Meta(ge=-1, le=1)] = 0.0
 
 
+class WebhookSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    # Run the delivery worker. False keeps endpoints manageable and delivers nothing.
+    deliver: bool = True
+    # Development and tests only: let private, loopback and link-local targets (and plain
+    # http to them) receive webhooks. ALLUSE_WEBHOOKS_ALLOW_PRIVATE=1.
+    allow_private_targets: bool = False
+    # Seconds to wait after each failed attempt of one event; past the last, the event
+    # becomes a dead letter. ALLUSE_WEBHOOKS_RETRY_SCHEDULE_S=1,2,4.
+    retry_schedule_s: Annotated[tuple[Annotated[float, Meta(ge=0, le=7 * 86_400)], ...], Meta(max_length=32)] = (
+        5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
+    jitter_ratio: Annotated[float, Meta(ge=0, lt=1)] = 0.2
+    timeout_s: Annotated[float, Meta(gt=0, le=300)] = 15.0
+    # Deliveries in flight at once, over every endpoint (each endpoint has one at a time).
+    concurrency_max: Annotated[int, Meta(ge=1, le=1024)] = 16
+    # Consecutive failures that open an endpoint's circuit, and its cool-down before a trial.
+    circuit_failures_max: Annotated[int, Meta(ge=1, le=1000)] = 5
+    circuit_cooldown_s: Annotated[float, Meta(gt=0, le=86_400)] = 30.0
+    # After a rotation the previous secret keeps signing (alongside the new one) this long.
+    secret_grace_s: Annotated[float, Meta(ge=0, le=30 * 86_400)] = 86_400.0
+    # An outbox sequence number not yet visible is waited for this long before delivery
+    # passes it (a transaction still committing, or one that rolled back).
+    gap_wait_s: Annotated[float, Meta(ge=0, le=600)] = 5.0
+    # After a commit, wait this long for more before reading the outbox (fewer reads).
+    poll_interval_s: Annotated[float, Meta(ge=0, le=10)] = 0.02
+    endpoints_max: Annotated[int, Meta(ge=1, le=10_000)] = 100
+    response_excerpt_bytes_max: Annotated[int, Meta(ge=0, le=65536)] = 512
+    # Attempts kept per endpoint (the oldest are pruned).
+    attempts_kept_max: Annotated[int, Meta(ge=10, le=10_000_000)] = 10_000
+
+
 class Settings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     server: ServerSettings = ServerSettings()
     database: DatabaseSettings = DatabaseSettings()
@@ -88,6 +118,7 @@ class Settings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     supervision: SupervisionSettings = SupervisionSettings()
     analytics: AnalyticsSettings = AnalyticsSettings()
     security: SecuritySettings = SecuritySettings()
+    webhooks: WebhookSettings = WebhookSettings()
     rules: Rules = Rules()
 
 
@@ -115,6 +146,15 @@ def _read_toml(path: Path) -> dict:
         raise ConfigError(f"configuration file {path} is not valid TOML: {error}") from error
 
 
+def _flag(value: str) -> bool:
+    return value.strip().lower() in ("1", "true", "yes")
+
+
+def _seconds_list(value: str) -> list[float]:
+    """"1,2,4" -> [1.0, 2.0, 4.0] (ValueError for anything else)."""
+    return [float(part) for part in value.split(",")]
+
+
 ENVIRONMENT = {
     "ALLUSE_HOST": ("server", "host", str),
     "ALLUSE_PORT": ("server", "port", int),
@@ -123,7 +163,9 @@ ENVIRONMENT = {
     "ALLUSE_TLS_CERT_FILE": ("server", "tls_cert_file", str),
     "ALLUSE_TLS_KEY_FILE": ("server", "tls_key_file", str),
     "DATABASE_URL": ("database", "url", str),
-    "ALLUSE_FAULT_INJECTION": ("engine", "fault_injection", lambda v: v.strip().lower() in ("1", "true", "yes")),
+    "ALLUSE_FAULT_INJECTION": ("engine", "fault_injection", _flag),
+    "ALLUSE_WEBHOOKS_ALLOW_PRIVATE": ("webhooks", "allow_private_targets", _flag),
+    "ALLUSE_WEBHOOKS_RETRY_SCHEDULE_S": ("webhooks", "retry_schedule_s", _seconds_list),
 }
 
 

