@@ -29,12 +29,20 @@ class HealthCollector(Collector):
                                 value=settings.write_queue_max)
         yield GaugeMetricFamily("alluse_operations_in_flight_max", "Bound on operations in flight",
                                 value=settings.operations_in_flight_max)
-        if self.data_dir.exists():
-            usage = shutil.disk_usage(self.data_dir)
-            yield GaugeMetricFamily("alluse_data_dir_free_bytes", "Free bytes on the data directory's file system",
-                                    value=usage.free)
-            yield GaugeMetricFamily("alluse_data_dir_size_bytes", "Size of the data directory's file system",
-                                    value=usage.total)
+        usage = shutil.disk_usage(_existing(self.data_dir))
+        yield GaugeMetricFamily("alluse_data_dir_free_bytes", "Free bytes on the data directory's file system",
+                                value=usage.free)
+        yield GaugeMetricFamily("alluse_data_dir_size_bytes", "Size of the data directory's file system",
+                                value=usage.total)
+
+
+def _existing(path: Path) -> Path:
+    """The data directory, or (before it exists) the nearest parent that does: the file
+    system it will live on."""
+    path = path.resolve()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
 
 
 def register(engine) -> None:

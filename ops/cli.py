@@ -34,7 +34,8 @@ app.add_typer(portfolios_app, name="portfolios")
 app.add_typer(tokens_app, name="tokens")
 app.add_typer(audit_app, name="audit")
 
-console = Console(highlight=False, soft_wrap=True)
+# Piped output is not wrapped at 80 columns (ids would break across lines).
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 240)
 LIST_ITEMS_MAX = 10_000
 
 
@@ -77,7 +78,8 @@ def _table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
     table = Table(title=title, title_justify="left")
     for column in columns:
         numeric = column in ("balance", "amount", "total value", "income", "balance after", "value")
-        table.add_column(column, justify="right" if numeric else "left")
+        table.add_column(column, justify="right" if numeric else "left",
+                         no_wrap=column in ("id", "portfolio", "parent", "leg", "account"))
     for row in rows:
         table.add_row(*("" if cell is None else str(cell) for cell in row))
     return table
