@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import asyncpg
 
@@ -44,7 +45,7 @@ def create_database(server_uri: str) -> str:
 
 
 def drop_database(server_uri: str, url: str) -> None:
-    name = url.rsplit("/", 1)[1].split("?", 1)[0]
+    name = database_name(url)
 
     async def drop():
         admin = await asyncpg.connect(database_uri(server_uri, "postgres"))
@@ -54,6 +55,10 @@ def drop_database(server_uri: str, url: str) -> None:
             await admin.close()
 
     asyncio.run(drop())
+
+
+def database_name(url: str) -> str:
+    return urlsplit(url).path.lstrip("/")
 
 
 def clean_env(**settings: str) -> dict:
