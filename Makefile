@@ -22,7 +22,7 @@ $(BENCH_STAMP): $(STAMP) pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/python -m gateway
+	$(BIN)/alluse serve
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
@@ -41,7 +41,7 @@ bench-full: $(BENCH_STAMP)
 	$(BIN)/python -m perf.bench
 
 project: $(STAMP)
-	$(BIN)/python -m actors.projection_cli
+	$(BIN)/alluse project
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info

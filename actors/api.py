@@ -201,7 +201,8 @@ class Engine:
         database = self.settings.database
         url = database.url
         if not url:
-            self._embedded = EmbeddedServer(database.data_dir)
+            self._embedded = EmbeddedServer(database.data_dir, wal_archive_dir=database.wal_archive_dir,
+                                            archive_timeout_s=database.archive_timeout_s)
             url = await asyncio.to_thread(self._embedded.start)
         self.database_url = url
         self.store = Store(url, pool_size=database.pool_size)

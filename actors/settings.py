@@ -6,6 +6,7 @@ import os
 import tomllib
 from pathlib import Path
 from typing import Annotated
+from urllib.parse import parse_qs, urlsplit
 
 import msgspec
 from msgspec import Meta, Struct
@@ -24,6 +25,9 @@ class ServerSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     # HTTPS: both set = serve TLS with this PEM certificate (chain) and private key.
     tls_cert_file: str = ""
     tls_key_file: str = ""
+    # Non-empty: GET /metrics needs `Authorization: Bearer <this>` (Prometheus'
+    # `authorization.credentials_file`); empty: /metrics is open to whoever reaches the port.
+    metrics_token: str = ""
 
 
 class SecuritySettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -48,6 +52,18 @@ class DatabaseSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     url: str = ""
     data_dir: str = ".alluse"
     pool_size: Annotated[int, Meta(ge=1, le=64)] = 8
+    # Embedded server only: non-empty = archive every WAL segment into this directory,
+    # so `alluse restore --until` can recover to a point in time after a base backup.
+    wal_archive_dir: str = ""
+    # A partly filled WAL segment is archived after at most this long (PostgreSQL's
+    # archive_timeout): the most recent changes a point-in-time restore can miss.
+    archive_timeout_s: Annotated[int, Meta(ge=1, le=86_400)] = 60
+    # Where `alluse backup` puts backups without a directory argument, and where
+    # `alluse doctor` looks for the newest one.
+    backup_dir: str = ""
+    # True: refuse to start unless DATABASE_URL verifies the server's certificate and
+    # name (sslmode=verify-full). False: whatever the URL says is used.
+    require_verified_tls: bool = False
 
 
 class EngineSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -163,6 +179,11 @@ ENVIRONMENT = {
     "ALLUSE_TLS_CERT_FILE": ("server", "tls_cert_file", str),
     "ALLUSE_TLS_KEY_FILE": ("server", "tls_key_file", str),
     "DATABASE_URL": ("database", "url", str),
+    "ALLUSE_WAL_ARCHIVE_DIR": ("database", "wal_archive_dir", str),
+    "ALLUSE_BACKUP_DIR": ("database", "backup_dir", str),
+    "ALLUSE_REQUIRE_VERIFIED_TLS": ("database", "require_verified_tls",
+                                    lambda v: v.strip().lower() in ("1", "true", "yes")),
+    "ALLUSE_METRICS_TOKEN": ("server", "metrics_token", str),
     "ALLUSE_FAULT_INJECTION": ("engine", "fault_injection", _flag),
     "ALLUSE_WEBHOOKS_ALLOW_PRIVATE": ("webhooks", "allow_private_targets", _flag),
     "ALLUSE_WEBHOOKS_RETRY_SCHEDULE_S": ("webhooks", "retry_schedule_s", _seconds_list),
@@ -184,6 +205,24 @@ def load_settings(environ: dict | None = None, overrides: dict | None = None) ->
     if overrides:
         raw = _merge(raw, overrides)
     try:
-        return msgspec.convert(raw, Settings)
+        settings = msgspec.convert(raw, Settings)
     except msgspec.ValidationError as error:
         raise ConfigError(f"invalid configuration: {error}") from error
+    _check_database_tls(settings.database)
+    return settings
+
+
+def _check_database_tls(database: DatabaseSettings) -> None:
+    """With `require_verified_tls`, only a DATABASE_URL that checks the server's
+    certificate against a CA and its host name is accepted (libpq's and asyncpg's
+    `sslmode=verify-full`); anything weaker could talk to an impostor."""
+    if not database.require_verified_tls:
+        return
+    if not database.url:
+        raise ConfigError("database.require_verified_tls is set but there is no DATABASE_URL "
+                          "(the embedded server is reached over a local socket, not TLS)")
+    query = parse_qs(urlsplit(database.url).query)
+    mode = (query.get("sslmode") or [""])[-1]
+    if mode != "verify-full":
+        raise ConfigError(f"database.require_verified_tls is set but DATABASE_URL has sslmode={mode or '(none)'}; "
+                          "use sslmode=verify-full with sslrootcert=<CA file>")

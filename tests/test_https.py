@@ -6,7 +6,6 @@ nothing. Half a TLS configuration is a configuration error (exit code 2)."""
 from __future__ import annotations
 
 import http.client
-import json
 import os
 import socket
 import ssl
@@ -18,9 +17,10 @@ from pathlib import Path
 import pytest
 import trustme
 
+from tests.ops_helpers import ServiceProcess, http_request
+
 ADMIN_TOKEN = "https-admin-token-0123456789abcdef"
 START_TIMEOUT_S = 60.0
-STOP_TIMEOUT_S = 20.0
 
 
 def free_port() -> int:
@@ -56,58 +56,12 @@ def certificates(tmp_path) -> dict[str, Path]:
 def request(port: int, method: str, path: str, *, context: ssl.SSLContext | None, token: str | None = None,
             body: dict | None = None, extra_headers: dict | None = None) -> tuple[int, dict | str]:
     """One request over HTTPS (with `context`) or plain HTTP (without)."""
-    if context is None:
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    else:
-        connection = http.client.HTTPSConnection("127.0.0.1", port, timeout=10, context=context)
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    headers.update(extra_headers or {})
-    data = None
-    if body is not None:
-        data = json.dumps(body).encode()
-        headers["Content-Type"] = "application/json"
-    try:
-        connection.request(method, path, body=data, headers=headers)
-        response = connection.getresponse()
-        raw = response.read()
-        if response.getheader("Content-Type", "").startswith("application/json"):
-            return response.status, json.loads(raw)
-        return response.status, raw.decode(errors="replace")
-    finally:
-        connection.close()
+    status, payload, _ = http_request(port, method, path, context=context, token=token, body=body,
+                                      headers=extra_headers)
+    return status, payload
 
 
-class Service:
-    """`python -m gateway` with its output in files (a pipe nobody reads could fill up)."""
-
-    def __init__(self, env: dict, workdir: Path):
-        self.workdir = workdir
-        self.stdout_path, self.stderr_path = workdir / "gateway.out", workdir / "gateway.err"
-        self.stdout, self.stderr = open(self.stdout_path, "wb"), open(self.stderr_path, "wb")
-        self.process = subprocess.Popen([sys.executable, "-m", "gateway"], env=env, cwd=workdir,
-                                        stdin=subprocess.DEVNULL, stdout=self.stdout, stderr=self.stderr)
-
-    def output(self) -> str:
-        self.stdout.flush()
-        self.stderr.flush()
-        return (f"--- stdout ---\n{self.stdout_path.read_text(errors='replace')}"
-                f"\n--- stderr ---\n{self.stderr_path.read_text(errors='replace')}")
-
-    def stop(self) -> None:
-        try:
-            if self.process.poll() is None:
-                self.process.terminate()
-                try:
-                    self.process.wait(timeout=STOP_TIMEOUT_S)
-                except subprocess.TimeoutExpired:
-                    self.process.kill()
-                    self.process.wait(timeout=STOP_TIMEOUT_S)
-        finally:
-            self.stdout.close()
-            self.stderr.close()
-
-
-def wait_for_health(service: Service, port: int, context: ssl.SSLContext) -> dict:
+def wait_for_health(service: ServiceProcess, port: int, context: ssl.SSLContext) -> dict:
     deadline = time.monotonic() + START_TIMEOUT_S
     last_error: Exception | None = None
     while time.monotonic() < deadline:
@@ -128,7 +82,7 @@ def test_the_service_serves_https_only_with_the_configured_certificate(database_
     env = service_env(database_url, port, tmp_path / "data", ALLUSE_TLS_CERT_FILE=str(certificates["cert"]),
                       ALLUSE_TLS_KEY_FILE=str(certificates["key"]))
     trusted = ssl.create_default_context(cafile=str(certificates["ca"]))
-    service = Service(env, tmp_path)
+    service = ServiceProcess([sys.executable, "-m", "gateway"], env, tmp_path, "gateway")
     try:
         assert wait_for_health(service, port, trusted) == {"status": "ok"}
         assert f"listening on https://127.0.0.1:{port}" in service.output()

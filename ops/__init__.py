@@ -1,0 +1,1 @@
+"""Operations: the `alluse` command (ops.cli), its HTTP client and `alluse doctor`."""
