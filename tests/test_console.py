@@ -111,8 +111,10 @@ async def sign_in(browser, server: LiveServer, secret: str, viewport=DESKTOP):
 
 
 async def snap(page, shots: Path, name: str) -> None:
+    """The whole page at desktop size; what a phone shows at first (its long pages would
+    make pictures taller than they are useful)."""
     path = shots / f"{name}.png"
-    await page.screenshot(path=str(path), full_page=True)
+    await page.screenshot(path=str(path), full_page=page.viewport_size["width"] > PHONE["width"])
     size = path.stat().st_size
     if size > SCREENSHOT_BYTES_MAX:  # keep checked-in pictures small: the visible part only
         await page.screenshot(path=str(path), full_page=False)
@@ -215,7 +217,8 @@ async def test_a_fork_appears_in_the_tree_once_premiums_push_the_gen_acc_over_it
         nodes = page.locator("svg.tree a.node")
         assert await nodes.count() == 2
         unit = page.locator("svg.tree a.node:not(.current)")
-        assert "gen 1" in await unit.inner_text() and "$50,000.00" in await unit.inner_text()
+        label = await unit.text_content()
+        assert "gen 1" in label and "$50,000.00" in label, label
         await unit.click()
         await page.wait_for_url(re.compile(r".*/console/portfolios/prt_.*"))
         assert "forked unit, generation 1" in await page.inner_text(".heading")
@@ -264,7 +267,7 @@ def quarantine(server: LiveServer, account_id: str) -> None:
 
     for failure in (1, 2):
         api(server, "POST", "/v1/admin/faults", {"account_id": account_id, "fault": "crash"})
-        status, _, _ = server.call("POST", f"/v1/accounts/{account_id}/deposits", {"amount": 1})
+        status, _, _ = server.call("POST", f"/v1/accounts/{account_id}/deposits", {"amount": 1}, token=ADMIN_TOKEN)
         assert status == 503, status
         wait_until(lambda: (supervised()[1] or {}).get("restarts", 0) >= failure or
                    account_id in supervised()[0]["quarantined"], f"failure {failure} to be handled")

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 
-NODE_W, NODE_H = 176, 92
+NODE_W, NODE_H = 200, 92
 GAP_X, GAP_Y = 24, 56
 MARGIN = 12
 
@@ -68,17 +68,18 @@ def layout_tree(nodes: list, root_id: str) -> TreeDrawing:
     return TreeDrawing(boxes=boxes, edges=edges, width=width, height=height)
 
 
-CHART_W, CHART_H = 720, 240
-PAD_LEFT, PAD_RIGHT, PAD_TOP, PAD_BOTTOM = 72, 16, 16, 32
+# The plot stretches to its box (the template positions the axis labels in HTML, as
+# percentages of these coordinates, so text is never stretched with it).
+CHART_W, CHART_H = 1000, 260
+PAD_LEFT, PAD_RIGHT, PAD_TOP, PAD_BOTTOM = 0, 0, 10, 10
 
 
 @dataclass
 class Chart:
     points: str            # the polyline's "x,y x,y ..."
     area: str              # the same, closed along the bottom, for the fill
-    y_ticks: list[tuple[float, int]]
-    x_labels: list[tuple[float, str]]
-    dots: list[tuple[float, float, int, str]]
+    y_ticks: list[tuple[float, int]]      # (percent from the top, value)
+    x_labels: list[str]
     width: int = CHART_W
     height: int = CHART_H
     empty: bool = False
@@ -101,7 +102,7 @@ def balance_chart(history: list[tuple[datetime, int]]) -> Chart:
     """`history`: (time, balance after) oldest first. A step line: a balance holds until
     the next entry changes it."""
     if not history:
-        return Chart(points="", area="", y_ticks=[], x_labels=[], dots=[], empty=True)
+        return Chart(points="", area="", y_ticks=[], x_labels=[], empty=True)
     start, end = history[0][0], history[-1][0]
     span_s = max((end - start).total_seconds(), 1e-9)
     top = nice_ceiling(max(balance for _, balance in history))
@@ -125,9 +126,8 @@ def balance_chart(history: list[tuple[datetime, int]]) -> Chart:
     points = " ".join(f"{x},{y}" for x, y in coordinates)
     bottom = PAD_TOP + plot_h
     area = f"{coordinates[0][0]},{bottom} {points} {coordinates[-1][0]},{bottom}"
-    ticks = [(round(y_of(top * i // 4), 1), top * i // 4) for i in range(5)]
-    labels = [(PAD_LEFT, start.strftime("%d %b %H:%M"))]
+    ticks = [(round(y_of(top * i // 4) / CHART_H * 100, 2), top * i // 4) for i in range(5)]
+    labels = [start.strftime("%d %b %Y %H:%M")]
     if len(history) > 1:
-        labels.append((PAD_LEFT + plot_w, end.strftime("%d %b %H:%M")))
-    dots = [(round(x_of(m), 1), round(y_of(b), 1), b, m.strftime("%Y-%m-%d %H:%M:%S")) for m, b in history[-60:]]
-    return Chart(points=points, area=area, y_ticks=ticks, x_labels=labels, dots=dots)
+        labels.append(end.strftime("%d %b %Y %H:%M"))
+    return Chart(points=points, area=area, y_ticks=ticks, x_labels=labels)

@@ -51,6 +51,15 @@ def money(cents) -> str:
     return f"{sign}${whole:,}.{part:02d}"
 
 
+def compact(cents) -> str:
+    """$1.2M, $78.6k, $950: for the fork tree's small print."""
+    dollars = int(cents) / 100
+    for size, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(dollars) >= size:
+            return f"${dollars / size:.1f}{unit}".replace(".0" + unit, unit)
+    return f"${dollars:,.0f}"
+
+
 def percent(value, digits: int = 2) -> str:
     if value is None:
         return "—"
@@ -65,6 +74,13 @@ def moment(value) -> str:
     return value.strftime("%Y-%m-%d %H:%M:%S")
 
 
+def when(value) -> str:
+    """A table's compact time: 02 Dec 18:43:07 (the full one is `moment`)."""
+    if value is None:
+        return "—"
+    return value.strftime("%d %b %H:%M:%S")
+
+
 def short(identifier) -> str:
     if not identifier:
         return "—"
@@ -75,7 +91,7 @@ def short(identifier) -> str:
 def environment(directory: Path) -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(directory)), autoescape=True,
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    env.filters.update(money=money, percent=percent, moment=moment, short=short)
+    env.filters.update(money=money, compact=compact, when=when, percent=percent, moment=moment, short=short)
     return env
 
 
@@ -88,7 +104,8 @@ def render(request: web.Request, template: str, session, principal, *, status: i
 
     nav = [(key, label, href) for key, label, href, route in NAV if may(principal, *route)]
     page = request.app[TEMPLATES].get_template(template)
-    text = page.render(principal=principal, csrf=session.csrf if session is not None else context.pop("csrf", ""),
+    csrf = context.pop("csrf", "")
+    text = page.render(principal=principal, csrf=session.csrf if session is not None else csrf,
                        nav=nav, active=context.pop("active", ""), may=lambda m, p: may(principal, m, p), **context)
     return web.Response(text=text, status=status, content_type="text/html")
 
@@ -197,7 +214,7 @@ def event_summary(event) -> dict:
         text = f"drawdown {percent(payload.get('drawdown'), 1)} (limit {percent(payload.get('limit'), 0)})"
     else:
         text = kind
-    return {"seq": event.seq, "type": kind, "at": moment(event.created_at), "summary": text,
+    return {"seq": event.seq, "type": kind, "at": when(event.created_at), "summary": text,
             "account_id": event.account_id, "portfolio_id": event.portfolio_id,
             "account_short": short(event.account_id), "portfolio_short": short(event.portfolio_id)}
 

@@ -40,7 +40,7 @@
     row.setAttribute("data-seq", String(event.seq));
     row.className = "fresh";
     row.appendChild(cell(String(event.seq), "num mono"));
-    row.appendChild(cell(event.at));
+    row.appendChild(cell(event.at, "nowrap"));
     const type = document.createElement("td");
     const badge = document.createElement("span");
     badge.className = "etype etype-" + event.type.replace(/\./g, "-");
