@@ -71,9 +71,9 @@ DOCS: dict[str, Doc] = {
     "account_analytics": Doc("Weekly returns, time-weighted and annualized return, volatility, Sharpe, drawdowns, "
                              "risk flags and score, trend and a forecast (docs/analytics.md)."),
     "portfolio_analytics": Doc("The same for a portfolio and its units, with the fork tree's growth."),
-    "project": Doc("Simulates a portfolio week by week with the live rules; changes nothing.",
-                   {"initial_capital": 25000000, "weeks": 52,
-                    "weekly_return_bps": {"generation": 150, "revenue": 100, "compounding": 50}}),
+    # No example: the fuzzer grows an example's figures to their limits, and a projection
+    # of huge returns over many weeks forks without end (its cost is bounded, not small).
+    "project": Doc("Simulates a portfolio week by week with the live rules; changes nothing."),
     "list_events": Doc("Committed events (the outbox) in commit order. Pass `next_cursor` back as `cursor` (or "
                        "`next_after` as `after`, the older names) to poll for what commits next."),
     "supervisor_status": Doc("Each supervisor's accounts (running, passivated, quarantined), restarts, mailbox "
