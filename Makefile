@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench bench-full project install clean
+.PHONY: run test bench bench-full project install clean screenshots
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,11 @@ bench: $(BENCH_STAMP)
 bench-full: $(BENCH_STAMP)
 	-$(BIN)/python -m perf.analytics
 	$(BIN)/python -m perf.bench
+
+# The console's pictures in docs/console (shown in the README): the browser tests, saving
+# their screenshots there instead of in a temporary directory. Needs Debian's chromium.
+screenshots: $(STAMP)
+	ALLUSE_CONSOLE_SCREENSHOTS=docs/console $(BIN)/python -m pytest -q tests/test_console.py
 
 project: $(STAMP)
 	$(BIN)/alluse project

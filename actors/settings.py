@@ -28,6 +28,11 @@ class ServerSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     # Non-empty: GET /metrics needs `Authorization: Bearer <this>` (Prometheus'
     # `authorization.credentials_file`); empty: /metrics is open to whoever reaches the port.
     metrics_token: str = ""
+    # CORS: browser origins (e.g. "https://dash.example.com") allowed to call the API.
+    # Empty (the default): no cross-origin access at all.
+    cors_origins: Annotated[list[Annotated[str, Meta(min_length=1, max_length=200)]], Meta(max_length=100)] = []
+    # The console's sign-in session lifetime.
+    console_session_s: Annotated[int, Meta(ge=60, le=7 * 86_400)] = 8 * 3600
 
 
 class SecuritySettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

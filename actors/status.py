@@ -69,7 +69,9 @@ def _node(engine, supervisor_id: str, row, snapshot: dict, resident: list) -> di
                        if row[c] is not None]
     else:
         account_ids = sorted(running)[:ACCOUNTS_SHOWN_MAX]
-    account_ids += [a for a in list(snapshot["restarts"]) + list(snapshot["quarantined"]) if a not in account_ids]
+    # An account both restarted and quarantined is listed once.
+    account_ids += [a for a in dict.fromkeys(list(snapshot["restarts"]) + list(snapshot["quarantined"]))
+                    if a not in account_ids]
     children = []
     for account_id in account_ids[:ACCOUNTS_SHOWN_MAX]:
         entry = running.get(account_id)

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import secrets
+import socket
 import ssl
 import sys
 from pathlib import Path
@@ -47,6 +48,21 @@ def tls_context(cert_file: str, key_file: str) -> ssl.SSLContext | None:
     return context
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port (IPv6 when the host is an IPv6 address)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host, port))
+        listener.listen(1024)
+    except OSError:
+        listener.close()
+        raise
+    listener.setblocking(False)
+    return listener
+
+
 def main() -> int:
     try:
         logs.configure(level=os.environ.get("ALLUSE_LOG_LEVEL", "INFO"),
@@ -54,6 +70,14 @@ def main() -> int:
         settings = load_settings()
     except (ConfigError, ValueError) as error:
         print(f"configuration error: {error}", file=sys.stderr)
+        return 2
+    # Bind first: a port in use is one clear line (and exit code 2) before anything starts
+    # or is printed, not a traceback after the engine started and a new admin token.
+    try:
+        listener = bind(settings.server.host, settings.server.port)
+    except OSError as error:
+        print(f"cannot listen on {settings.server.host}:{settings.server.port}: {error.strerror or error}",
+              file=sys.stderr)
         return 2
     generated = False
     if not settings.server.admin_token:
@@ -76,20 +100,23 @@ def main() -> int:
     app = create_app(settings)
 
     async def announce(_app):
-        print(f"ALL-USE Account Engine listening on {scheme}://{server.host}:{server.port}", flush=True)
+        print(f"ALL-USE Account Engine listening on {scheme}://{server.host}:{listener.getsockname()[1]} "
+              f"(console at /, API reference at /docs)", flush=True)
         if generated:
             print(f"admin token (generated, kept in {settings.database.data_dir}/admin-token): "
                   f"{server.admin_token}", flush=True)
         elif not os.environ.get("ALLUSE_ADMIN_TOKEN"):
             print(f"admin token: in {settings.database.data_dir}/admin-token", flush=True)
 
+    # on_startup runs after the engine started (cleanup_ctx) and the socket is already
+    # bound and listening, so "listening" is true when it is printed.
     app.on_startup.append(announce)
     # run_app hands these on to each connection's request handler (there is no
     # `handler_args` here: an unknown keyword makes aiohttp drop all of them, silently
     # but for a warning, access_log=None included).
     # The access log is off unless asked for (ALLUSE_ACCESS_LOG=1): a line per request
     # costs throughput.
-    web.run_app(app, host=server.host, port=server.port, print=None, shutdown_timeout=15, ssl_context=tls,
+    web.run_app(app, sock=listener, print=None, shutdown_timeout=15, ssl_context=tls,
                 access_log=logging.getLogger("alluse.access") if access_log else None,
                 access_log_class=logs.AccessLogger, **server_options(settings))
     return 0

@@ -62,6 +62,7 @@ NOT_CHANGES = frozenset({("POST", "/v1/projections")})
 
 JSON = "application/json"
 RETRY_AFTER_S = "1"
+WWW_AUTHENTICATE = {"WWW-Authenticate": 'Bearer realm="alluse"'}
 
 
 class HttpError(Exception):
@@ -182,18 +183,20 @@ async def auth_middleware(request: web.Request, handler):
     guard: Guard = request.app[GUARD]
     now = time.monotonic()
     client = request.remote or ""
-    blocked = guard.invalid.blocked_for(client, now)
-    if blocked:
-        raise HttpError(429, "too_many_invalid_tokens", "too many requests with missing or invalid tokens",
-                        headers={"Retry-After": retry_after(blocked)})
     method, path = _route_key(request)
     principal = _principal(request)
+    if principal is None:
+        # Only invalid attempts are throttled: a valid token from the same address works.
+        blocked = guard.invalid.blocked_for(client, now)
+        if blocked:
+            raise HttpError(429, "too_many_invalid_tokens", "too many requests with missing or invalid tokens",
+                            headers={"Retry-After": retry_after(blocked)})
     context = AuditContext(principal or ANONYMOUS, request_id=request[REQUEST_ID], client=client,
                            route=f"{method} {path}")
     request[AUDIT] = context
     if principal is None:
         guard.invalid.fail(client, now)
-        raise HttpError(401, "unauthorized", "missing or invalid bearer token")
+        raise HttpError(401, "unauthorized", "missing or invalid bearer token", headers=dict(WWW_AUTHENTICATE))
     wait = guard.buckets.take(principal.token_id, now)
     if wait:
         raise HttpError(429, "rate_limited", "this token's request rate is over its limit",
@@ -208,9 +211,12 @@ async def auth_middleware(request: web.Request, handler):
         await _check_scope(request, principal.owner, permission.scope)
     reset = AUDIT_CONTEXT.set(context)
     try:
-        return await handler(request)
+        response = await handler(request)
     finally:
         AUDIT_CONTEXT.reset(reset)
+    if context.replayed:
+        response.headers["Idempotency-Replayed"] = "true"
+    return response
 
 
 async def _check_scope(request: web.Request, owner: str | None, scope: str) -> None:
@@ -320,8 +326,9 @@ def idempotency_key(request: web.Request) -> str | None:
     key = request.headers.get("Idempotency-Key")
     if key is None:
         return None
-    if not 1 <= len(key) <= limits.IDEMPOTENCY_KEY_LENGTH_MAX:
-        raise HttpError(422, "validation_failed", "Idempotency-Key must be 1 to 200 characters",
+    # An empty or blank key is a mistake, not "no key" (two such deposits would both post).
+    if not key.strip() or len(key) > limits.IDEMPOTENCY_KEY_LENGTH_MAX:
+        raise HttpError(422, "validation_failed", "Idempotency-Key must be 1 to 200 characters, not blank",
                         {"field": "Idempotency-Key"})
     return key
 
@@ -510,11 +517,13 @@ async def portfolio_analytics(request: web.Request) -> web.Response:
 
 
 async def list_events(request: web.Request) -> web.Response:
-    after = query_int(request, "after", 0, maximum_digits=18)
+    # `cursor` / `next_cursor` as on every list; `after` / `next_after` stay as aliases.
+    after = query_int(request, "cursor" if "cursor" in request.query else "after", 0, maximum_digits=18)
     items = await _engine(request).events_page(after=after, limit=query_int(request, "limit",
                                                                            limits.PAGE_SIZE_DEFAULT),
                                                owner=scoped_owner(request))
-    return json_response(views.EventPage(items=items, next_after=items[-1].seq if items else after))
+    next_after = items[-1].seq if items else after
+    return json_response(views.EventPage(items=items, next_after=next_after, next_cursor=str(next_after)))
 
 
 async def supervisor_status(request: web.Request) -> web.Response:
@@ -562,7 +571,8 @@ async def list_audit(request: web.Request) -> web.Response:
                         {"field": "limit"})
     items = await _engine(request).security.audit_page(after=cursor, limit=limit + 1)
     next_cursor = str(items[limit - 1].seq) if len(items) > limit else None
-    return json_response(views.AuditPage(items=items[:limit], next_cursor=next_cursor))
+    return json_response(views.AuditPage(items=[views.audit_view(item) for item in items[:limit]],
+                                         next_cursor=next_cursor))
 
 
 async def verify_audit(request: web.Request) -> web.Response:
@@ -773,6 +783,11 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/openapi.json", openapi, "This API description (OpenAPI 3.1)", authenticated=False),
 )
 
+# The conveniences of issue 12 (portfolio list, operation lookups) live in their own module.
+from gateway import conveniences  # noqa: E402  (it imports the helpers above)
+
+ROUTES = ROUTES + conveniences.ROUTES
+
 
 # Every /v1 route has exactly one decision in the permission table, and no decision
 # names a route that does not exist.
@@ -799,7 +814,9 @@ def create_app(settings: Settings, engine: Engine | None = None) -> web.Applicat
     """The whole service as an aiohttp app. With no `engine`, the app starts and stops
     its own (in `cleanup_ctx`); tests may pass one they manage."""
     protocol.install()
-    app = web.Application(middlewares=[errors_middleware, auth_middleware],
+    from gateway import console, cors, docs
+
+    app = web.Application(middlewares=[cors.middleware, errors_middleware, auth_middleware],
                           client_max_size=settings.server.body_max_bytes)
     own_engine = engine is None
     engine = engine or Engine(settings)
@@ -811,6 +828,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> web.Applicat
     app[GUARD] = Guard(settings)
     for route in ROUTES:
         app.router.add_route(route.method, route.path, route.handler)
+    docs.setup(app)
+    console.setup(app)
 
     async def engine_context(app: web.Application):
         if own_engine:

@@ -15,6 +15,8 @@ Scopes say how an owner-scoped token is confined on a route:
   exactly as if it did not exist;
 - BODY_OWNER: the body names the owner of what is created; it must be the token's;
 - TRANSFER: both accounts of the body must be the token's owner's (else 404);
+- OPERATION: the path names a transfer, fork or merge; unless every leg's account is the
+  token's owner's, it answers 404 (checked by the handler, which reads the legs);
 - OWNER_FILTER: a list, narrowed to the token's owner;
 - NONE: touches no owner's data (a projection, who am I);
 - GLOBAL: the whole engine (supervision, tokens, audit, admin): never for a scoped token;
@@ -36,6 +38,7 @@ ADMINS = frozenset({ADMIN})
 ACCOUNT, PORTFOLIO, TRANSACTION = "account", "portfolio", "transaction"
 BODY_OWNER, TRANSFER, OWNER_FILTER, NONE, GLOBAL = "body_owner", "transfer", "owner_filter", "none", "global"
 WEBHOOK = "webhook"
+OPERATION = "operation"
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,11 @@ PERMISSIONS: dict[tuple[str, str], Permission] = {
     ("GET", "/v1/webhooks/{webhook_id}/dead-letters"): Permission(ADMINS, WEBHOOK),
     ("POST", "/v1/webhooks/{webhook_id}/dead-letters/retry"): Permission(ADMINS, WEBHOOK),
     ("POST", "/v1/webhooks/{webhook_id}/dead-letters/{event_seq}/retry"): Permission(ADMINS, WEBHOOK),
+    # Issue 12: the portfolio list and the operation lookups.
+    ("GET", "/v1/portfolios"): Permission(EVERYONE, OWNER_FILTER),
+    ("GET", "/v1/transfers/{transfer_id}"): Permission(EVERYONE, OPERATION),
+    ("GET", "/v1/forks/{fork_id}"): Permission(EVERYONE, OPERATION),
+    ("GET", "/v1/merges/{merge_id}"): Permission(EVERYONE, OPERATION),
 }
 
 

@@ -43,6 +43,9 @@ class TransactionPage(Struct, frozen=True, kw_only=True):
 class EventPage(Struct, frozen=True, kw_only=True):
     items: list[StoredEvent]
     next_after: int
+    # The same position as `next_after`, as the cursor every other list uses. A feed
+    # always has one (poll it again for what commits next).
+    next_cursor: str | None = None
 
 
 class FaultArmed(Struct, frozen=True, kw_only=True):
@@ -77,8 +80,39 @@ def account_view(account: Account, rules: Rules) -> AccountView:
 encode = msgspec.json.Encoder().encode
 
 
+class AuditRecordView(Struct, frozen=True, kw_only=True):
+    """An audit record as the API shows it: `details` is an object. It is stored, and
+    hashed, as JSON text; `details_text` keeps that exact text for checking a hash."""
+
+    seq: int
+    at: datetime
+    token_id: str
+    role: str
+    owner_scope: str | None
+    action: str
+    target: str | None
+    request_id: str
+    client: str
+    outcome: str
+    details: dict
+    details_text: str
+    prev_hash: str
+    hash: str
+
+
+def audit_view(record: AuditRecord) -> AuditRecordView:
+    try:
+        details = msgspec.json.decode(record.details)
+    except msgspec.DecodeError:
+        details = {}
+    if not isinstance(details, dict):
+        details = {"value": details}
+    fields = {name: getattr(record, name) for name in record.__struct_fields__ if name != "details"}
+    return AuditRecordView(**fields, details=details, details_text=record.details)
+
+
 class AuditPage(Struct, frozen=True, kw_only=True):
-    items: list[AuditRecord]
+    items: list[AuditRecordView]
     next_cursor: str | None = None
 
 

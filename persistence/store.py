@@ -456,3 +456,40 @@ class Store:
         async with translated_errors():
             rows = await self.pool.fetch(f"SELECT {TOKEN_COLUMNS} FROM api_tokens ORDER BY created_at, id")
         return [dict(row) for row in rows]
+
+    # -- lookups for the API's conveniences (issue 12) ---------------------------------
+    async def entries_by_correlation(self, correlation_id: str) -> list[Transaction]:
+        """The legs of one transfer, fork or merge (they share its correlation id)."""
+        async with translated_errors():
+            rows = await self.pool.fetch(SELECT_ENTRIES_BY_CORRELATION, correlation_id)
+        return [transaction_from_row(r) for r in rows]
+
+    async def root_portfolios(self, *, limit: int, after_id: str | None = None, owner: str | None = None,
+                              cash_buffer_bps: dict[str, int]) -> list[tuple[Portfolio, dict[str, int]]]:
+        """Root portfolios in id order, each with its whole tree's balance per account type,
+        its deployable sum (each account's balance less its type's buffer, rounded down, as
+        `engine.rules.deployable`) and its active units: one query."""
+        buffers = [cash_buffer_bps.get(t, 0) for t in ("generation", "revenue", "compounding")]
+        async with translated_errors():
+            rows = await self.pool.fetch(SELECT_ROOT_PORTFOLIOS, after_id or "", owner, limit, *buffers)
+        found = []
+        for row in rows:
+            sums = {key: row[key] for key in ("generation", "revenue", "compounding", "deployable", "units_active")}
+            found.append((portfolio_from_row(row), sums))
+        return found
+
+
+SELECT_ROOT_PORTFOLIOS = f"""
+SELECT {", ".join("p." + c.strip() for c in PORTFOLIO_COLUMNS.split(","))},
+       coalesce(sum(a.balance) FILTER (WHERE a.type = 'generation'), 0)::bigint AS generation,
+       coalesce(sum(a.balance) FILTER (WHERE a.type = 'revenue'), 0)::bigint AS revenue,
+       coalesce(sum(a.balance) FILTER (WHERE a.type = 'compounding'), 0)::bigint AS compounding,
+       coalesce(sum(a.balance * (10000 - CASE a.type WHEN 'generation' THEN $4::bigint WHEN 'revenue' THEN $5::bigint
+                                      ELSE $6::bigint END) / 10000), 0)::bigint AS deployable,
+       (SELECT count(*) FROM portfolios u WHERE u.root_id = p.id AND u.parent_id IS NOT NULL
+                                            AND u.status = 'active')::bigint AS units_active
+FROM (SELECT * FROM portfolios WHERE parent_id IS NULL AND id > $1 AND ($2::text IS NULL OR owner = $2)
+      ORDER BY id LIMIT $3) p
+LEFT JOIN accounts a ON a.root_portfolio_id = p.id
+GROUP BY {", ".join("p." + c.strip() for c in PORTFOLIO_COLUMNS.split(","))}
+ORDER BY p.id"""

@@ -104,7 +104,7 @@ async def events(api: Api, after: int = 0, limit: int = 500) -> list[dict]:
     items = []
     for _ in range(10_000):
         page = await api.ok(f"/v1/events?after={after}&limit={limit}")
-        assert set(page) == {"items", "next_after"}
+        assert set(page) == {"items", "next_after", "next_cursor"}
         if not page["items"]:
             assert page["next_after"] == after
             return items

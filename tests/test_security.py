@@ -73,6 +73,9 @@ class Estate:
     # Webhook endpoints of the owner: the first stays, DELETE takes the others one by one.
     webhooks: list
     dead_letter: int
+    transfer: str
+    fork: str
+    merge: str
 
 
 async def estate(api: Api, owner: str) -> Estate:
@@ -82,6 +85,13 @@ async def estate(api: Api, owner: str) -> Estate:
     by_type = {account["type"]: account["id"] for account in portfolio["accounts"]}
     funded = await api.create_account("revenue", owner=owner, funded=1_000_000)
     empty = await api.create_account("revenue", owner=owner)
+    transfer = await api.created("/v1/transfers", {"from_account": funded["id"], "to_account": by_type["revenue"],
+                                                   "amount": 1})
+    # A surplus for a manual fork (and some left for the matrix's own fork call), and a
+    # merge of the unit it makes: ids for the operation lookups.
+    await api.created(f"/v1/accounts/{by_type['generation']}/trades", {"kind": "premium", "amount": 2_000_00})
+    fork = await api.created(f"/v1/accounts/{by_type['generation']}/fork", {"amount": 500_00})
+    merge = await api.created(f"/v1/portfolios/{fork['portfolio_id']}/merge", {})
     history = await api.ok(f"/v1/accounts/{funded['id']}/transactions")
 
     async def dead_letter():
@@ -90,7 +100,8 @@ async def estate(api: Api, owner: str) -> Estate:
     letters = await eventually(dead_letter, "a dead letter")
     return Estate(owner=owner, portfolio=portfolio, generation=by_type["generation"],
                   compounding=by_type["compounding"], funded=funded["id"], empty=empty["id"],
-                  transaction=history["items"][0]["id"], webhooks=webhooks, dead_letter=letters[0]["event_seq"])
+                  transaction=history["items"][0]["id"], webhooks=webhooks, dead_letter=letters[0]["event_seq"],
+                  transfer=transfer["id"], fork=fork["id"], merge=merge["id"])
 
 
 def request_for(method: str, path: str, mine: Estate, other: Estate, target: Estate) -> tuple[str, dict | None]:
@@ -98,7 +109,8 @@ def request_for(method: str, path: str, mine: Estate, other: Estate, target: Est
     owner's). Bodies are valid, so only authorization decides the answer."""
     ids = {"account_id": target.funded, "portfolio_id": target.portfolio["id"],
            "transaction_id": target.transaction, "token_id": "tok_does_not_exist",
-           "webhook_id": target.webhooks[0], "event_seq": target.dead_letter}
+           "webhook_id": target.webhooks[0], "event_seq": target.dead_letter,
+           "transfer_id": target.transfer, "fork_id": target.fork, "merge_id": target.merge}
     if (method, path) == ("DELETE", "/v1/webhooks/{webhook_id}"):
         ids["webhook_id"] = target.webhooks.pop()
     if path.endswith("/close"):
@@ -173,6 +185,12 @@ SPEC_MATRIX = {
     ("GET", "/v1/webhooks/{webhook_id}/dead-letters"): ("A", "own"),
     ("POST", "/v1/webhooks/{webhook_id}/dead-letters/retry"): ("A", "own"),
     ("POST", "/v1/webhooks/{webhook_id}/dead-letters/{event_seq}/retry"): ("A", "own"),
+    # Issue 12: the portfolio list (narrowed like the account list) and the operation
+    # lookups (another owner's operation is hidden like another owner's transaction).
+    ("GET", "/v1/portfolios"): ("AOSV", "list"),
+    ("GET", "/v1/transfers/{transfer_id}"): ("AOSV", "own"),
+    ("GET", "/v1/forks/{fork_id}"): ("AOSV", "own"),
+    ("GET", "/v1/merges/{merge_id}"): ("AOSV", "own"),
 }
 
 
@@ -364,12 +382,14 @@ async def test_repeated_invalid_tokens_block_the_address_until_the_window_ends(d
     try:
         for _ in range(3):
             assert_error(await api.get("/v1/whoami", token="guess"), 401, "unauthorized")
-        blocked = await api.get("/v1/whoami")  # even the right token, from this address
+        blocked = await api.get("/v1/whoami", token="guess")
         assert_error(blocked, 429, "too_many_invalid_tokens")
         assert "Retry-After" in blocked.headers
+        # Only invalid attempts are throttled: the right token works from this address.
+        assert (await api.get("/v1/whoami")).status == 200
 
         async def unblocked():
-            return (await api.get("/v1/whoami")).status == 200
+            return (await api.get("/v1/whoami", token="guess")).status == 401
 
         await eventually(unblocked, "the window to end", timeout_s=5)
     finally:
