@@ -99,4 +99,18 @@ DOCS: dict[str, Doc] = {
     "ready": Doc("Recovery is done and the database answers."),
     "metrics": Doc("Prometheus text exposition."),
     "openapi": Doc("This document. Public: it holds no secrets."),
+    # Webhooks (docs/webhooks.md): admin only.
+    "create_webhook": Doc("Registers an HTTPS endpoint for the event feed. The signing secret (`whsec_...`) is shown "
+                          "only in this reply; deliveries are signed the Standard Webhooks way.",
+                          {"url": "https://hooks.example.com/alluse", "event_types": ["portfolio.forked"]}),
+    "list_webhooks": Doc("Every webhook endpoint, without secrets."),
+    "get_webhook": Doc("One webhook endpoint, its state and counters."),
+    "update_webhook": Doc("Changes the URL, the event types, the description or `enabled`.", {"enabled": False}),
+    "delete_webhook": Doc("Deletes an endpoint; nothing more is delivered to it."),
+    "rotate_webhook_secret": Doc("A new signing secret (shown only here); the old one keeps signing beside it "
+                                 "for the grace period."),
+    "list_webhook_attempts": Doc("Every delivery attempt, oldest first: time, status, latency, a bounded excerpt."),
+    "list_dead_letters": Doc("Events that exhausted their retry schedule."),
+    "retry_dead_letters": Doc("Redelivers every dead letter of the endpoint (202)."),
+    "retry_dead_letter": Doc("Redelivers one dead letter (202)."),
 }

@@ -197,6 +197,9 @@ def event_summary(event) -> dict:
     if kind == "transaction.posted":
         text = (f"{payload.get('kind', '').replace('_', ' ')} {payload.get('direction', '')} "
                 f"{money(payload.get('amount'))} · balance {money(payload.get('balance_after'))}")
+    elif kind == "transfer.posted":
+        text = (f"transfer {money(payload.get('amount'))} from {short(payload.get('from_account'))} "
+                f"to {short(payload.get('to_account'))}")
     elif kind == "account.opened":
         text = f"{payload.get('type', '')} account “{payload.get('name', '')}” opened for {payload.get('owner', '')}"
     elif kind == "portfolio.forked":
