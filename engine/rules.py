@@ -329,8 +329,8 @@ def _decide(account: Account, command: Command, *, transaction_id: str, now: dat
 
 
 def apply_leg(balance: int, leg: Leg) -> int:
-    """The balance after `leg`. The writer calls this on committed balances as a last
-    safety check: a negative result is a bug upstream, never a client mistake."""
+    """The balance after `leg`. A negative result is a bug upstream (decisions check
+    funds first), never a client mistake."""
     after = balance + leg.delta
     assert 0 <= after <= limits.BIGINT_MAX, f"leg {leg.id} would take {leg.account_id} to {after}"
     return after

@@ -70,7 +70,6 @@ SELECT_OWNER_EVENTS_AFTER = (
     "LEFT JOIN accounts a ON a.id = e.account_id LEFT JOIN portfolios p ON p.id = e.portfolio_id "
     "WHERE e.seq > $1 AND coalesce(a.owner, p.owner) = $3 ORDER BY e.seq LIMIT $2")
 
-SELECT_ACCOUNTS = f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = ANY($1::text[])"
 
 # One batch is one statement, hence one implicit transaction and one round trip: new
 # accounts, new entries, account updates (each guarded by the version it was read at),
