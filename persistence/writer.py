@@ -465,20 +465,13 @@ class _Batch:
                         updates[account_id] = state
                         if account_id not in before:
                             before[account_id] = op_before[account_id]
-                if decided.transactions:
-                    rows.transactions.extend(decided.transactions)
-                if decided.outbox:
-                    rows.outbox.extend(decided.outbox)
-                if decided.portfolios:
-                    rows.portfolios.extend(decided.portfolios)
-                if decided.merged:
-                    rows.merged.extend(decided.merged)
-                if decided.reinvestments:
-                    rows.reinvestments.extend(decided.reinvestments)
-            if op.tokens:
-                rows.tokens.extend(op.tokens)
-            if op.revocations:
-                rows.revocations.extend(op.revocations)
+                rows.transactions += decided.transactions
+                rows.outbox += decided.outbox
+                rows.portfolios += decided.portfolios
+                rows.merged += decided.merged
+                rows.reinvestments += decided.reinvestments
+            rows.tokens += op.tokens
+            rows.revocations += op.revocations
             if op.idempotency is not None:
                 rows.keys.append(KeyRow(op.idempotency[0], op.idempotency[1], encode_json(op.result).decode()))
         batch.head = _chain_audit(ops, rows, head)
