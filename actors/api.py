@@ -14,6 +14,7 @@ import asyncio
 import collections
 import contextlib
 import contextvars
+import gc
 import hashlib
 import logging
 import threading
@@ -180,6 +181,7 @@ class Engine:
         self._commit_signal: asyncio.Event | None = None
         self._background: set[asyncio.Task] = set()
         self._scheduled_quarter: str | None = None
+        self._gc_threshold: tuple[int, ...] | None = None
         self._drawdown_flags: dict[str, float] = {}
         self._portfolios: collections.OrderedDict[str, Portfolio] = collections.OrderedDict()
         self._flag_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
@@ -237,9 +239,28 @@ class Engine:
         await self.security.load()
         self.metrics.drawdown_breaches.set_function(lambda: len(self._drawdown_flags))
         self._maintenance = asyncio.create_task(self._maintain(), name="alluse-maintenance")
+        self._tune_gc()
         self.ready = True
         await self.webhooks.start()
         log.info("engine ready")
+
+    def _tune_gc(self) -> None:
+        """Everything alive after start (modules, settings, resident actors) is frozen out
+        of the collector, and the young generation is collected every
+        `gc_young_threshold` allocations instead of 700 (`engine.gc_young_threshold`)."""
+        young = self.settings.engine.gc_young_threshold
+        if not young:
+            return
+        self._gc_threshold = gc.get_threshold()
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(young, max(self._gc_threshold[1], 20), max(self._gc_threshold[2], 100))
+
+    def _restore_gc(self) -> None:
+        if self._gc_threshold is not None:
+            gc.set_threshold(*self._gc_threshold)
+            gc.unfreeze()
+            self._gc_threshold = None
 
     async def _open_store(self) -> None:
         """A database that is still starting (or finishing crash recovery) refuses
@@ -283,6 +304,7 @@ class Engine:
         if self._embedded is not None:
             await asyncio.to_thread(self._embedded.stop)
             self._embedded = None
+        self._restore_gc()
 
     async def _maintain(self) -> None:
         ticks = 0
