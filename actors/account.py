@@ -35,6 +35,7 @@ from engine.errors import EngineError, Unavailable, refuse
 from engine.ledger import Rows, apply_events
 from engine.model import Account, Command, Event
 from engine.rules import DEFAULT_RULES, Rules, decide
+from actors.idempotency import KeyClaim
 from actors.ids import new_id
 from actors.runtime import ActorPool, PooledActor
 from persistence.writer import ReloadOp, Resolution, WriteOp
@@ -43,15 +44,26 @@ log = logging.getLogger("alluse.account")
 
 
 class Reply:
-    """Completes an asyncio future on its loop, from any thread, at most once."""
+    """Completes an asyncio future on its loop, from any thread, at most once. A keyed
+    operation's reply also settles its idempotency key's claim, even when the caller has
+    stopped waiting (timed out): the key stays in flight until the operation's outcome is
+    known."""
 
-    __slots__ = ("future", "loop")
+    __slots__ = ("future", "loop", "claim")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, future: asyncio.Future):
+    def __init__(self, loop: asyncio.AbstractEventLoop, future: asyncio.Future, claim: KeyClaim | None = None):
         self.loop = loop
         self.future = future
+        self.claim = claim
+        if claim is not None:
+            assert not claim.attached, "one operation per idempotency key"
+            claim.attached = True
 
     def _set(self, result: Any, error: BaseException | None) -> None:
+        claim = self.claim
+        if claim is not None:
+            self.claim = None
+            claim.settle(result, error)
         if self.future.done():
             return
         if error is not None:
@@ -108,7 +120,7 @@ class Operation:
     now: datetime
     render: Callable[[Decided], Any]
     correlation_id: str | None = None
-    idempotency: tuple[str, str] | None = None
+    idempotency: KeyClaim | None = None
     audit: Any = None
     outbox: Callable[[Rows, Any], None] | None = None
 

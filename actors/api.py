@@ -45,6 +45,7 @@ from actors.account import (
 )
 from actors.supervisor import STANDALONE, ChildFailed, Release, RestartPolicy, Restarted, Supervisor, \
     SupervisorHooks
+from actors.idempotency import IdempotencyKeys, KeyClaim
 from actors.ids import new_id, next_op_id
 from actors.metrics import Metrics
 from actors.registry import Registry
@@ -166,8 +167,9 @@ class Engine:
         self._pool: ActorPool | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._in_flight = 0
-        self._idempotent_ops: dict[str, tuple[str, asyncio.Future]] = {}
-        self._recent_keys: collections.OrderedDict[str, None] = collections.OrderedDict()
+        # Idempotency keys in flight and committed lately (`actors/idempotency.py`).
+        self.keys = IdempotencyKeys(lookup=lambda key: self.store.idempotent_response(key), mark_replayed=_mark_replayed,
+                                    recent_max=RECENT_KEYS_MAX)
         # Operation deadlines, oldest first, and the one timer that expires them (`_bounded`).
         self._deadlines: collections.deque[list] = collections.deque()
         self._deadline_timer: asyncio.TimerHandle | None = None
@@ -235,7 +237,7 @@ class Engine:
         self.metrics.operations_in_flight.set_function(lambda: self._in_flight)
         self.metrics.write_queue_depth.set_function(lambda: self.writer.queue.qsize())
         self._drawdown_flags = await self.store.risk_flags()
-        self._recent_keys = collections.OrderedDict.fromkeys(await self.store.recent_keys(RECENT_KEYS_MAX))
+        self.keys.load(await self.store.recent_keys(RECENT_KEYS_MAX))
         await self.security.load()
         self.metrics.drawdown_breaches.set_function(lambda: len(self._drawdown_flags))
         self._maintenance = asyncio.create_task(self._maintain(), name="alluse-maintenance")
@@ -490,58 +492,12 @@ class Engine:
                 return await self._bounded(run(None))
             finally:
                 self._in_flight -= 1
-        fingerprint = _fingerprint(*request)
         if not isinstance(key, str) or not 1 <= len(key) <= limits.IDEMPOTENCY_KEY_LENGTH_MAX:
             raise ValidationFailed("the idempotency key must be 1 to 200 characters", {"field": "Idempotency-Key"})
-        in_flight = self._idempotent_ops.get(key)
-        if in_flight is not None:
-            if in_flight[0] != fingerprint:
-                raise IdempotencyKeyReused("this idempotency key was used with a different request", {"key": key})
-            _mark_replayed()
-            return await self._bounded(asyncio.shield(in_flight[1]))
         self._admit()
-        task = asyncio.ensure_future(self._counted(self._run_keyed(key, fingerprint, result_type, run)))
-        self._idempotent_ops[key] = (fingerprint, task)
-        task.add_done_callback(lambda _: self._idempotent_ops.pop(key, None))
-        return await self._bounded(asyncio.shield(task))
-
-    async def _run_keyed(self, key, fingerprint, result_type, run):
-        """No read before the operation: the key table's unique index is the check, at
-        commit (the writer answers a committed key with `KeyCommitted`). A refusal may be
-        the retry of an operation that committed before the state changed (a withdrawal
-        of everything, retried): only then is the stored result looked up."""
-        recent = self._recent_keys
-        if key in recent:
-            # Most likely a retry of a committed operation: answer it from the key table
-            # rather than deciding it again.
-            stored = await self.store.idempotent_response(key)
-            if stored is not None:
-                return self._replay(key, fingerprint, stored[0], stored[1], result_type)
-        try:
-            result = await run((key, fingerprint))
-            recent[key] = None
-            if len(recent) > RECENT_KEYS_MAX:
-                recent.popitem(last=False)
-            return result
-        except KeyCommitted as committed:
-            return self._replay(key, fingerprint, committed.fingerprint, committed.response, result_type)
-        except (Refused, NotFound, ValidationFailed):
-            stored = await self.store.idempotent_response(key)
-            if stored is None:
-                raise
-            return self._replay(key, fingerprint, stored[0], stored[1], result_type)
-
-    @staticmethod
-    def _replay(key: str, fingerprint: str, stored_fingerprint: str, response: bytes, result_type):
-        if stored_fingerprint != fingerprint:
-            raise IdempotencyKeyReused("this idempotency key was used with a different request", {"key": key})
-        _mark_replayed()
-        return msgspec.json.decode(response, type=result_type)
-
-    async def _counted(self, awaitable: Awaitable[T]) -> T:
         self._in_flight += 1
         try:
-            return await awaitable
+            return await self.keys.run(key, _fingerprint(*request), result_type, run, bounded=self._bounded)
         finally:
             self._in_flight -= 1
 
@@ -571,7 +527,7 @@ class Engine:
             self._check_account_load(entries[0])
             future = self._loop.create_future()
             operation = Operation(
-                op_id=next_op_id(), reply=Reply(self._loop, future), now=self.clock(), render=render,
+                op_id=next_op_id(), reply=Reply(self._loop, future, idempotency), now=self.clock(), render=render,
                 correlation_id=correlation_id, idempotency=idempotency, audit=audit_entry(), outbox=outbox,
                 steps=[Step(account_id=account_id, actor=entry.actor,
                             transaction_id=transaction_id if transaction_id and len(steps) == 1 else new_id("txn"),
@@ -604,7 +560,7 @@ class Engine:
         none yet): straight to the writer."""
         future = self._loop.create_future()
         self.writer.enqueue(WriteOp(op_id=next_op_id(), accounts=(), rows=rows, result=result,
-                                    idempotency=idempotency, done=Reply(self._loop, future).done_on_loop,
+                                    idempotency=idempotency, done=Reply(self._loop, future, idempotency).done_on_loop,
                                     audit=audit_entry()))
         return await future
 

@@ -56,7 +56,8 @@ class WriteOp:
     done: Callable[[Any, BaseException | None], None]
     result: Any = None
     rows: Rows | None = None
-    idempotency: tuple[str, str] | None = None
+    # The idempotency key's claim (`actors.idempotency.KeyClaim`: key, fingerprint).
+    idempotency: Any = None
     # The audit record to commit with the operation (None: nothing to record).
     audit: "AuditEntry | None" = None
     # API tokens created and revoked (token id, revoked at) by the operation.
@@ -372,7 +373,7 @@ class Writer:
         answered with their stored result and their accounts reload (their actors
         counted them in); operations on the same accounts fail (safe to retry), and the
         others commit as one batch again."""
-        keys = [op.idempotency[0] for op in ops if op.idempotency]
+        keys = [op.idempotency.key for op in ops if op.idempotency]
         try:
             async with translated_errors():
                 rows = await self.connection.fetch(sql.SELECT_IDEMPOTENCY_MANY, keys)
@@ -381,8 +382,8 @@ class Writer:
             self._fail(ops, error, poison=True)
             return
         stored = {row["key"]: KeyCommitted(row["fingerprint"], bytes(row["response"])) for row in rows}
-        replayed = [op for op in ops if op.idempotency and op.idempotency[0] in stored]
-        self._fail(replayed, None, poison=True, errors=[stored[op.idempotency[0]] for op in replayed])
+        replayed = [op for op in ops if op.idempotency and op.idempotency.key in stored]
+        self._fail(replayed, None, poison=True, errors=[stored[op.idempotency.key] for op in replayed])
         await self._commit([op for op in ops if op not in replayed], replaying=True)
 
     def _committed(self, batch: "_Batch", elapsed_s: float) -> None:
@@ -473,7 +474,7 @@ class _Batch:
             rows.tokens += op.tokens
             rows.revocations += op.revocations
             if op.idempotency is not None:
-                rows.keys.append(KeyRow(op.idempotency[0], op.idempotency[1], encode_json(op.result).decode()))
+                rows.keys.append(KeyRow(op.idempotency.key, op.idempotency.fingerprint, encode_json(op.result).decode()))
         batch.head = _chain_audit(ops, rows, head)
         return batch
 
