@@ -217,7 +217,7 @@ class AccountActor(PooledActor):
 
     def can_decide(self) -> bool:
         """Free to decide a part of an operation now (on the loop, between messages)."""
-        return not (self.restarted or self.stale or self.fault_armed or self.stash or self.actor_stopped.is_set())
+        return not (self.restarted or self.stale or self.fault_armed or self.stash or self.stopped)
 
     # -- messages ----------------------------------------------------------------------
     def on_receive(self, message: Any) -> Any:
@@ -262,7 +262,7 @@ class AccountActor(PooledActor):
         back first (restarting, or about to fail)."""
         for step in operation.steps:
             actor = step.actor
-            if actor.actor_stopped.is_set():
+            if actor.stopped:
                 operation.reply.send(error=_restarting())
                 return
             if actor.stale and not actor.restarted:
@@ -374,4 +374,4 @@ class AccountActor(PooledActor):
             self._run(self.stash.popleft())
 
     def can_decide_own(self) -> bool:
-        return not (self.restarted or self.stale or self.fault_armed or self.actor_stopped.is_set())
+        return not (self.restarted or self.stale or self.fault_armed or self.stopped)

@@ -34,6 +34,10 @@ from pykka._envelope import Envelope
 
 log = logging.getLogger("alluse.runtime")
 
+# pykka's own messages (stop, proxy calls): handled by pykka's `_handle_receive`.
+_PYKKA_MESSAGES = (messages._ActorStop, messages.ProxyCall, messages.ProxyGetAttr,  # noqa: SLF001
+                   messages.ProxySetAttr)
+
 # Messages an actor handles before yielding to the next ready actor.
 SLICE_MESSAGES_MAX = 64
 # Actor slices one loop callback runs before it lets I/O and other callbacks in.
@@ -135,7 +139,18 @@ class PooledActor(pykka.Actor):
         super().__init__(*args, **kwargs)
         self._pool = pool
         self._needs_setup = True
+        # `actor_stopped.is_set()` as a plain attribute: it is read several times per
+        # message on the hot path.
+        self.stopped = False
         self.actor_inbox.actor = self
+
+    def _stop(self) -> None:
+        self.stopped = True
+        super()._stop()
+
+    def _handle_failure(self, *exc_info: Any) -> None:
+        self.stopped = True
+        super()._handle_failure(*exc_info)
 
     @classmethod
     def start(cls, *args: Any, **kwargs: Any) -> pykka.ActorRef:
@@ -151,7 +166,7 @@ class PooledActor(pykka.Actor):
     def deliver(self, message: Any) -> bool:
         """`ActorRef.tell` minus its indirections (the engine's loop sends every message
         through here); False if the actor has stopped."""
-        if self.actor_stopped.is_set():
+        if self.stopped:
             return False
         self.actor_inbox.put(Envelope(message))
         return True
@@ -168,14 +183,14 @@ class PooledActor(pykka.Actor):
             self._needs_setup = False
             self._actor_loop_setup()
         for _ in range(SLICE_MESSAGES_MAX):
-            if self.actor_stopped.is_set():
+            if self.stopped:
                 self._teardown()
                 return
             envelope = self.actor_inbox._pop_or_unschedule()
             if envelope is None:
                 return
             self._handle_envelope(envelope)
-        if self.actor_stopped.is_set():
+        if self.stopped:
             self._teardown()
             return
         # Fairness: let other ready actors run before this one's next slice.
@@ -183,7 +198,11 @@ class PooledActor(pykka.Actor):
 
     def _handle_envelope(self, envelope: Any) -> None:
         try:
-            response = self._handle_receive(envelope.message)
+            message = envelope.message
+            if envelope.reply_to is None and not isinstance(message, _PYKKA_MESSAGES):
+                self.on_receive(message)    # a told message of ours: what pykka would do, minus its checks
+                return
+            response = self._handle_receive(message)
             if envelope.reply_to is not None:
                 envelope.reply_to.set(response)
         except Exception:

@@ -4,8 +4,8 @@ operation in it, coalesced per table and laid out for PostgreSQL's cheapest bulk
 - Ledger entries, outbox events, idempotency keys and audit records (the rows every
   operation writes) are tuples in their tables' column order, for binary `COPY`.
 - Each account the batch changes is updated once, however many of its operations touch
-  it, from typed arrays (one `UPDATE ... FROM unnest(...)`), guarded by the version the
-  batch found.
+  it, guarded by the version the batch found, from one jsonb document (msgspec encodes
+  it in C; asyncpg would check every element of typed arrays against collections.abc).
 - What few operations write (new accounts and portfolios, merges, reinvestments,
   tokens) travels as one jsonb document per table in one statement, sent only when the
   batch has any.
@@ -31,20 +31,35 @@ KEY_COLUMNS = ("key", "fingerprint", "response")
 AUDIT_COLUMNS = ("seq", "at", "token_id", "role", "owner_scope", "action", "target", "request_id", "client",
                  "outcome", "details", "prev_hash", "hash")
 TOKEN_ROW = ("id", "name", "role", "owner", "secret_hash", "created_by", "created_at")
-# The columns of `UPDATE_ACCOUNTS`'s arrays, in order.
-ACCOUNT_UPDATE_COLUMNS = 12
+
+
+class AccountUpdate(msgspec.Struct):
+    """The columns a batch changes on an existing account, with the version it found."""
+
+    id: str
+    name: str
+    status: str
+    balance: int
+    version: int
+    previous_version: int
+    latest_effective_date: object
+    updated_at: datetime
+    allocation_contracts: int
+    allocation_leaps: int
+    trade_income_cents: int
+    last_reinvested_quarter: str | None
 
 
 @dataclass(slots=True)
 class BatchWrite:
-    """Everything one batch writes. `updates` holds one array per column of
-    `UPDATE_ACCOUNTS`; `rare` the parameters of `WRITE_RARE`, or None."""
+    """Everything one batch writes. `updates` is the jsonb document of `UPDATE_ACCOUNTS`;
+    `rare` the parameters of `WRITE_RARE`, or None."""
 
     entries: list[tuple] = field(default_factory=list)
     events: list[tuple] = field(default_factory=list)
     keys: list[tuple] = field(default_factory=list)
     audit: list[tuple] = field(default_factory=list)
-    updates: tuple = ()
+    updates: str = "[]"
     updates_expected: int = 0
     rare: tuple | None = None
 
@@ -69,15 +84,13 @@ def entry_rows(transactions) -> list[tuple]:
             for t in transactions]
 
 
-def account_updates(updates: dict[str, Account], before: dict[str, int]) -> tuple[tuple, int]:
-    """The arrays of `UPDATE_ACCOUNTS` for every account whose version moved, and their count."""
-    rows = [(s.id, s.name, s.status, s.balance, s.version, before[account_id], s.latest_effective_date,
-             s.updated_at, s.allocations.contracts, s.allocations.leaps, s.trade_income_cents,
-             s.last_reinvested_quarter)
+def account_updates(updates: dict[str, Account], before: dict[str, int]) -> tuple[str, int]:
+    """The document of `UPDATE_ACCOUNTS` for every account whose version moved, and their count."""
+    rows = [AccountUpdate(s.id, s.name, s.status, s.balance, s.version, before[account_id], s.latest_effective_date,
+                          s.updated_at, s.allocations.contracts, s.allocations.leaps, s.trade_income_cents,
+                          s.last_reinvested_quarter)
             for account_id, s in updates.items() if s.version != before[account_id]]
-    if not rows:
-        return ((),) * ACCOUNT_UPDATE_COLUMNS, 0
-    return tuple(zip(*rows)), len(rows)
+    return _json(rows), len(rows)
 
 
 def rare_args(rare: RareRows) -> tuple:
