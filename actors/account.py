@@ -10,9 +10,10 @@ Two views of the account:
   a balance that might not survive;
 - `tentative`: committed plus every operation still in flight (`pending`); decisions
   are taken against it.
-After a failed write the actor turns *stale*: it refuses writes (503, safe to retry)
-until every in-flight operation has resolved, then reloads its row through the writer's
-queue, behind every earlier write.
+After a failed write the actor turns *stale*: once every in-flight operation has
+resolved it reloads its row through the writer's queue, behind every earlier write, and
+holds the writes that arrive meanwhile until then (a reload that fails, because the
+database is still away, refuses them with 503, safe to retry).
 
 Every actor runs on the engine's event loop (`actors/runtime.py`), so an operation on
 several accounts (a transfer, a merge, a portfolio's reinvestment) never leaves the
@@ -257,23 +258,21 @@ class AccountActor(PooledActor):
 
     # -- deciding ----------------------------------------------------------------------
     def _run(self, operation: Operation) -> None:
-        """Decides every step of `operation` now if all its accounts can; otherwise
-        refuses (an account is stale: retry) or hands it to the account that must come
-        back first (restarting, or about to fail)."""
+        """Decides every step of `operation` now if all its accounts can; otherwise holds
+        it until this account has re-read its committed state (restarted, or stale after
+        a failed write: a reload that fails refuses what it held with 503), or hands it to
+        the account that must come back first."""
         for step in operation.steps:
-            actor = step.actor
-            if actor.stopped:
+            if step.actor.stopped:
                 operation.reply.send(error=_restarting())
-                return
-            if actor.stale and not actor.restarted:
-                actor._maybe_reload()
-                operation.reply.send(error=_reloading())
                 return
         for step in operation.steps:
             actor = step.actor
             if actor is self:
-                if self.restarted:
+                if self.restarted or self.stale:
                     self.stash.append(operation)
+                    if self.stale:
+                        self._maybe_reload()
                     return
             elif not actor.can_decide():
                 # Its own mailbox: an armed fault fails it there, a restart holds it.
@@ -361,9 +360,12 @@ class AccountActor(PooledActor):
         self.reloading = False
         if error is not None or state is None:
             log.warning("account %s: reload failed: %s", self.account_id, error)
-            if self.restarted:  # nothing to wait for any more: refuse what was held
-                self.restarted = False
-                self._turn_stale()
+            # Nothing to wait for any more: refuse what was held (safe to retry). The next
+            # write, or the database coming back (`ReloadIfStale`), tries again.
+            self.restarted = False
+            self.stale = True
+            while self.stash:
+                self.stash.popleft().reply.send(error=_reloading())
             return
         self.restarted = False
         self.committed = state

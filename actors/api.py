@@ -474,32 +474,23 @@ class Engine:
             self._deadline_timer = self._loop.call_at(deadlines[0][0], self._expire_deadlines)
 
     async def _idempotent(self, key: str | None, request: tuple[str, str | None, msgspec.Struct],
-                          result_type: type[T], run: Callable[[tuple[str, str] | None], Awaitable[T]]) -> T:
-        """Runs `run` at most once per key. A retry while the first is in flight waits for
+                          result_type: type[T], run: Callable[[KeyClaim | None], Awaitable[T]]) -> T:
+        """Admits the operation and runs `run` within the operation timeout, at most once
+        per key (`actors/idempotency.py`): a retry while the first is in flight waits for
         its outcome; a retry after it committed gets the stored result (also after a
         restart); the same key with another request (operation, target, body) is refused."""
-        reset = OPERATION.set((request[0], request[1] or getattr(request[2], "from_account", None)))
-        try:
-            return await self._idempotent_run(key, request, result_type, run)
-        finally:
-            OPERATION.reset(reset)
-
-    async def _idempotent_run(self, key, request, result_type, run):
-        if key is None:
-            self._admit()
-            self._in_flight += 1
-            try:
-                return await self._bounded(run(None))
-            finally:
-                self._in_flight -= 1
-        if not isinstance(key, str) or not 1 <= len(key) <= limits.IDEMPOTENCY_KEY_LENGTH_MAX:
+        if key is not None and (not isinstance(key, str) or not 1 <= len(key) <= limits.IDEMPOTENCY_KEY_LENGTH_MAX):
             raise ValidationFailed("the idempotency key must be 1 to 200 characters", {"field": "Idempotency-Key"})
         self._admit()
+        reset = OPERATION.set((request[0], request[1] or getattr(request[2], "from_account", None)))
         self._in_flight += 1
         try:
+            if key is None:
+                return await self._bounded(run(None))
             return await self.keys.run(key, _fingerprint(*request), result_type, run, bounded=self._bounded)
         finally:
             self._in_flight -= 1
+            OPERATION.reset(reset)
 
     async def _on_account(self, account_id: str, command, render, idempotency, *, transaction_id=None,
                           correlation_id=None):
@@ -616,9 +607,15 @@ class Engine:
             lambda idempotency: self._on_account(account_id, Close(), _render_account(account_id), idempotency))
 
     # -- money -----------------------------------------------------------------------
+    # Each operation has two doors: keyword arguments, validated here, and `*_request`
+    # with the request Struct the gateway has already decoded and validated (decoded once).
     async def deposit(self, account_id: str, amount: int, *, memo: str | None = None,
                       idempotency_key: str | None = None) -> Transaction:
-        request = _validate(DepositRequest, amount=amount, memo=memo)
+        return await self.deposit_request(account_id, _validate(DepositRequest, amount=amount, memo=memo),
+                                          idempotency_key=idempotency_key)
+
+    async def deposit_request(self, account_id: str, request: DepositRequest, *,
+                              idempotency_key: str | None = None) -> Transaction:
         return await self._single_leg("deposit", account_id, request, Deposit(amount=request.amount, memo=request.memo),
                                       idempotency_key)
 
@@ -626,7 +623,12 @@ class Engine:
                        override_reason: str | None = None, idempotency_key: str | None = None) -> Transaction:
         """`override_reason` (admins only over HTTP) withdraws even from an account type
         that refuses withdrawals; the reason is audited."""
-        request = _validate(WithdrawalRequest, amount=amount, memo=memo, override_reason=override_reason)
+        return await self.withdraw_request(
+            account_id, _validate(WithdrawalRequest, amount=amount, memo=memo, override_reason=override_reason),
+            idempotency_key=idempotency_key)
+
+    async def withdraw_request(self, account_id: str, request: WithdrawalRequest, *,
+                               idempotency_key: str | None = None) -> Transaction:
         with _override(request.override_reason):
             return await self._single_leg("withdraw", account_id, request,
                                           Withdraw(amount=request.amount, memo=request.memo,
@@ -634,7 +636,12 @@ class Engine:
 
     async def book_trade(self, account_id: str, *, kind: str, amount: int, effective_date: date | None = None,
                          memo: str | None = None, idempotency_key: str | None = None) -> Transaction:
-        request = _validate(TradeRequest, kind=kind, amount=amount, effective_date=effective_date, memo=memo)
+        return await self.book_trade_request(
+            account_id, _validate(TradeRequest, kind=kind, amount=amount, effective_date=effective_date, memo=memo),
+            idempotency_key=idempotency_key)
+
+    async def book_trade_request(self, account_id: str, request: TradeRequest, *,
+                                 idempotency_key: str | None = None) -> Transaction:
         command = BookTrade(kind=request.kind, amount=request.amount, memo=request.memo,
                             effective_date=request.effective_date)
         result = await self._single_leg("trade", account_id, request, command, idempotency_key)
@@ -658,8 +665,11 @@ class Engine:
                        override_reason: str | None = None, idempotency_key: str | None = None) -> Transfer:
         """Both legs commit in one database transaction or neither does. `override_reason`
         as for `withdraw`."""
-        request = _validate(TransferRequest, from_account=from_account, to_account=to_account, amount=amount,
-                            memo=memo, override_reason=override_reason)
+        return await self.transfer_request(
+            _validate(TransferRequest, from_account=from_account, to_account=to_account, amount=amount, memo=memo,
+                      override_reason=override_reason), idempotency_key=idempotency_key)
+
+    async def transfer_request(self, request: TransferRequest, *, idempotency_key: str | None = None) -> Transfer:
         with _override(request.override_reason):
             return await self._transfer(request, idempotency_key)
 

@@ -34,10 +34,6 @@ from pykka._envelope import Envelope
 
 log = logging.getLogger("alluse.runtime")
 
-# pykka's own messages (stop, proxy calls): handled by pykka's `_handle_receive`.
-_PYKKA_MESSAGES = (messages._ActorStop, messages.ProxyCall, messages.ProxyGetAttr,  # noqa: SLF001
-                   messages.ProxySetAttr)
-
 # Messages an actor handles before yielding to the next ready actor.
 SLICE_MESSAGES_MAX = 64
 # Actor slices one loop callback runs before it lets I/O and other callbacks in.
@@ -168,7 +164,7 @@ class PooledActor(pykka.Actor):
         through here); False if the actor has stopped."""
         if self.stopped:
             return False
-        self.actor_inbox.put(Envelope(message))
+        self.actor_inbox.put(message)    # bare: `_handle_envelope` tells it from pykka's envelopes
         return True
 
     def mailbox_depth(self) -> int:
@@ -197,17 +193,20 @@ class PooledActor(pykka.Actor):
         self._pool.schedule(self)
 
     def _handle_envelope(self, envelope: Any) -> None:
+        """`envelope` is pykka's (from `ActorRef.tell`/`ask`) or a bare message of ours
+        (`deliver`): a bare one goes straight to `on_receive`, as pykka would send it."""
+        reply_to = None
         try:
-            message = envelope.message
-            if envelope.reply_to is None and not isinstance(message, _PYKKA_MESSAGES):
-                self.on_receive(message)    # a told message of ours: what pykka would do, minus its checks
+            if type(envelope) is not Envelope:
+                self.on_receive(envelope)
                 return
-            response = self._handle_receive(message)
-            if envelope.reply_to is not None:
-                envelope.reply_to.set(response)
+            reply_to = envelope.reply_to
+            response = self._handle_receive(envelope.message)
+            if reply_to is not None:
+                reply_to.set(response)
         except Exception:
-            if envelope.reply_to is not None:
-                envelope.reply_to.set_exception()
+            if reply_to is not None:
+                reply_to.set_exception()
             else:
                 self._handle_failure(*sys.exc_info())
                 try:
@@ -226,6 +225,8 @@ class PooledActor(pykka.Actor):
                 with self.actor_inbox._lock:
                     self.actor_inbox._scheduled = True
                 return
+            if type(envelope) is not Envelope:
+                envelope = Envelope(envelope)
             if envelope.reply_to is not None:
                 if isinstance(envelope.message, messages._ActorStop):  # noqa: SLF001
                     envelope.reply_to.set(None)
