@@ -53,7 +53,7 @@ from actors.runtime import ActorPool
 from actors.settings import Settings, load_settings
 from persistence.embedded import EmbeddedServer
 from persistence.store import Store
-from persistence.writer import AuditEntry, PurgeKeysOp, Writer, WriteOp
+from persistence.writer import AuditEntry, FlagOp, PurgeKeysOp, Writer, WriteOp
 from engine.audit import EMBEDDED, SCHEDULER, AuditContext
 from actors.security import Security
 from actors.webhooks import Webhooks
@@ -955,8 +955,12 @@ class Engine:
                 breached = account.status not in ("closed", "merged") and analytics.breached(drawdown, limit)
                 if breached == (account_id in self._drawdown_flags):
                     return
-                await self.store.set_risk_flag(account_id, account.portfolio_id, active=breached, drawdown=drawdown,
-                                               limit=limit, at=self.clock())
+                # Through the writer, the only writer: the flag and its event commit in order
+                # with the batches around them.
+                future = self._loop.create_future()
+                self.writer.submit(FlagOp(account_id, account.portfolio_id, breached, drawdown, limit, self.clock(),
+                                          Reply(self._loop, future).done_on_loop))
+                await future
                 if breached:
                     self._drawdown_flags[account_id] = drawdown
                 else:

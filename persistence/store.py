@@ -162,6 +162,24 @@ KEY_CONFLICT_SQLSTATE = "AL001"
 KEY_INDEX = "idempotency_keys_pkey"
 
 
+async def set_risk_flag(connection: asyncpg.Connection, account_id: str, portfolio_id: str | None, *,
+                        active: bool, drawdown: float, limit: float, at: datetime) -> None:
+    """Sets or clears the account's drawdown_breach flag and writes its event, in one
+    transaction, on the writer's connection (between batches)."""
+    payload = msgspec.json.encode({"account_id": account_id, "drawdown": drawdown, "limit": limit}).decode()
+    async with translated_errors(), connection.transaction():
+        if active:
+            await connection.execute("INSERT INTO risk_flags (account_id, flag, since, drawdown) "
+                                     "VALUES ($1, 'drawdown_breach', $2, $3)", account_id, at, drawdown)
+        else:
+            await connection.execute("DELETE FROM risk_flags WHERE account_id = $1 AND flag = 'drawdown_breach'",
+                                     account_id)
+        await connection.execute("INSERT INTO events (type, account_id, portfolio_id, payload, created_at) "
+                                 "VALUES ($1, $2, $3, $4::json, $5)",
+                                 "account.drawdown_breach" if active else "account.drawdown_recovered",
+                                 account_id, portfolio_id, payload, at)
+
+
 async def write_batch(connection: asyncpg.Connection, batch: "BatchWrite") -> None:
     """Writes one batch (`persistence.batch.BatchWrite`) in one transaction on the
     writer's connection: what few operations write first, then every changed account
@@ -417,23 +435,6 @@ class Store:
         async with translated_errors():
             rows = await self.pool.fetch("SELECT account_id, drawdown FROM risk_flags WHERE flag = 'drawdown_breach'")
         return {row["account_id"]: row["drawdown"] for row in rows}
-
-    async def set_risk_flag(self, account_id: str, portfolio_id: str | None, *, active: bool, drawdown: float,
-                            limit: float, at: datetime) -> None:
-        """Sets or clears the account's drawdown_breach flag and writes its event, in one
-        transaction."""
-        payload = msgspec.json.encode({"account_id": account_id, "drawdown": drawdown, "limit": limit}).decode()
-        async with translated_errors(), self.pool.acquire() as conn, conn.transaction():
-            if active:
-                await conn.execute("INSERT INTO risk_flags (account_id, flag, since, drawdown) "
-                                   "VALUES ($1, 'drawdown_breach', $2, $3)", account_id, at, drawdown)
-            else:
-                await conn.execute("DELETE FROM risk_flags WHERE account_id = $1 AND flag = 'drawdown_breach'",
-                                   account_id)
-            await conn.execute("INSERT INTO events (type, account_id, portfolio_id, payload, created_at) "
-                               "VALUES ($1, $2, $3, $4::jsonb, $5)",
-                               "account.drawdown_breach" if active else "account.drawdown_recovered",
-                               account_id, portfolio_id, payload, at)
 
     async def fetch(self, sql: str, *args):
         """For tests and tools that check the database directly."""

@@ -94,6 +94,20 @@ class PurgeKeysOp:
     done: Callable[[int, BaseException | None], None]
 
 
+@dataclass(slots=True, eq=False)
+class FlagOp:
+    """Set (`active`) or clear one account's drawdown_breach flag, with its event, after
+    every earlier write; `done(None, error)`."""
+
+    account_id: str
+    portfolio_id: str | None
+    active: bool
+    drawdown: float
+    limit: float
+    at: datetime
+    done: Callable[[Any, BaseException | None], None]
+
+
 @dataclass(slots=True)
 class Resolution:
     """What the writer tells an account's actor after a batch: which of its operations
@@ -151,7 +165,7 @@ class Writer:
             self.connection = None
 
     # -- submission ------------------------------------------------------------------
-    def submit(self, op: WriteOp | ReloadOp | PurgeKeysOp) -> None:
+    def submit(self, op: "WriteOp | ReloadOp | PurgeKeysOp | FlagOp") -> None:
         """Hands `op` to the writer: at once from the writer's loop (where the actors run),
         thread-safe from anywhere else (one loop wake-up moves all that arrived meanwhile)."""
         if asyncio._get_running_loop() is self._loop:
@@ -213,6 +227,9 @@ class Writer:
                 # Behind every earlier write: flush them (and wait for their commit) first.
                 await self._flush()
                 await self._reload(item)
+            elif isinstance(item, FlagOp):
+                await self._flush()
+                await self._flag(item)
             else:
                 await self._flush()
                 await self._purge_keys(item)
@@ -281,6 +298,17 @@ class Writer:
             return
         self.poisoned.discard(op.account_id)
         op.done(account_from_row(row) if row else None, None)
+
+    async def _flag(self, op: FlagOp) -> None:
+        try:
+            connection = await self._connected()
+            await sql.set_risk_flag(connection, op.account_id, op.portfolio_id, active=op.active,
+                                    drawdown=op.drawdown, limit=op.limit, at=op.at)
+        except EngineError as error:
+            self._drop_connection()
+            op.done(None, error)
+            return
+        op.done(None, None)
 
     async def _purge_keys(self, op: PurgeKeysOp) -> None:
         total = 0
