@@ -25,7 +25,7 @@ from engine.rules import mutate, transition
 MULTI_LEG_KINDS = frozenset({"transfer", "fork", "merge"})
 
 
-class OutboxRow(msgspec.Struct):
+class OutboxRow(msgspec.Struct, gc=False):
     """One event of the transactional outbox; `payload` (a Struct or a dict) is encoded
     with the rest of the batch."""
 

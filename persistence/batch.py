@@ -33,7 +33,7 @@ AUDIT_COLUMNS = ("seq", "at", "token_id", "role", "owner_scope", "action", "targ
 TOKEN_ROW = ("id", "name", "role", "owner", "secret_hash", "created_by", "created_at")
 
 
-class AccountUpdate(msgspec.Struct):
+class AccountUpdate(msgspec.Struct, gc=False):
     """The columns a batch changes on an existing account, with the version it found."""
 
     id: str
