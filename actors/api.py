@@ -357,8 +357,11 @@ class Engine:
         return AccountActor.start(self._pool, account, self._hooks, restarted=restarted)
 
     def _notify_resolved(self, resolutions) -> None:
+        """After a batch, before its callers hear: each touched actor learns what
+        committed (an idle one at once)."""
+        tell = self.registry.tell
         for account_id, resolution in resolutions.items():
-            self.registry.tell(account_id, Resolved(resolution))
+            tell(account_id, Resolved(resolution), now=True)
 
     def _signal_commit(self) -> None:
         """Wakes every event-feed reader: something committed."""

@@ -167,6 +167,30 @@ class PooledActor(pykka.Actor):
         self.actor_inbox.put(message)    # bare: `_handle_envelope` tells it from pykka's envelopes
         return True
 
+    def deliver_now(self, message: Any) -> bool:
+        """`deliver`, but an idle actor (nothing in its mailbox, not running, not waiting
+        its turn) handles `message` at once, on the loop, instead of going through the
+        ready queue: the same one-message-at-a-time handling, minus a scheduling round.
+        The writer tells the actors what committed this way."""
+        inbox = self.actor_inbox
+        if inbox._scheduled or inbox._items or self.stopped or self._needs_setup:
+            return self.deliver(message)
+        with inbox._lock:   # a message told from another thread meanwhile waits its turn
+            inbox._scheduled = True
+        try:
+            self._handle_envelope(message)
+        finally:
+            if self.stopped:
+                self._teardown()
+            else:
+                with inbox._lock:
+                    inbox._scheduled = False
+                    waiting = bool(inbox._items)
+                if waiting:
+                    inbox._scheduled = True
+                    self._pool.schedule(self)
+        return True
+
     def mailbox_depth(self) -> int:
         return self.actor_inbox.qsize()
 
