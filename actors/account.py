@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Callable
 
+import msgspec
+
 from engine.errors import EngineError, Unavailable, refuse
 from engine.ledger import Rows, apply_events
 from engine.model import Account, Command, Event
@@ -84,8 +86,7 @@ class Reply:
             self.loop.call_soon_threadsafe(self._set, result, error)
 
 
-@dataclass(slots=True)
-class Step:
+class Step(msgspec.Struct):
     """One account's part of an operation."""
 
     account_id: str
@@ -97,8 +98,7 @@ class Step:
     skip_codes: frozenset[str] = frozenset()
 
 
-@dataclass(slots=True)
-class Decided:
+class Decided(msgspec.Struct):
     """What an operation's render function sees: its entries, the state of every account
     after it, its events, and the steps skipped (account id, refusal code)."""
 
@@ -108,8 +108,7 @@ class Decided:
     skipped: list[tuple[str, str]]
 
 
-@dataclass(slots=True)
-class Operation:
+class Operation(msgspec.Struct):
     """What the engine asks of the actors: the steps (one per account), the time and ids
     the core needs, the idempotency record and audit entry to commit with it, how to
     render its answer (`render(Decided)`), optional extra outbox rows
@@ -126,29 +125,24 @@ class Operation:
     outbox: Callable[[Rows, Any], None] | None = None
 
 
-@dataclass(slots=True)
-class Read:
+class Read(msgspec.Struct):
     reply: Reply
 
 
-@dataclass(slots=True)
-class Resolved:
+class Resolved(msgspec.Struct):
     resolution: Resolution
 
 
-@dataclass(slots=True)
-class ReloadIfStale:
+class ReloadIfStale(msgspec.Struct):
     """The database is back: a stale account need not wait for its next write."""
 
 
-@dataclass(slots=True)
-class Reloaded:
+class Reloaded(msgspec.Struct):
     state: Account | None
     error: BaseException | None
 
 
-@dataclass(slots=True)
-class InjectFault:
+class InjectFault(msgspec.Struct):
     """Tests only (ALLUSE_FAULT_INJECTION=1): fail unexpectedly on the next message."""
 
 

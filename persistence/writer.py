@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable
 
+import msgspec
+
 from engine import audit
 from engine.errors import DatabaseUnavailable, EngineError, KeyCommitted, Overloaded, Unavailable
 from engine.ledger import Rows
@@ -44,8 +46,7 @@ PURGE_CHUNK_ROWS = 5_000
 PURGE_CHUNKS_MAX = 20
 
 
-@dataclass(slots=True, eq=False)
-class WriteOp:
+class WriteOp(msgspec.Struct, eq=False):
     """One decided operation: its rows, its answer (`result`), the idempotency record and
     audit entry to commit with it. `done(result, error)` runs on the writer's loop after
     the batch commits (or fails). `accounts` are the existing accounts whose actors hold
@@ -65,8 +66,7 @@ class WriteOp:
     revocations: tuple[tuple[str, Any], ...] = ()
 
 
-@dataclass(slots=True, eq=False)
-class AuditEntry:
+class AuditEntry(msgspec.Struct, eq=False):
     """What to record of one operation: the request it belongs to, the action and its
     target. `outcome` is "committed" for a change; the gateway records refusals."""
 
@@ -108,13 +108,12 @@ class FlagOp:
     done: Callable[[Any, BaseException | None], None]
 
 
-@dataclass(slots=True)
-class Resolution:
+class Resolution(msgspec.Struct):
     """What the writer tells an account's actor after a batch: which of its operations
     committed (with the committed state) and which failed."""
 
-    committed_op_ids: list[int] = field(default_factory=list)
-    failed_op_ids: list[int] = field(default_factory=list)
+    committed_op_ids: list[int] = msgspec.field(default_factory=list)
+    failed_op_ids: list[int] = msgspec.field(default_factory=list)
     state: Account | None = None
 
 
