@@ -11,3 +11,13 @@ ALTER TABLE events ALTER COLUMN payload TYPE json USING payload::json;
 -- insert in the same batch) must find it, or the whole batch rolls back. The foreign
 -- key repeated that check as a locking lookup per entry.
 ALTER TABLE entries DROP CONSTRAINT IF EXISTS entries_account_id_fkey;
+
+-- Ids compare byte-wise (COLLATE "C", as the idempotency key already does): every id is
+-- ASCII, and the database's C.UTF-8 order is UTF-8 byte order anyway, so no ordering
+-- changes, but the index inserts and look-ups of every batch skip the locale's strcoll.
+ALTER TABLE reinvestments ALTER COLUMN account_id TYPE text COLLATE "C";
+ALTER TABLE risk_flags ALTER COLUMN account_id TYPE text COLLATE "C";
+ALTER TABLE accounts ALTER COLUMN id TYPE text COLLATE "C";
+ALTER TABLE entries ALTER COLUMN id TYPE text COLLATE "C",
+                    ALTER COLUMN account_id TYPE text COLLATE "C",
+                    ALTER COLUMN correlation_id TYPE text COLLATE "C";
