@@ -418,7 +418,10 @@ class Store:
                             limit: float, at: datetime) -> None:
         """Sets or clears the account's drawdown_breach flag and writes its event, in one
         transaction."""
-        payload = msgspec.json.encode({"account_id": account_id, "drawdown": drawdown, "limit": limit}).decode()
+        # `drawdown_limit` and `flags` as the analytics' `risk` names them (`limit` stays).
+        payload = msgspec.json.encode({"account_id": account_id, "drawdown": drawdown, "limit": limit,
+                                       "drawdown_limit": limit,
+                                       "flags": ["drawdown_breach"] if active else []}).decode()
         async with translated_errors(), self.pool.acquire() as conn, conn.transaction():
             if active:
                 await conn.execute("INSERT INTO risk_flags (account_id, flag, since, drawdown) "
