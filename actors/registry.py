@@ -68,7 +68,7 @@ class Registry:
         """`acquire` without a suspension point, for an account that is resident and not
         quarantined; None otherwise (then `acquire` activates it or says why not)."""
         entry = self.resident.get(account_id)
-        if entry is None or account_id in self.quarantined or entry.actor.actor_stopped.is_set():
+        if entry is None or account_id in self.quarantined or entry.actor.stopped:
             return None
         entry.leases += 1
         entry.last_used_s = time.monotonic()
