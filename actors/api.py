@@ -717,6 +717,7 @@ class Engine:
             rows = ledger.Rows()
             ledger.apply_events(rows, events)
             view = reports.portfolio_view(events[0].portfolio, rows.states, [], {}, self.rules)
+            ledger.describe_opening(rows, view)
             return await self._write(rows, view, idempotency)
 
         return await self._idempotent(idempotency_key, ("create_portfolio", None, request),

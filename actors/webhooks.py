@@ -730,8 +730,16 @@ class Webhooks:
         _check_page(after, limit)
         await self.flush_progress()
         rows = await self.table.attempts(endpoint.id, after=after, limit=limit + 1)
-        items = [Attempt(**{name: row[name] for name in Attempt.__struct_fields__}) for row in rows[:limit]]
+        items = [_attempt(row) for row in rows[:limit]]
         return AttemptPage(items=items, next_cursor=str(items[-1].id) if len(rows) > limit else None)
+
+    async def latest_attempts(self, endpoint_id: str, *, limit: int = limits.PAGE_SIZE_DEFAULT,
+                              scope: str | None = None) -> list[Attempt]:
+        """The endpoint's latest attempts, newest first (the console's view of them)."""
+        endpoint = self._owned(endpoint_id, scope)
+        _check_page(0, limit)
+        await self.flush_progress()
+        return [_attempt(row) for row in await self.table.latest_attempts(endpoint.id, limit=limit)]
 
     async def dead_letters(self, endpoint_id: str, *, after: int = 0, limit: int = limits.PAGE_SIZE_DEFAULT,
                            scope: str | None = None) -> DeadLetterPage:
@@ -783,6 +791,10 @@ class Webhooks:
                 "last_success_at": (endpoint.success_at or row["last_success_at"]),
                 "dead_letters": counts.get(endpoint.id, 0)})
         return shown
+
+
+def _attempt(row: dict) -> Attempt:
+    return Attempt(**{name: row[name] for name in Attempt.__struct_fields__})
 
 
 def _ms(started: float) -> float:

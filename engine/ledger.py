@@ -90,8 +90,11 @@ def open_account(rows: Rows, account: Account) -> None:
     assert account.id not in rows.states, f"account {account.id} exists"
     rows.states[account.id] = account
     rows.created.append(account.id)
-    _event(rows, "account.opened", account, account.created_at, account_id=account.id,
-           portfolio_id=account.portfolio_id)
+    # The account as GET /v1/accounts/{id} names it: `deployable` too, which is zero for
+    # an account that opens empty (as every account does; its funding legs follow).
+    assert account.balance == 0, f"account {account.id} opens with a balance"
+    _event(rows, "account.opened", {**msgspec.structs.asdict(account), "deployable": 0}, account.created_at,
+           account_id=account.id, portfolio_id=account.portfolio_id)
 
 
 def transfer_events(rows: Rows, transfer: Transfer) -> None:
@@ -144,7 +147,8 @@ def _portfolio_merged(rows: Rows, event: PortfolioMerged) -> OutboxRow:
 
 def _complete_growth_event(outbox: OutboxRow, legs: list[Transaction]) -> None:
     """Fills in a fork's (amount, from_account) or a merge's (amount, to_account) event
-    from its legs; a root portfolio's opening has none."""
+    from its legs, and the fields its operation's reply has; a root portfolio's opening
+    has no legs (`describe_opening` names its event)."""
     payload = outbox.payload
     payload["legs"] = legs
     if not legs:
@@ -157,6 +161,17 @@ def _complete_growth_event(outbox: OutboxRow, legs: list[Transaction]) -> None:
         payload["to_account"] = moved[0].account_id
     payload["amount"] = sum(leg.amount for leg in moved)
     outbox.correlation_id = moved[0].correlation_id
+    # The names of the operation's reply (POST .../fork, GET /v1/forks|merges/{id}).
+    payload.update(id=outbox.correlation_id, kind=legs[0].kind, portfolio_id=outbox.portfolio_id,
+                   created_at=legs[0].created_at)
+
+
+def describe_opening(rows: Rows, view: Any) -> None:
+    """A root portfolio's `portfolio.opened` event also carries the fields of the reply
+    to POST /v1/portfolios (`view`, an `engine.reports.PortfolioView`), by their names."""
+    for outbox in rows.outbox:
+        if outbox.type == "portfolio.opened":
+            outbox.payload.update(msgspec.structs.asdict(view))
 
 
 def _apply_account_event(rows: Rows, event: Event) -> None:
@@ -168,7 +183,8 @@ def _apply_account_event(rows: Rows, event: Event) -> None:
     rows.states[event.account_id] = after
     match event:
         case StatusChanged(status=status, at=at):
-            _event(rows, "account.status_changed", {"account_id": after.id, "status": status}, at,
+            # `id` and `status` are the account's names in GET /v1/accounts/{id}.
+            _event(rows, "account.status_changed", {"account_id": after.id, "id": after.id, "status": status}, at,
                    account_id=after.id, portfolio_id=after.portfolio_id)
         case Reinvested(at=at):
             rows.reinvestments.append(event)

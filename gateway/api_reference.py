@@ -75,7 +75,10 @@ DOCS: dict[str, Doc] = {
     # of huge returns over many weeks forks without end (its cost is bounded, not small).
     "project": Doc("Simulates a portfolio week by week with the live rules; changes nothing."),
     "list_events": Doc("Committed events (the outbox) in commit order. Pass `next_cursor` back as `cursor` (or "
-                       "`next_after` as `after`, the older names) to poll for what commits next."),
+                       "`next_after` as `after`, the older names) to poll for what commits next. A `payload` has "
+                       "the fields of the REST shape of the same thing, by the same names (a `portfolio.forked` "
+                       "those of `GET /v1/forks/{fork_id}`, an `account.opened` those of the account; "
+                       "docs/growth.md lists them)."),
     "supervisor_status": Doc("Each supervisor's accounts (running, passivated, quarantined), restarts, mailbox "
                              "depths, and the writer's queue."),
     "inject_fault": Doc("Tests only: with fault injection on, the account's actor fails on its next message. "

@@ -166,7 +166,9 @@ async def set_risk_flag(connection: asyncpg.Connection, account_id: str, portfol
                         active: bool, drawdown: float, limit: float, at: datetime) -> None:
     """Sets or clears the account's drawdown_breach flag and writes its event, in one
     transaction, on the writer's connection (between batches)."""
-    payload = msgspec.json.encode({"account_id": account_id, "drawdown": drawdown, "limit": limit}).decode()
+    # `drawdown_limit` and `flags` as the analytics' `risk` names them (`limit` stays).
+    payload = msgspec.json.encode({"account_id": account_id, "drawdown": drawdown, "limit": limit,
+                                   "drawdown_limit": limit, "flags": ["drawdown_breach"] if active else []}).decode()
     async with translated_errors(), connection.transaction():
         if active:
             await connection.execute("INSERT INTO risk_flags (account_id, flag, since, drawdown) "

@@ -36,6 +36,9 @@ INSERT_ATTEMPT = ("INSERT INTO webhook_attempts (endpoint_id, event_seq, message
                   "WHERE EXISTS (SELECT 1 FROM webhook_endpoints WHERE id = $1)")
 SELECT_ATTEMPTS = (f"SELECT {ATTEMPT_COLUMNS} FROM webhook_attempts WHERE endpoint_id = $1 AND id > $2 "
                    "ORDER BY id LIMIT $3")
+# The newest first: what the console shows of an endpoint's recent history.
+SELECT_LATEST_ATTEMPTS = (f"SELECT {ATTEMPT_COLUMNS} FROM webhook_attempts WHERE endpoint_id = $1 "
+                          "ORDER BY id DESC LIMIT $2")
 # Keeps the newest `$2` attempts of an endpoint (the history is bounded).
 PRUNE_ATTEMPTS = ("DELETE FROM webhook_attempts WHERE endpoint_id = $1 AND id <= "
                   "(SELECT id FROM webhook_attempts WHERE endpoint_id = $1 ORDER BY id DESC OFFSET $2 LIMIT 1)")
@@ -128,6 +131,10 @@ class WebhookStore:
     async def attempts(self, endpoint_id: str, *, after: int, limit: int) -> list[dict]:
         async with translated_errors():
             return [dict(row) for row in await self.store.pool.fetch(SELECT_ATTEMPTS, endpoint_id, after, limit)]
+
+    async def latest_attempts(self, endpoint_id: str, *, limit: int) -> list[dict]:
+        async with translated_errors():
+            return [dict(row) for row in await self.store.pool.fetch(SELECT_LATEST_ATTEMPTS, endpoint_id, limit)]
 
     async def prune_attempts(self, endpoint_id: str, keep: int) -> None:
         async with translated_errors():

@@ -336,6 +336,8 @@ async def test_a_twelve_percent_loss_on_a_rev_acc_raises_one_breach_and_recovery
     assert breach.type == "account.drawdown_breach" and breach.portfolio_id == portfolio.id
     payload = msgspec.json.decode(breach.payload)
     assert payload["account_id"] == rev and payload["limit"] == 0.10
+    # The analytics' `risk` names too (issue 12: event payloads use the REST names).
+    assert payload["drawdown_limit"] == 0.10 and payload["flags"] == ["drawdown_breach"]
     assert payload["drawdown"] == pytest.approx(0.12, abs=1e-4)
     assert set(engine.drawdown_breaches()) == {rev}
     assert engine.drawdown_breaches()[rev] == pytest.approx(0.12, abs=1e-4)
@@ -364,7 +366,7 @@ async def test_a_twelve_percent_loss_on_a_rev_acc_raises_one_breach_and_recovery
     await api.created(f"/v1/accounts/{rev}/trades", {"kind": "premium", "amount": small.balance_after * 4 // 100,
                                                      "effective_date": (opened + timedelta(weeks=9)).isoformat()})
     breach, recovered = await wait_for_drawdown_events(engine, rev, 2)
-    assert recovered.type == "account.drawdown_recovered"
+    assert recovered.type == "account.drawdown_recovered" and msgspec.json.decode(recovered.payload)["flags"] == []
     assert engine.drawdown_breaches() == {} and await gauge(api) == 0.0
     assert await engine.store.fetch("SELECT account_id FROM risk_flags") == []
     assert (await api.ok(f"/v1/accounts/{rev}/analytics"))["risk"]["flags"] == []

@@ -11,10 +11,12 @@ from __future__ import annotations
 import os
 import re
 import uuid
+from datetime import date, timedelta
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
+from aiohttp import web
 
 from actors.settings import load_settings
 from tests.conftest import WAIT_S
@@ -54,7 +56,13 @@ async def browser():
 def server(database_url):
     settings = load_settings({}, {"database": {"url": database_url}, "server": {"admin_token": ADMIN_TOKEN},
                                   "engine": {"fault_injection": True},
-                                  "supervision": {"restarts_max": 1, "window_s": 60.0}})
+                                  "supervision": {"restarts_max": 1, "window_s": 60.0},
+                                  # Webhooks to a receiver on 127.0.0.1 that fail fast: two attempts
+                                  # an event, and a circuit that opens after four failures and stays
+                                  # open for the rest of a test.
+                                  "webhooks": {"allow_private_targets": True, "retry_schedule_s": [0.1],
+                                               "jitter_ratio": 0.0, "timeout_s": 2.0, "circuit_failures_max": 4,
+                                               "circuit_cooldown_s": 120.0}})
     with LiveServer(settings) as live:
         yield live
 
@@ -80,16 +88,34 @@ def token(server: LiveServer, role: str, owner: str | None = None) -> str:
     return api(server, "POST", "/v1/tokens", body)["token"]
 
 
+HISTORY_WEEKS = 16
+# The weeks of the history in which Ann's accounts book a loss, and its size in cents.
+LOSSES = {4: {"revenue": 2_600_00}, 9: {"revenue": 6_000_00, "compounding": 4_000_00}, 13: {"revenue": 2_100_00}}
+
+
 def seed(server: LiveServer) -> dict:
-    """Ann: a root portfolio that has forked one unit, a funded standalone account with
-    enough history to page; Bob: a portfolio of his own."""
-    ann = api(server, "POST", "/v1/portfolios", {"name": "Ann Income", "owner": "ann", "initial_capital": 250_000_00})
-    generation = next(a["id"] for a in ann["accounts"] if a["type"] == "generation")
-    revenue = next(a["id"] for a in ann["accounts"] if a["type"] == "revenue")
-    for week in range(3):
-        api(server, "POST", f"/v1/accounts/{revenue}/trades", {"kind": "premium", "amount": 900_00 + week * 150_00})
-    api(server, "POST", f"/v1/accounts/{revenue}/trades", {"kind": "fee", "amount": 35_00})
-    api(server, "POST", f"/v1/accounts/{generation}/trades", {"kind": "premium", "amount": 52_000_00})
+    """Ann: a root portfolio opened 16 weeks ago with a trade history week by week (so
+    its analytics have something to say) that has forked one unit of part of its Gen-Acc's
+    surplus, and a funded standalone account with enough history to page; Bob: a
+    portfolio of his own."""
+    today = date.today()
+    start = today - timedelta(days=today.weekday(), weeks=HISTORY_WEEKS)
+    ann = api(server, "POST", "/v1/portfolios", {"name": "Ann Income", "owner": "ann", "initial_capital": 250_000_00,
+                                                 "opened_on": start.isoformat()})
+    ids = {a["type"]: a["id"] for a in ann["accounts"]}
+    generation, revenue = ids["generation"], ids["revenue"]
+    for week in range(HISTORY_WEEKS):
+        day = (start + timedelta(weeks=week, days=2)).isoformat()
+        trades = [(revenue, "premium", 900_00 + (week % 5) * 140_00), (ids["compounding"], "premium",
+                                                                      380_00 + (week % 3) * 90_00),
+                  (generation, "premium", 1_100_00 + (week % 4) * 120_00)]
+        trades += [(ids[account_type], "loss", amount) for account_type, amount in LOSSES.get(week, {}).items()]
+        if week % 4 == 3:
+            trades.append((revenue, "fee", 35_00))
+        for account_id, kind, amount in trades:
+            api(server, "POST", f"/v1/accounts/{account_id}/trades", {"kind": kind, "amount": amount,
+                                                                     "effective_date": day})
+    api(server, "POST", f"/v1/accounts/{generation}/fork", {"amount": 15_000_00})
     bob = api(server, "POST", "/v1/portfolios", {"name": "Bob Wheel", "owner": "bob", "initial_capital": 80_000_00})
     savings = api(server, "POST", "/v1/accounts", {"name": "Ann Reserve", "type": "revenue", "owner": "ann"})
     for index in range(25):
@@ -110,16 +136,35 @@ async def sign_in(browser, server: LiveServer, secret: str, viewport=DESKTOP):
     return context, page
 
 
-async def snap(page, shots: Path, name: str) -> None:
+async def snap(page, shots: Path, name: str, section: str | None = None) -> None:
     """The whole page at desktop size; what a phone shows at first (its long pages would
-    make pictures taller than they are useful)."""
+    make pictures taller than they are useful); or only the element `section` selects."""
     path = shots / f"{name}.png"
+    if section is not None:  # from the top of the whole page, so the sticky top bar stays out of it
+        await page.evaluate("window.scrollTo(0, 0)")
+        await page.screenshot(path=str(path), full_page=True, clip=await page.locator(section).bounding_box())
+        assert 0 < path.stat().st_size <= SCREENSHOT_BYTES_MAX, (name, path.stat().st_size)
+        return
     await page.screenshot(path=str(path), full_page=page.viewport_size["width"] > PHONE["width"])
     size = path.stat().st_size
     if size > SCREENSHOT_BYTES_MAX:  # keep checked-in pictures small: the visible part only
         await page.screenshot(path=str(path), full_page=False)
         size = path.stat().st_size
     assert 0 < size <= SCREENSHOT_BYTES_MAX, (name, size)
+
+
+async def shows_the_risk_and_return_metrics(page) -> None:
+    """Issue 15's measures, each a number (or a dash where the history leaves it
+    undefined), in the analytics section of an account or portfolio page."""
+    metrics = page.locator("[data-section=metrics]")
+    text = await metrics.inner_text()
+    for label in ("Sharpe", "Sortino", "Calmar", "Value at risk", "Expected shortfall", "Best week", "Worst week",
+                  "Winning weeks", "Longest", "Recovery", "Skew", "Kurtosis"):
+        assert label in text, (label, text)
+    for name in ("sharpe", "sortino", "var", "cvar", "best-week", "worst-week", "skew", "kurtosis"):
+        value = await metrics.locator(f"[data-metric={name}]").inner_text()
+        assert re.fullmatch(r"−?-?\d+\.\d+%?", value.strip()), (name, value)
+    assert (await metrics.locator("[data-metric=worst-week]").inner_text()).startswith("-")
 
 
 async def looks_like_a_product(page) -> None:
@@ -161,14 +206,21 @@ async def test_an_admin_signs_in_walks_every_page_and_signs_out(browser, server,
         assert await page.locator("svg.tree a.node").count() == 2  # the root and the unit it forked
         assert await page.locator("svg.tree path.edge").count() == 1
         assert "time-weighted return" in (await page.inner_text("[data-section=analytics]")).lower()
+        await shows_the_risk_and_return_metrics(page)
         await looks_like_a_product(page)
         await snap(page, shots, f"portfolio{suffix}")
 
-        await page.goto(f"/console/accounts/{data['savings']}")
+        await page.goto(f"/console/accounts/{data['revenue']}")
         assert await page.locator("svg.chart polyline.line").count() == 1
-        assert await page.locator("table[data-table=transactions] tbody tr").count() == 20
+        await shows_the_risk_and_return_metrics(page)
+        # Three losing weeks out of sixteen trading ones (the opening week has no return).
+        assert await page.inner_text("[data-metric=win-rate]") == "81%"
         await looks_like_a_product(page)
         await snap(page, shots, f"account{suffix}")
+        await snap(page, shots, f"account-analytics{suffix}", "[data-section=analytics]")
+
+        await page.goto(f"/console/accounts/{data['savings']}")
+        assert await page.locator("table[data-table=transactions] tbody tr").count() == 20
         await page.click("[data-action=older]")
         assert await page.locator("table[data-table=transactions] tbody tr").count() == 6  # 25 deposits + 1 transfer
 
@@ -368,9 +420,98 @@ async def test_the_api_reference_needs_no_token_and_loads_nothing_from_elsewhere
         await context.close()
 
 
+def receiver() -> LiveServer:
+    """Webhook endpoints on 127.0.0.1, on a thread and loop of their own (the test's loop
+    blocks in `api` calls): a path with `down` in it answers 503, any other 204."""
+    async def answer(request: web.Request) -> web.Response:
+        await request.read()
+        if "down" in request.path:
+            return web.Response(status=503, text="maintenance window, try again later")
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/{path:.*}", answer)
+    return LiveServer(None, app=app)
+
+
+async def test_the_webhooks_page_shows_circuits_attempts_and_dead_letters_to_admins_only(browser, server, shots):
+    with receiver() as hooks:
+        synced = api(server, "POST", "/v1/webhooks", {"url": hooks.url + "/alluse/ledger-sync",
+                                                      "description": "Ledger sync"})
+        down = api(server, "POST", "/v1/webhooks", {"url": hooks.url + "/alluse/risk-desk-down",
+                                                    "description": "Risk desk", "owner": "ann",
+                                                    "event_types": ["portfolio.*", "transfer.posted"]})
+        seed(server)
+
+        def state(endpoint_id: str) -> dict:
+            return next(s for s in api(server, "GET", "/v1/supervisor/status")["webhooks"] if s["id"] == endpoint_id)
+
+        # Two attempts an event: the first two of Ann's events become dead letters and the
+        # fourth failure opens the circuit, which holds the next one.
+        wait_until(lambda: state(down["id"])["circuit"] == "open" and state(down["id"])["dead_letters"] == 2,
+                   "the risk desk's circuit to open over two dead letters")
+        wait_until(lambda: state(synced["id"])["lag_events"] == 0, "the ledger sync to catch up")
+        for viewport, suffix in ((DESKTOP, ""), (PHONE, "-phone")):
+            context, page = await sign_in(browser, server, ADMIN_TOKEN, viewport)
+            try:
+                await page.click("[data-nav=webhooks]")
+                await page.wait_for_url(re.compile(r".*/console/webhooks$"))
+                assert await page.get_attribute(f"[data-webhook-row='{down['id']}'] [data-circuit]",
+                                                "data-circuit") == "open"
+                assert await page.get_attribute(f"[data-webhook-row='{synced['id']}'] [data-circuit]",
+                                                "data-circuit") == "closed"
+                assert await page.inner_text("[data-value=dead-letters]") == "2"
+                await looks_like_a_product(page)
+                await snap(page, shots, f"webhooks{suffix}")
+
+                await page.click(f"[data-webhook='{down['id']}']")
+                await page.wait_for_url(re.compile(rf".*/console/webhooks/{down['id']}$"))
+                assert await page.locator("table[data-table=dead-letters] tbody tr").count() == 2
+                tried = await page.inner_text("table[data-table=attempts]")
+                assert "http error 503" in tried, tried
+                if viewport is DESKTOP:  # the answer's column is hidden on a phone
+                    assert "maintenance window" in tried, tried
+                await looks_like_a_product(page)
+                await snap(page, shots, f"webhook{suffix}")
+            finally:
+                await context.close()
+
+        context, page = await sign_in(browser, server, ADMIN_TOKEN)
+        try:
+            await page.goto(f"/console/webhooks/{synced['id']}")
+            assert await page.locator("[data-empty=dead-letters]").count() == 1
+            assert "delivered" in await page.inner_text("table[data-table=attempts]")
+            await page.goto(f"/console/webhooks/{down['id']}")
+            await page.click("[data-action=redeliver-all]")
+            await page.wait_for_selector("[data-flash=requeued]")
+            assert (await page.inner_text("[data-flash=requeued]")).startswith("2 dead letters queued")
+        finally:
+            await context.close()
+        records = api(server, "GET", "/v1/audit?limit=1000")["items"]
+        assert any(r["action"] == "redeliver_webhook" and r["target"] == down["id"] and r["role"] == "admin"
+                   for r in records)
+
+        # Webhooks are for admins; a scoped admin sees only its owner's endpoints.
+        for role in ("operator", "viewer"):
+            context, page = await sign_in(browser, server, token(server, role))
+            try:
+                assert await page.locator("[data-nav=webhooks]").count() == 0
+                assert (await page.goto("/console/webhooks")).status == 403
+            finally:
+                await context.close()
+        context, page = await sign_in(browser, server, token(server, "admin", owner="bob"))
+        try:
+            await page.goto("/console/webhooks")
+            assert await page.locator("[data-empty=webhooks]").count() == 1
+            assert (await page.goto(f"/console/webhooks/{down['id']}")).status == 404
+        finally:
+            await context.close()
+
+
 def test_screenshots_are_checked_in_for_every_page():
     directory = Path(__file__).resolve().parent.parent / "docs" / "console"
-    for name in ("sign-in", "portfolios", "portfolio", "account", "events", "supervision", "audit", "docs"):
+    for name in ("sign-in", "portfolios", "portfolio", "account", "account-analytics", "events", "supervision",
+                 "audit", "webhooks", "webhook", "docs"):
         for suffix in ("", "-phone"):
             path = directory / f"{name}{suffix}.png"
             assert path.exists(), f"{path} is missing: run `make screenshots`"

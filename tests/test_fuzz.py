@@ -64,11 +64,13 @@ _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
 
 class LiveServer:
-    """`create_app(settings)` (which starts and stops its own engine) served by aiohttp's
-    AppRunner/TCPSite on a free port of 127.0.0.1, in a thread running its own loop."""
+    """`create_app(settings)` (which starts and stops its own engine), or another `app`,
+    served by aiohttp's AppRunner/TCPSite on a free port of 127.0.0.1, in a thread running
+    its own loop."""
 
-    def __init__(self, settings):
+    def __init__(self, settings, *, app: web.Application | None = None):
         self.settings = settings
+        self.app = app
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="fuzz-server", daemon=True)
         self.runner: web.AppRunner | None = None
@@ -89,7 +91,7 @@ class LiveServer:
             self.loop.close()
 
     async def _start(self) -> None:
-        self.runner = web.AppRunner(create_app(self.settings), access_log=None)
+        self.runner = web.AppRunner(self.app if self.app is not None else create_app(self.settings), access_log=None)
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
         await site.start()

@@ -128,6 +128,62 @@ async def test_every_list_pages_with_cursor_and_the_event_feed_keeps_its_old_nam
     assert set(audit) == {"items", "next_cursor"}
 
 
+def carries(payload: dict, shape: dict, *, except_keys: tuple[str, ...] = ()) -> None:
+    """Every field of a REST shape is in the event's payload, by the same name and with
+    the same value (the payload may have more)."""
+    missing = set(shape) - set(payload)
+    assert not missing, f"the payload lacks {sorted(missing)}"
+    differing = {key: (payload[key], shape[key]) for key in shape
+                 if key not in except_keys and payload[key] != shape[key]}
+    assert not differing, differing
+
+
+async def test_event_payloads_carry_the_field_names_of_the_rest_shapes(api):
+    """Issue 12: a webhook receiver or feed reader parses an event's payload as it parses
+    the REST reply of the same thing. Fields only the events had are kept."""
+    from tests.test_http_growth import QUARTER, events
+
+    ann = await portfolio(api, "ann")
+    generation, revenue = account_of(ann, "generation"), account_of(ann, "revenue")
+    premium = await api.created(f"/v1/accounts/{revenue}/trades", {"kind": "premium", "amount": 200_00})
+    await api.created(f"/v1/accounts/{generation}/trades", {"kind": "premium", "amount": 20_000_00})
+    fork = await api.created(f"/v1/accounts/{generation}/fork", {"amount": 10_000_00})
+    merged_unit = await api.created(f"/v1/portfolios/{fork['portfolio_id']}/merge", {})
+    merge = await api.ok(f"/v1/merges/{merged_unit['id']}")  # stamped with its legs' time, as the event is
+    reinvestment = (await api.post(f"/v1/portfolios/{ann['id']}/reinvest", {"quarter": QUARTER}, key=new_key())).body
+    spare = await api.create_account("revenue")
+    source = await api.create_account("revenue", funded=10_00)
+    transfer = await api.created("/v1/transfers", {"from_account": source["id"], "to_account": spare["id"],
+                                                  "amount": 3_00})
+    frozen = (await api.call("PATCH", f"/v1/accounts/{spare['id']}", {"status": "frozen"})).body
+    feed = await events(api)
+    by_type: dict[str, list[dict]] = {}
+    for event in feed:
+        by_type.setdefault(event["type"], []).append(event["payload"])
+
+    (opened,) = by_type["portfolio.opened"]
+    carries(opened, ann)
+    assert opened["portfolio"]["id"] == ann["id"] and opened["legs"] == []  # the older fields stay
+    created = {payload["id"]: payload for payload in by_type["account.opened"]}
+    carries(created[spare["id"]], spare)                     # as created: the reply is its opening state
+    assert created[generation]["deployable"] == 0 and created[generation]["balance"] == 0
+    posted = {payload["id"]: payload for payload in by_type["transaction.posted"]}
+    carries(posted[premium["id"]], premium)
+    (forked,) = by_type["portfolio.forked"]
+    carries(forked, fork)
+    assert forked["from_account"] == generation and forked["portfolio"]["id"] == fork["portfolio_id"]
+    (merged,) = by_type["portfolio.merged"]
+    carries(merged, merge)
+    assert merged["to_account"] == account_of(ann, "compounding")
+    (moved,) = by_type["transfer.posted"]
+    carries(moved, transfer)
+    changed = [payload for payload in by_type["account.status_changed"] if payload["account_id"] == spare["id"]]
+    carries(changed[-1], {key: frozen[key] for key in ("id", "status")})
+    reinvested = {payload["account_id"]: payload for payload in by_type["account.reinvested"]}
+    for account in reinvestment["accounts"]:
+        carries(reinvested[account["account_id"]], {**account, "quarter": reinvestment["quarter"]})
+
+
 async def test_the_audit_records_details_is_an_object(api):
     operator = (await api.post("/v1/tokens", {"name": "op", "role": "operator"})).body
     portfolio_view = await portfolio(api, "ann")

@@ -57,6 +57,10 @@ def setup(app: web.Application) -> None:
     router.add_get("/console/supervision", guarded(pages.supervision, ("GET", "/v1/supervisor/status")))
     router.add_post("/console/quarantine/{account_id}/release",
                     guarded(pages.release, ("POST", "/v1/admin/quarantine/{account_id}/release")))
+    router.add_get("/console/webhooks", guarded(pages.webhooks, ("GET", "/v1/webhooks")))
+    router.add_get("/console/webhooks/{webhook_id}", guarded(pages.webhook, ("GET", "/v1/webhooks/{webhook_id}")))
+    router.add_post("/console/webhooks/{webhook_id}/redeliver",
+                    guarded(pages.redeliver, ("POST", "/v1/webhooks/{webhook_id}/dead-letters/retry")))
     router.add_get("/console/audit", guarded(pages.audit, ("GET", "/v1/audit")))
     router.add_post("/console/audit/verify", guarded(pages.verify, ("GET", "/v1/audit/verify")))
     router.add_static("/console/static", HERE / "static", append_version=False)

@@ -4,7 +4,7 @@ balance-over-time chart. Plain data in, plain data (coordinates, labels) out."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import date, datetime, timedelta
 
 NODE_W, NODE_H = 200, 92
 GAP_X, GAP_Y = 24, 56
@@ -98,6 +98,14 @@ def nice_ceiling(value: int) -> int:
     return 10 * magnitude
 
 
+def chart_moment(effective_date: date, created_at: datetime) -> datetime:
+    """Where an entry stands on the balance chart: on its effective date (a trade booked
+    later for an earlier week lands in that week), at the time of day it was booked (so
+    one day's entries keep their order). Effective dates never go back on an account, so
+    the moments rise with the entries."""
+    return datetime.combine(effective_date, created_at.timetz())
+
+
 def balance_chart(history: list[tuple[datetime, int]]) -> Chart:
     """`history`: (time, balance after) oldest first. A step line: a balance holds until
     the next entry changes it."""
@@ -127,7 +135,8 @@ def balance_chart(history: list[tuple[datetime, int]]) -> Chart:
     bottom = PAD_TOP + plot_h
     area = f"{coordinates[0][0]},{bottom} {points} {coordinates[-1][0]},{bottom}"
     ticks = [(round(y_of(top * i // 4) / CHART_H * 100, 2), top * i // 4) for i in range(5)]
-    labels = [start.strftime("%d %b %Y %H:%M")]
-    if len(history) > 1:
-        labels.append(end.strftime("%d %b %Y %H:%M"))
+    # Days for a history of weeks (with its middle), times for one of a day or two.
+    days = end - start > timedelta(days=2)
+    shown = (start, start + (end - start) / 2, end) if days else (start, end) if len(history) > 1 else (start,)
+    labels = [moment.strftime("%d %b %Y" if days else "%d %b %Y %H:%M") for moment in shown]
     return Chart(points=points, area=area, y_ticks=ticks, x_labels=labels)

@@ -26,6 +26,8 @@ CHART_ENTRIES_MAX = limits.PAGE_SIZE_MAX
 EVENTS_SHOWN = 50
 AUDIT_PER_PAGE = 50
 SUPERVISORS_SHOWN = 50
+WEBHOOK_ATTEMPTS_SHOWN = 50
+DEAD_LETTERS_SHOWN = 100
 STREAM_POLL_S = 0.5
 STREAM_HEARTBEAT_S = 15.0
 # A stream ends after this long; the browser reconnects with Last-Event-ID and resumes.
@@ -34,6 +36,7 @@ STREAM_LIFETIME_S = 300.0
 NAV = (("portfolios", "Portfolios", "/console/portfolios", ("GET", "/v1/portfolios")),
        ("events", "Live events", "/console/events", ("GET", "/v1/events")),
        ("supervision", "Supervision", "/console/supervision", ("GET", "/v1/supervisor/status")),
+       ("webhooks", "Webhooks", "/console/webhooks", ("GET", "/v1/webhooks")),
        ("audit", "Audit log", "/console/audit", ("GET", "/v1/audit")))
 
 
@@ -78,6 +81,8 @@ def when(value) -> str:
     """A table's compact time: 02 Dec 18:43:07 (the full one is `moment`)."""
     if value is None:
         return "—"
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
     return value.strftime("%d %b %H:%M:%S")
 
 
@@ -178,7 +183,7 @@ async def account(request: web.Request, session, principal) -> web.Response:
     cursor = request.query.get("cursor") or None
     page = await engine.list_transactions(account_id, limit=TRANSACTIONS_PER_PAGE, cursor=cursor)
     recent = await engine.list_transactions(account_id, limit=CHART_ENTRIES_MAX)
-    history = [(t.created_at, t.balance_after) for t in reversed(recent.items)]
+    history = [(drawing.chart_moment(t.effective_date, t.created_at), t.balance_after) for t in reversed(recent.items)]
     chart = drawing.balance_chart(history)
     analytics = await _or_none(engine.account_analytics(account_id))
     from gateway.views import account_view
@@ -346,3 +351,53 @@ async def audit(request: web.Request, session, principal, verdict=None) -> web.R
 async def verify(request: web.Request, session, principal) -> web.Response:
     verdict = await _engine(request).security.verify_audit()
     return await audit(request, session, principal, verdict=verdict)
+
+
+# -- webhooks --------------------------------------------------------------------------
+async def _webhook_states(engine, scope: str | None) -> list[dict]:
+    """Each endpoint the principal may see, with its delivery state (circuit, lag, the
+    event being retried, dead letters) as `Webhooks.status` reports it."""
+    states = {state["id"]: state for state in await engine.webhooks.status()}
+    # An endpoint deleted between the two reads is left out.
+    return [{"endpoint": endpoint, "state": states[endpoint.id]}
+            for endpoint in engine.webhooks.list(scope=scope).items if endpoint.id in states]
+
+
+async def webhooks(request: web.Request, session, principal) -> web.Response:
+    rows = await _webhook_states(_engine(request), principal.owner)
+    states = [row["state"] for row in rows]
+    summary = {"enabled": sum(1 for row in rows if row["endpoint"].enabled),
+               "open": sum(1 for state in states if state["circuit"] != "closed"),
+               "dead_letters": sum(state["dead_letters"] for state in states),
+               "lag_events": max((state["lag_events"] for state in states), default=0)}
+    return render(request, "webhooks.html", session, principal, active="webhooks", rows=rows, summary=summary)
+
+
+async def webhook(request: web.Request, session, principal) -> web.Response:
+    engine, scope = _engine(request), principal.owner
+    endpoint = engine.webhooks.get(request.match_info["webhook_id"], scope=scope)
+    state = next((row["state"] for row in await _webhook_states(engine, scope) if row["endpoint"].id == endpoint.id),
+                 None)
+    if state is None:
+        raise NotFound("no such webhook", {"webhook_id": endpoint.id})
+    letters = await engine.webhooks.dead_letters(endpoint.id, limit=DEAD_LETTERS_SHOWN, scope=scope)
+    attempts = await engine.webhooks.latest_attempts(endpoint.id, limit=WEBHOOK_ATTEMPTS_SHOWN, scope=scope)
+    requeued = request.query.get("requeued")
+    return render(request, "webhook.html", session, principal, active="webhooks", endpoint=endpoint, state=state,
+                  letters=letters, attempts=attempts,
+                  requeued=int(requeued) if requeued and requeued.isascii() and requeued.isdigit()
+                  and len(requeued) <= 9 else None,
+                  can_redeliver=may(principal, "POST", "/v1/webhooks/{webhook_id}/dead-letters/retry"))
+
+
+async def redeliver(request: web.Request, session, principal) -> web.StreamResponse:
+    """Redelivers one dead letter (the form's `seq`) or all of them, audited as the API
+    route is."""
+    seq = str((await request.post()).get("seq") or "")
+    event_seq = int(seq) if seq.isascii() and seq.isdigit() and len(seq) <= 18 else None
+    route = ("POST /v1/webhooks/{webhook_id}/dead-letters/{event_seq}/retry" if event_seq is not None
+             else "POST /v1/webhooks/{webhook_id}/dead-letters/retry")
+    endpoint_id = request.match_info["webhook_id"]
+    done = await _engine(request).webhooks.redeliver(endpoint_id, event_seq, scope=principal.owner,
+                                                     context=_audit_context(request, principal, route))
+    return see_other(f"/console/webhooks/{endpoint_id}?requeued={done.requeued}")

@@ -40,12 +40,16 @@
     row.setAttribute("data-seq", String(event.seq));
     row.className = "fresh";
     row.appendChild(cell(String(event.seq), "num mono"));
-    row.appendChild(cell(event.at, "nowrap"));
+    row.appendChild(cell(event.at, "nowrap hide-s"));
     const type = document.createElement("td");
     const badge = document.createElement("span");
     badge.className = "etype etype-" + event.type.replace(/\./g, "-");
     badge.textContent = event.type;
     type.appendChild(badge);
+    const time = document.createElement("div");  // a phone shows the time under the type
+    time.className = "muted small show-s";
+    time.textContent = event.at;
+    type.appendChild(time);
     row.appendChild(type);
     row.appendChild(cell(event.summary));
     const where = cell("", "hide-s");
