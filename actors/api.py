@@ -30,7 +30,8 @@ from engine.errors import (
     EngineError, IdempotencyKeyReused, KeyCommitted, NotFound, Overloaded, Refused, Unavailable, ValidationFailed,
 )
 from engine.model import (
-    Account, BookTrade, Close, Deposit, Fork, GrowthOperation, Portfolio, Reinvest, Transaction, Transfer,
+    Account, BookTrade, Close, Deposit, Fork, Growth, GrowthOperation, Portfolio, PortfolioOpened, Reinvest,
+    Transaction, Transfer,
     TransferCredit, TransferDebit, UpdateAccount, Withdraw,
 )
 from engine.requests import (
@@ -659,7 +660,7 @@ class Engine:
         async def run(idempotency):
             result = await self._on_account(account_id, command, _render_first_leg, idempotency)
             if result.direction == "credit":
-                await self._after_credit(account_id)
+                result = _with_merge(result, await self._after_credit(account_id))
             return result
 
         return await self._idempotent(idempotency_key, (operation, account_id, request), Transaction, run)
@@ -687,7 +688,7 @@ class Engine:
             def render(decided: Decided) -> Transfer:
                 return Transfer(id=transfer_id, kind="transfer", from_account=request.from_account,
                                 to_account=request.to_account, amount=request.amount, memo=request.memo,
-                                created_at=now, legs=decided.transactions)
+                                created_at=now, legs=decided.transactions, growth=_fork_of(decided))
 
             steps = [(request.from_account,
                       TransferDebit(to_account=request.to_account, amount=request.amount, memo=request.memo,
@@ -697,8 +698,7 @@ class Engine:
                       NO_SKIP)]
             result = await self._run_steps(steps, render, idempotency, correlation_id=transfer_id,
                                            outbox=ledger.transfer_events)
-            await self._after_credit(request.to_account)
-            return result
+            return _with_merge(result, await self._after_credit(request.to_account))
 
         return await self._idempotent(idempotency_key, ("transfer", None, request), Transfer, run)
 
@@ -782,18 +782,20 @@ class Engine:
             idempotency_key, ("merge", portfolio_id, ForkRequest()), GrowthOperation,
             lambda idempotency: self._merge(portfolio_id, idempotency, force=True))
 
-    async def _after_credit(self, account_id: str) -> None:
+    async def _after_credit(self, account_id: str) -> GrowthOperation | None:
         """The merge check that follows every credit to an account of a forked unit; it
-        completes before the credit is answered, so a caller sees the merge it caused."""
+        completes before the credit is answered, so a caller sees the merge it caused
+        (returned, for the credit's reply)."""
         entry = self.registry.peek(account_id)
         if entry is None or entry.actor.committed.portfolio_depth == 0:
-            return
+            return None
         reset = OPERATION.set(("merge.automatic", entry.actor.committed.portfolio_id))
         try:
-            await self._merge(entry.actor.committed.portfolio_id, None, force=False)
+            return await self._merge(entry.actor.committed.portfolio_id, None, force=False)
         except EngineError as error:
             log.warning("merge check of %s after a credit failed: %s", entry.actor.committed.portfolio_id,
                         error.message)
+            return None
         finally:
             OPERATION.reset(reset)
 
@@ -1094,7 +1096,26 @@ class Engine:
 
 
 def _render_first_leg(decided: Decided):
-    return decided.transactions[0]
+    first = decided.transactions[0]
+    growth = _fork_of(decided)
+    return first if growth is None else msgspec.structs.replace(first, growth=growth)
+
+
+def _fork_of(decided: Decided) -> Growth | None:
+    """The fork a credit triggered (its id and the new unit), if any."""
+    for event in decided.events:
+        if type(event) is PortfolioOpened:
+            fork_id = next(t.correlation_id for t in decided.transactions if t.kind == "fork")
+            return Growth(fork_id=fork_id, unit_id=event.portfolio.id)
+    return None
+
+
+def _with_merge(result, merged: GrowthOperation | None):
+    """`result` (a credit's reply) saying which merge followed it, if one did."""
+    if merged is None:
+        return result
+    growth = msgspec.structs.replace(result.growth or Growth(), merge_id=merged.id)
+    return msgspec.structs.replace(result, growth=growth)
 
 
 def _render_fork(decided: Decided):

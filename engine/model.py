@@ -111,8 +111,18 @@ class Leg(Struct, frozen=True, gc=False, kw_only=True):
         return self.amount if self.direction == "credit" else -self.amount
 
 
+class Growth(Struct, frozen=True, gc=False, kw_only=True):
+    """What a credit did to the portfolio tree, in its reply: the fork it triggered (the
+    fork's id, the new unit) and/or the merge that followed it."""
+
+    fork_id: str | None = None
+    unit_id: str | None = None
+    merge_id: str | None = None
+
+
 class Transaction(Struct, frozen=True, gc=False, kw_only=True):
-    """A committed ledger entry (the public shape of SPEC section 4)."""
+    """A committed ledger entry (the public shape of SPEC section 4). `growth` is set only
+    in the reply to the credit that forked or merged (null in lists and events)."""
 
     id: str
     kind: EntryKind
@@ -126,6 +136,7 @@ class Transaction(Struct, frozen=True, gc=False, kw_only=True):
     created_at: datetime
     correlation_id: str | None = None
     sequence: int
+    growth: Growth | None = None
 
 
 class Transfer(Struct, frozen=True, gc=False, kw_only=True):
@@ -139,6 +150,8 @@ class Transfer(Struct, frozen=True, gc=False, kw_only=True):
     memo: str | None = None
     created_at: datetime
     legs: list[Transaction]
+    # Set when the credit to `to_account` forked its portfolio or a merge followed it.
+    growth: Growth | None = None
 
 
 class GrowthOperation(Struct, frozen=True, gc=False, kw_only=True):

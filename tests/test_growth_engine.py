@@ -137,7 +137,8 @@ async def test_a_premium_crossing_the_threshold_forks_before_the_call_returns(gr
     view, accounts = await root_portfolio(growth)
     generation = accounts["generation"]
     assert generation.balance == 4_000_00
-    await growth.book_trade(generation.id, kind="premium", amount=FORK - 1)
+    quiet = await growth.book_trade(generation.id, kind="premium", amount=FORK - 1)
+    assert quiet.growth is None
     assert (await growth.get_portfolio(view.id)).units == []
     posted = await growth.book_trade(generation.id, kind="premium", amount=500_01)  # surplus 1,500.00
     assert posted.kind == "premium" and posted.balance_after == 5_500_00
@@ -147,6 +148,8 @@ async def test_a_premium_crossing_the_threshold_forks_before_the_call_returns(gr
     assert unit_accounts.keys() == {"generation", "compounding"}
     assert unit_accounts["generation"].balance == unit_accounts["generation"].baseline == 750_00
     assert unit_accounts["compounding"].balance == 750_00
+    # The reply says so: the strategy engine need not poll the tree.
+    assert posted.growth is not None and posted.growth.unit_id == unit_id and posted.growth.merge_id is None
     tree = await growth.portfolio_tree(view.id)
     assert [node.id for node in tree.nodes] == [view.id, unit_id]
     assert tree.nodes[0].children == [unit_id] and tree.nodes[1].parent_id == view.id
@@ -154,6 +157,7 @@ async def test_a_premium_crossing_the_threshold_forks_before_the_call_returns(gr
 
     forked = of_type(await all_events(growth), "portfolio.forked")
     assert len(forked) == 1
+    assert forked[0].correlation_id == posted.growth.fork_id
     assert payload(forked[0])["amount"] == 1_500_00
     assert payload(forked[0])["from_account"] == generation.id
     legs = await growth.store.fetch("SELECT account_id, direction, amount FROM entries WHERE correlation_id = $1",
@@ -172,12 +176,12 @@ async def test_a_credit_bringing_a_unit_to_the_merge_threshold_merges_before_the
     target = unit_accounts["compounding"].id
     missing = MERGE - 1_500_00
     if credit == "premium":
-        await growth.book_trade(target, kind="premium", amount=missing)
+        reply = await growth.book_trade(target, kind="premium", amount=missing)
     elif credit == "deposit":
-        await growth.deposit(target, missing)
+        reply = await growth.deposit(target, missing)
     else:
         await growth.deposit(accounts["revenue"].id, missing)
-        await growth.transfer(accounts["revenue"].id, target, missing)
+        reply = await growth.transfer(accounts["revenue"].id, target, missing)
 
     unit = await growth.get_portfolio(unit_id)
     assert unit.status == "merged" and unit.merged_at is not None
@@ -191,6 +195,9 @@ async def test_a_credit_bringing_a_unit_to_the_merge_threshold_merges_before_the
     assert tree.totals.balance == total == sum((await checked_books(growth)).values())
     merged = of_type(await all_events(growth), "portfolio.merged")
     assert len(merged) == 1 and merged[0].portfolio_id == unit_id
+    # The credit's reply names the merge that followed it.
+    assert reply.growth is not None and reply.growth.merge_id == merged[0].correlation_id
+    assert reply.growth.fork_id is None
     assert payload(merged[0])["amount"] == MERGE and payload(merged[0])["to_account"] == accounts["compounding"].id
     # The merged accounts take nothing more.
     with pytest.raises(Refused) as caught:

@@ -228,6 +228,9 @@ async def test_a_premium_that_lifts_the_gen_acc_past_the_threshold_forks_a_new_u
     unit_id = view["units"][0]["id"]
     assert view["units"][0] == {"id": unit_id, "status": "active", "balance": 1_500_00}
     assert view["totals"]["balance"] == CAPITAL  # the root's own accounts
+    # The premium's reply names the fork and the new unit.
+    assert premium["growth"]["unit_id"] == unit_id and premium["growth"]["merge_id"] is None
+    assert premium["growth"]["fork_id"].startswith("frk_")
 
     unit = await api.ok(f"/v1/portfolios/{unit_id}")
     assert_portfolio_shape(unit)
@@ -366,6 +369,7 @@ async def test_a_premium_that_lifts_a_unit_past_the_merge_threshold_merges_it_in
     assert len(merged) == 1
     assert (merged[0]["portfolio_id"], merged[0]["payload"]["amount"], merged[0]["payload"]["to_account"]) == \
         (unit_id, MERGE_THRESHOLD, accounts["compounding"]["id"])
+    assert premium["growth"] == {"fork_id": None, "unit_id": None, "merge_id": merged[0]["correlation_id"]}
 
 
 async def test_an_operator_merges_a_unit_now_and_the_units_below_it_stay(api):
