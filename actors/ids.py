@@ -9,8 +9,8 @@ _op_ids = itertools.count(1)
 _random = random.Random()
 
 
-def new_id(prefix: str) -> str:
-    return f"{prefix}_{int(time.time() * 1000):012x}{_random.getrandbits(64):016x}"
+def new_id(prefix: str, _time=time.time, _bits=_random.getrandbits) -> str:
+    return "%s_%012x%016x" % (prefix, int(_time() * 1000), _bits(64))
 
 
 def next_op_id() -> int:

@@ -117,6 +117,50 @@ class Resolution(msgspec.Struct):
     state: Account | None = None
 
 
+class WriteQueue:
+    """The writer's inbox: `asyncio.Queue`'s interface for one consumer on one loop,
+    without its per-item bookkeeping (an item costs a deque append; the consumer is woken
+    at most once per wait, not once per item)."""
+
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: collections.deque = collections.deque()
+        self._waiter: asyncio.Future | None = None
+
+    def qsize(self) -> int:
+        return len(self._items)
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def put_nowait(self, item: Any) -> None:
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def put(self, item: Any) -> None:
+        self.put_nowait(item)
+
+    def take_all(self) -> list:
+        items = list(self._items)
+        self._items.clear()
+        return items
+
+    async def get(self) -> Any:
+        while not self._items:
+            waiter = self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await waiter
+            finally:
+                if self._waiter is waiter:
+                    self._waiter = None
+        return self._items.popleft()
+
+
 class Writer:
     def __init__(self, store: Store, *, batch_size_max: int, queue_max: int,
                  notify: Callable[[dict[str, Resolution]], None], metrics=None, batch_wait_s: float = 0.0,
@@ -124,7 +168,7 @@ class Writer:
         self.store = store
         self.batch_size_max = batch_size_max
         self.batch_wait_s = batch_wait_s
-        self.queue: asyncio.Queue = asyncio.Queue()
+        self.queue = WriteQueue()
         self.queue_max = queue_max
         self.notify = notify
         self.on_commit = on_commit
@@ -209,10 +253,7 @@ class Writer:
         item = await self.queue.get()
         if self.batch_wait_s > 0 and self._inflight is None and self.queue.qsize() < self.batch_size_max:
             await asyncio.sleep(self.batch_wait_s)
-        items = [item]
-        queue = self.queue
-        while not queue.empty():
-            items.append(queue.get_nowait())
+        items = [item, *self.queue.take_all()]
         stopping = False
         waiting = self._waiting
         for item in items:
