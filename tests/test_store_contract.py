@@ -1,0 +1,180 @@
+"""The persistence contract (issue 10): one suite that every function of
+`persistence.store` passes, against the real PostgreSQL.
+
+- Every read of `Store` answers on a freshly migrated, empty schema, and, with the
+  database gone, raises `DatabaseUnavailable` and nothing from the driver ("nothing
+  above this module sees asyncpg"). A new public method of `Store` fails
+  `test_every_store_function_is_in_the_contract` until it is added to `READS`.
+- `write_batch` commits a batch whole or not at all: its rows read back through the
+  store's own reads; a key committed before is a `KeyConflict`, a tripped version guard
+  a `StatementRejected`, and neither leaves a row behind.
+- `set_risk_flag` writes the flag and its event together.
+"""
+from __future__ import annotations
+
+import inspect
+from datetime import date, datetime, timezone
+
+import asyncpg
+import pytest
+import pytest_asyncio
+
+from engine.errors import DatabaseUnavailable
+from engine.model import Account, Transaction
+from persistence import store as sql
+from persistence.batch import BatchWrite, RareRows, account_updates, entry_rows, rare_args
+from persistence.store import KeyConflict, StatementRejected, Store
+
+NOW = datetime(2026, 12, 7, 12, 0, tzinfo=timezone.utc)
+TODAY = date(2026, 12, 7)
+
+# Each read of `Store` with arguments that name nothing (an empty schema).
+READS: dict[str, tuple[tuple, dict]] = {
+    "ping": ((), {}),
+    "load_account": (("acc_missing",), {}),
+    "list_accounts": ((), {"limit": 10}),
+    "get_transaction": (("txn_missing",), {}),
+    "list_transactions": (("acc_missing",), {"limit": 10}),
+    "recent_keys": ((10,), {}),
+    "idempotent_response": (("key-missing",), {}),
+    "load_portfolio": (("prt_missing",), {}),
+    "load_accounts": ((["acc_missing"],), {}),
+    "portfolio_tree": (("prt_missing",), {"depth_max": 3, "nodes_max": 10}),
+    "events_after": ((0, 10), {}),
+    "analytics_weeks": ((["acc_missing"],), {}),
+    "growth_moved": ((["acc_missing"],), {}),
+    "risk_flags": ((), {}),
+    "audit_page": ((), {"after": 0, "limit": 10}),
+    "token": (("tok_missing",), {}),
+    "tokens": ((), {}),
+    "entries_by_correlation": (("xfr_missing",), {}),
+    "root_portfolios": ((), {"limit": 10, "cash_buffer_bps": {}}),
+}
+# Not reads: the pool's lifecycle, the writer's own connection, and raw SQL for tests.
+LIFECYCLE = {"open", "close", "connect", "migrate", "fetch"}
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def store(database_url):
+    opened = Store(database_url, pool_size=2, command_timeout_s=5.0)
+    await opened.open()
+    await opened.migrate()
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+def test_every_store_function_is_in_the_contract():
+    public = {name for name, member in inspect.getmembers(Store, inspect.iscoroutinefunction)
+              if not name.startswith("_")}
+    assert public - LIFECYCLE == set(READS), "add the new store function to READS (and so to this contract)"
+
+
+@pytest.mark.parametrize("name", sorted(READS))
+async def test_every_read_answers_on_an_empty_schema(store, name):
+    args, kwargs = READS[name]
+    result = await getattr(store, name)(*args, **kwargs)
+    if isinstance(result, dict):
+        # A per-key answer names what was asked for, each with nothing in it.
+        result = {key: value for key, value in result.items() if value}
+    assert result in (None, [], {}, (0, 0)), f"{name} found something in an empty schema: {result!r}"
+
+
+@pytest.mark.parametrize("name", sorted(READS))
+async def test_every_read_says_database_unavailable_when_the_database_is_gone(store, database_url,
+                                                                                postgres_admin_url, name):
+    database = database_url.split("?")[0].rsplit("/", 1)[1]
+    admin = await asyncpg.connect(postgres_admin_url)
+    try:
+        await admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS false')
+        await admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", database)
+        args, kwargs = READS[name]
+        with pytest.raises(DatabaseUnavailable):
+            await getattr(store, name)(*args, **kwargs)
+    finally:
+        await admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
+        await admin.close()
+
+
+# -- write_batch -------------------------------------------------------------------------
+def _account(account_id: str, balance: int, version: int) -> Account:
+    return Account(id=account_id, name=account_id, type="revenue", owner="contract", balance=balance,
+                   version=version, opened_on=TODAY, created_at=NOW, updated_at=NOW)
+
+
+def _entry(entry_id: str, account_id: str, sequence: int, direction: str, amount: int, after: int) -> Transaction:
+    return Transaction(id=entry_id, kind="deposit", account_id=account_id, amount=amount, direction=direction,
+                       balance_after=after, effective_date=TODAY, created_at=NOW, correlation_id="dep_1",
+                       sequence=sequence)
+
+
+def _batch(*, opened: list[Account] = (), changed: dict[str, Account] | None = None,
+           before: dict[str, int] | None = None, entries: list[Transaction] = (), keys: list[tuple] = ()) -> BatchWrite:
+    rare = RareRows(accounts=list(opened))
+    write = BatchWrite(entries=entry_rows(entries),
+                       events=[("transaction.posted", e.account_id, None, e.correlation_id, '{"id":"%s"}' % e.id,
+                                e.created_at) for e in entries],
+                       keys=list(keys), rare=rare_args(rare) if rare else None)
+    write.updates, write.updates_expected = account_updates(changed or {}, before or {})
+    return write
+
+
+async def _write(store: Store, batch: BatchWrite) -> None:
+    connection = await store.connect()
+    try:
+        await sql.write_batch(connection, batch)
+    finally:
+        await connection.close()
+
+
+async def test_a_batch_commits_whole_and_reads_back(store):
+    await _write(store, _batch(opened=[_account("acc_a", 0, 0)]))
+    deposit = _entry("txn_1", "acc_a", 1, "credit", 500, 500)
+    await _write(store, _batch(changed={"acc_a": _account("acc_a", 500, 1)}, before={"acc_a": 0},
+                               entries=[deposit], keys=[("key-1", "f" * 64, b'{"id":"txn_1"}')]))
+    assert (await store.load_account("acc_a")).balance == 500
+    assert await store.get_transaction("txn_1") == deposit
+    assert await store.idempotent_response("key-1") == ("f" * 64, b'{"id":"txn_1"}')
+    assert [e.type for e in await store.events_after(0, 10)] == ["transaction.posted"]
+    assert await store.recent_keys(10) == ["key-1"]
+
+
+async def test_a_batch_with_a_committed_key_is_a_key_conflict_and_leaves_nothing(store):
+    await _write(store, _batch(opened=[_account("acc_b", 0, 0)]))
+    first = _entry("txn_2", "acc_b", 1, "credit", 100, 100)
+    await _write(store, _batch(changed={"acc_b": _account("acc_b", 100, 1)}, before={"acc_b": 0},
+                               entries=[first], keys=[("key-2", "a" * 64, b"{}")]))
+    again = _entry("txn_3", "acc_b", 2, "credit", 100, 200)
+    with pytest.raises(KeyConflict):
+        await _write(store, _batch(changed={"acc_b": _account("acc_b", 200, 2)}, before={"acc_b": 1},
+                                   entries=[again], keys=[("key-2", "a" * 64, b"{}")]))
+    assert (await store.load_account("acc_b")).balance == 100
+    assert await store.get_transaction("txn_3") is None
+    assert len(await store.events_after(0, 10)) == 1
+
+
+async def test_a_batch_whose_version_guard_trips_is_rejected_and_leaves_nothing(store):
+    await _write(store, _batch(opened=[_account("acc_c", 0, 0)]))
+    stale = _entry("txn_4", "acc_c", 1, "credit", 100, 100)
+    with pytest.raises(StatementRejected) as rejected:
+        await _write(store, _batch(changed={"acc_c": _account("acc_c", 100, 1)}, before={"acc_c": 7},
+                                   entries=[stale], keys=[("key-4", "b" * 64, b"{}")]))
+    assert not isinstance(rejected.value, KeyConflict)
+    assert (await store.load_account("acc_c")).balance == 0
+    assert await store.get_transaction("txn_4") is None
+    assert await store.idempotent_response("key-4") is None
+
+
+async def test_a_risk_flag_and_its_event_are_written_together(store):
+    await _write(store, _batch(opened=[_account("acc_d", 0, 0)]))
+    connection = await store.connect()
+    try:
+        await sql.set_risk_flag(connection, "acc_d", None, active=True, drawdown=0.2, limit=0.1, at=NOW)
+        assert await store.risk_flags() == {"acc_d": 0.2}
+        await sql.set_risk_flag(connection, "acc_d", None, active=False, drawdown=0.05, limit=0.1, at=NOW)
+    finally:
+        await connection.close()
+    assert await store.risk_flags() == {}
+    assert [e.type for e in await store.events_after(0, 10)] == ["account.drawdown_breach",
+                                                                 "account.drawdown_recovered"]
