@@ -20,6 +20,7 @@ balances are recomputed from the sums. The memory is bounded (`WEEKS_CACHED_MAX`
 over all accounts, least recently used accounts go first)."""
 from __future__ import annotations
 
+import asyncio
 import collections
 from datetime import date
 
@@ -121,10 +122,45 @@ class LedgerWeeks:
         self.weeks_cached_max = weeks_cached_max
         self._accounts: collections.OrderedDict[str, AccountWeeks] = collections.OrderedDict()
         self._weeks_cached = 0
+        self._joinable: dict[tuple[str, ...], asyncio.Future] = {}
 
     async def read(self, pool, account_ids: list[str]) -> dict[str, AccountWeeks]:
         """Every account's sums as of a moment after this call began (an account with no
-        entries has none). `pool` is an asyncpg pool or connection."""
+        entries has none). `pool` is an asyncpg pool or connection.
+
+        A portfolio's analytics ask for its weekly sums and its growth at once: a read of
+        the same accounts that begins while another has not yet sent its query shares
+        that query. The query's snapshot is taken after both began, so each still sees
+        everything committed before it was called."""
+        key = tuple(account_ids)
+        shared = self._joinable.get(key)
+        if shared is not None:
+            try:
+                return await asyncio.shield(shared)
+            except asyncio.CancelledError:
+                if not shared.cancelled():
+                    raise  # this read itself was cancelled
+                # The read it joined was cancelled: read on its own.
+        future = asyncio.get_running_loop().create_future()
+        self._joinable[key] = future
+        try:
+            try:
+                await asyncio.sleep(0)  # the window in which reads that begin now join this one
+            finally:
+                if self._joinable.get(key) is future:
+                    del self._joinable[key]
+            found = await self._read(pool, account_ids)
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
+        except BaseException as error:
+            future.set_exception(error)
+            future.exception()  # retrieved here: without a joiner nobody else would
+            raise
+        future.set_result(found)
+        return found
+
+    async def _read(self, pool, account_ids: list[str]) -> dict[str, AccountWeeks]:
         found: dict[str, AccountWeeks] = {}
         pending = list(dict.fromkeys(account_ids))
         for round_number in range(REFRESH_ROUNDS_MAX + 1):

@@ -144,3 +144,47 @@ async def test_an_account_without_entries_has_no_weeks_and_unknown_ids_are_harml
     found = await engine.store.analytics_weeks([account.id, "acc_missing", account.id])
     assert found == {account.id: [], "acc_missing": []}
     assert await engine.store.growth_moved([account.id]) == (0, 0)
+
+
+class CountingPool:
+    """A pool that counts the queries it runs, and can hold them until released."""
+
+    def __init__(self, pool, hold: bool = False):
+        self.pool, self.queries = pool, 0
+        self.release = asyncio.Event()
+        if not hold:
+            self.release.set()
+
+    async def fetch(self, *args):
+        self.queries += 1
+        await self.release.wait()
+        return await self.pool.fetch(*args)
+
+
+async def test_reads_of_the_same_accounts_begun_together_share_one_query(engine):
+    _, opened, ids = await open_portfolio(engine)
+    accounts = list(ids.values())
+    await engine.book_trade(ids["revenue"], kind="loss", amount=5_00, effective_date=opened + timedelta(2))
+    weeks, counting = LedgerWeeks(), CountingPool(engine.store.pool)
+    first, second = await asyncio.gather(weeks.read(counting, accounts), weeks.read(counting, accounts))
+    assert counting.queries == 1 and first is second
+    # Begun after it: a read of its own (it must see what committed in between).
+    await engine.deposit(ids["revenue"], 3_00)
+    third = await weeks.read(counting, accounts)
+    assert counting.queries == 2
+    expected = await expected_weeks(engine.store, accounts)
+    assert {i: third[i].totals(i) for i in accounts} == expected
+
+
+async def test_a_read_whose_shared_query_was_cancelled_reads_on_its_own(engine):
+    _, _, ids = await open_portfolio(engine)
+    accounts = list(ids.values())
+    weeks, held = LedgerWeeks(), CountingPool(engine.store.pool, hold=True)
+    leader = asyncio.ensure_future(weeks.read(held, accounts))
+    joiner = asyncio.ensure_future(weeks.read(engine.store.pool, accounts))
+    while held.queries == 0:
+        await asyncio.sleep(0.001)
+    leader.cancel()
+    found = await asyncio.wait_for(joiner, 10)
+    assert leader.cancelled()
+    assert {i: found[i].totals(i) for i in accounts} == await expected_weeks(engine.store, accounts)
