@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 from datetime import datetime, timedelta, timezone
 
+import asyncpg
+
 from engine import analytics
 from engine.analytics import Entry
 from persistence.ledger_weeks import LedgerWeeks
@@ -188,3 +190,26 @@ async def test_a_read_whose_shared_query_was_cancelled_reads_on_its_own(engine):
     found = await asyncio.wait_for(joiner, 10)
     assert leader.cancelled()
     assert {i: found[i].totals(i) for i in accounts} == await expected_weeks(engine.store, accounts)
+
+
+async def test_a_new_connection_reads_without_a_type_introspection_query(engine):
+    """asyncpg introspects parameter types it has no built-in codec for (a bigint[] is
+    one) with a query of ~10 ms on every new connection: the read must not need one."""
+    _, _, ids = await open_portfolio(engine)
+
+    async def queries_of(work) -> list[str]:
+        connection = await asyncpg.connect(engine.store.url)
+        try:
+            seen: list[str] = []
+            connection.add_query_logger(lambda record: seen.append(record.query))
+            await work(connection)
+            await asyncio.sleep(0.05)  # loggers are called soon after, not during
+            return seen
+        finally:
+            await connection.close()
+
+    # The probe sees an introspection where there is one...
+    assert any("typeinfo" in q for q in await queries_of(lambda c: c.fetch("SELECT $1::bigint[]", [1])))
+    # ...and the read has none.
+    seen = await queries_of(lambda c: LedgerWeeks().read(c, list(ids.values())))
+    assert seen and not any("typeinfo" in query for query in seen), seen
