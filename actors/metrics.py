@@ -46,8 +46,10 @@ class Metrics:
         self.webhook_delivery_latency = Histogram("alluse_webhook_delivery_seconds", "One webhook attempt, from "
                                                   "connecting to the end of the answer",
                                                   buckets=WEBHOOK_BUCKETS_S, registry=r)
+        # Per endpoint, and at 0 from the moment the endpoint is known, so that the
+        # first dead letter is an increase Prometheus can see.
         self.webhook_dead_letters = Counter("alluse_webhook_dead_letters_total", "Events that exhausted their "
-                                            "retry schedule", registry=r)
+                                            "retry schedule", ["endpoint"], registry=r)
         self.webhook_lag_events = Gauge("alluse_webhook_lag_events", "Outbox events after the endpoint's cursor",
                                         ["endpoint"], registry=r)
         self.webhook_lag_seconds = Gauge("alluse_webhook_lag_seconds", "Age of the oldest event the endpoint has "

@@ -243,6 +243,7 @@ class Webhooks:
         else:
             endpoint.row = row
         endpoint.signers = self._signers(row)
+        self.engine.metrics.webhook_dead_letters.labels(endpoint.id)
         # Judged once per URL (the settings do not change while running).
         try:
             check_target(row["url"], allow_private=self.settings.allow_private_targets)
@@ -508,7 +509,7 @@ class Webhooks:
         await self.table.dead_letter(endpoint.id, event_seq=event.seq, event_type=event.type,
                                      attempts=endpoint.head_failures, outcome=result.outcome,
                                      at=datetime.now(timezone.utc))
-        self.engine.metrics.webhook_dead_letters.inc()
+        self.engine.metrics.webhook_dead_letters.labels(endpoint.id).inc()
         log.warning("webhook %s: event %d is a dead letter after %d attempts (%s)", endpoint.id, event.seq,
                     endpoint.head_failures, result.outcome)
 
@@ -698,10 +699,10 @@ class Webhooks:
         await self._audited(context, "delete_webhook", endpoint.id, {"url": _safe_url(endpoint.row["url"])}, remove)
         self._stop_worker(endpoint)
         self.endpoints.pop(endpoint.id, None)
-        for gauge in (self.engine.metrics.webhook_lag_events, self.engine.metrics.webhook_lag_seconds,
-                      self.engine.metrics.webhook_circuit_state):
+        for family in (self.engine.metrics.webhook_lag_events, self.engine.metrics.webhook_lag_seconds,
+                       self.engine.metrics.webhook_circuit_state, self.engine.metrics.webhook_dead_letters):
             try:
-                gauge.remove(endpoint.id)
+                family.remove(endpoint.id)
             except KeyError:
                 pass
         return _view({**endpoint.row, "cursor": endpoint.cursor})

@@ -234,13 +234,19 @@ def combine(series: list[list[WeekReturn]]) -> list[WeekReturn]:
     weeks: dict[date, list] = {}
     for rows in series:
         for row in rows:
-            total = weeks.setdefault(row.week_start, [0, 0, 0, 0, 0, 0, 0, None])
-            for index, value in enumerate((row.start_balance, row.premium, row.loss, row.fee, row.end_balance,
-                                           row.flow, row.flow_cent_days)):
-                total[index] += value
-            if row.first_inflow_weekday is not None:
-                first = total[7]
-                total[7] = row.first_inflow_weekday if first is None else min(first, row.first_inflow_weekday)
+            total = weeks.get(row.week_start)
+            if total is None:
+                total = weeks[row.week_start] = [0, 0, 0, 0, 0, 0, 0, None]
+            total[0] += row.start_balance
+            total[1] += row.premium
+            total[2] += row.loss
+            total[3] += row.fee
+            total[4] += row.end_balance
+            total[5] += row.flow
+            total[6] += row.flow_cent_days
+            first = row.first_inflow_weekday
+            if first is not None and (total[7] is None or first < total[7]):
+                total[7] = first
     return [week_return(week, *weeks[week]) for week in sorted(weeks)]
 
 
@@ -252,12 +258,18 @@ def drawdowns(returns: list[float]) -> tuple[float, float]:
     """(max drawdown, current drawdown) of the return index."""
     index = peak = 1.0
     worst = 0.0
+    # Comparisons rather than max() calls (the same values: this loop runs for every
+    # account of a portfolio on each analytics request).
     for r in returns:
         # A week can lose more than it started with (money arrived during the week): the
         # index cannot fall below zero, so a drawdown stays within 0..1.
-        index *= max(0.0, 1.0 + r)
-        peak = max(peak, index)
-        worst = max(worst, (peak - index) / peak if peak > 0 else 0.0)
+        growth = 1.0 + r
+        index *= growth if growth > 0.0 else 0.0
+        if index > peak:
+            peak = index
+        fall = (peak - index) / peak if peak > 0 else 0.0
+        if fall > worst:
+            worst = fall
     return worst, ((peak - index) / peak if peak > 0 else 0.0)
 
 
@@ -364,14 +376,16 @@ def trend(rows: list[WeekReturn]) -> Trend:
 
 
 def trailing_mean(rows: list[WeekReturn]) -> Fraction | None:
-    """The mean of the last 13 weekly returns, exactly (as a fraction)."""
+    """The mean of the last 13 weekly returns, exactly (as a fraction). Read from the
+    newest week back: only those 13 become fractions."""
     exact = []
-    for row in rows:
+    for row in reversed(rows):
         numerator, denominator, _ = dietz(row.start_balance, row.net_trade, row.flow_cent_days,
                                           row.first_inflow_weekday)
         if denominator > 0:
             exact.append(Fraction(numerator, denominator))
-    exact = exact[-FORECAST_TRAILING_WEEKS:]
+            if len(exact) == FORECAST_TRAILING_WEEKS:
+                break
     return sum(exact, Fraction(0)) / len(exact) if exact else None
 
 

@@ -194,6 +194,11 @@ def _copy_base(source: Path, pgdata: Path) -> None:
     # Files of the backup tool and of the server wheel that must not come back.
     for name in ("backup_manifest", ".handle_pids.json", "postmaster.pid", "postmaster.opts"):
         (pgdata / name).unlink(missing_ok=True)
+    # The embedded server keeps its socket in its data directory, so the backup holds the
+    # source server's socket lock file: while that server's process (or its zombie, or a
+    # process that took its pid) exists, the restored server would refuse to start.
+    for lock in pgdata.glob(".s.PGSQL.*.lock"):
+        lock.unlink(missing_ok=True)
     pgdata.chmod(0o700)
 
 

@@ -18,6 +18,7 @@ import msgspec
 from engine.model import Account, Allocations, Portfolio, Transaction
 from persistence.batch import AUDIT_COLUMNS as AUDIT_FIELDS, ENTRY_COLUMNS as ENTRY_FIELDS, \
     EVENT_COLUMNS as EVENT_FIELDS, KEY_COLUMNS, BatchWrite
+from persistence.ledger_weeks import LedgerWeeks
 
 log = logging.getLogger("alluse.store")
 
@@ -43,28 +44,6 @@ PURGE_IDEMPOTENCY = """DELETE FROM idempotency_keys WHERE ctid = ANY(ARRAY(
 SELECT_PORTFOLIO = f"SELECT {PORTFOLIO_COLUMNS} FROM portfolios WHERE id = $1"
 SELECT_CHILD_PORTFOLIOS = f"SELECT {PORTFOLIO_COLUMNS} FROM portfolios WHERE parent_id = ANY($1::text[]) ORDER BY id"
 SELECT_ACCOUNTS_BY_ID = f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = ANY($1::text[])"
-# Each account's ledger per ISO week (engine.analytics.WeekTotals). The weekday (Monday =
-# 0) and the week's Monday come from integer date arithmetic (1970-01-05 was a Monday),
-# not date_trunc, which goes through a timestamp in the session's time zone. The flow
-# columns are Modified Dietz's: the net external flow, each flow times the days from the
-# start of its day to the week's end, and the weekday of the first inflow. The week's
-# end balance is not read from the last entry's balance_after (that needs the rows
-# sorted by sequence, a third of the query's time): an account starts at zero and its
-# balance is the sum of its entries, so `analytics_weeks` adds the weeks up.
-ANALYTICS_WEEKS = """
-SELECT account_id, effective_date - weekday AS week,
-       coalesce(sum(amount) FILTER (WHERE kind = 'premium'), 0)::bigint AS premium,
-       coalesce(sum(amount) FILTER (WHERE kind = 'loss'), 0)::bigint AS loss,
-       coalesce(sum(amount) FILTER (WHERE kind = 'fee'), 0)::bigint AS fee,
-       coalesce(sum(signed) FILTER (WHERE flow), 0) AS flow,
-       coalesce(sum(signed * (7 - weekday)) FILTER (WHERE flow), 0) AS flow_cent_days,
-       min(weekday) FILTER (WHERE flow AND signed > 0) AS first_inflow_weekday
-FROM entries,
-     LATERAL (SELECT ((effective_date - DATE '1970-01-05') % 7 + 7) % 7 AS weekday,
-                     CASE WHEN direction = 'credit' THEN amount ELSE -amount END AS signed,
-                     kind NOT IN ('premium', 'loss', 'fee') AS flow) AS derived
-WHERE account_id = ANY($1::text[])
-GROUP BY account_id, week ORDER BY account_id, week"""
 SELECT_EVENTS_AFTER = f"SELECT {EVENT_COLUMNS} FROM events WHERE seq > $1 ORDER BY seq LIMIT $2"
 # The events of one owner's accounts and portfolios (an owner-scoped token's feed).
 SELECT_OWNER_EVENTS_AFTER = (
@@ -278,6 +257,7 @@ class Store:
         self.pool_size = pool_size
         self.command_timeout_s = command_timeout_s
         self.pool: asyncpg.Pool | None = None
+        self.ledger_weeks = LedgerWeeks()
 
     async def open(self) -> None:
         async with translated_errors():
@@ -406,32 +386,19 @@ class Store:
 
     async def analytics_weeks(self, account_ids: list[str]) -> dict[str, list]:
         """Each account's ledger summed per ISO week of effective date (Monday-based, like
-        `engine.analytics.week_of`), as `engine.analytics.WeekTotals`: a few hundred rows
-        instead of every entry."""
-        from engine.analytics import WeekTotals
-
+        `engine.analytics.week_of`), as `engine.analytics.WeekTotals` in week order: a few
+        hundred rows instead of every entry, kept in memory and brought up to date with
+        the entries committed since the last read (`persistence.ledger_weeks`)."""
         async with translated_errors():
-            rows = await self.pool.fetch(ANALYTICS_WEEKS, account_ids)
-        found: dict[str, list] = {account_id: [] for account_id in account_ids}
-        balances = dict.fromkeys(account_ids, 0)
-        for row in rows:  # in week order per account
-            flow = int(row["flow"])
-            balance = balances[row["account_id"]] + flow + row["premium"] - row["loss"] - row["fee"]
-            assert balance >= 0, (row["account_id"], row["week"], balance)
-            balances[row["account_id"]] = balance
-            found[row["account_id"]].append(WeekTotals(row["week"], row["premium"], row["loss"], row["fee"], balance,
-                                                       flow, int(row["flow_cent_days"]), row["first_inflow_weekday"]))
-        return found
+            found = await self.ledger_weeks.read(self.pool, account_ids)
+        return {account_id: list(found[account_id].totals(account_id)) if account_id in found else []
+                for account_id in account_ids}
 
     async def growth_moved(self, account_ids: list[str]) -> tuple[int, int]:
         """(money forked, money merged) out of these accounts."""
         async with translated_errors():
-            row = await self.pool.fetchrow(
-                "SELECT coalesce(sum(amount) FILTER (WHERE kind = 'fork'), 0)::bigint AS forked, "
-                "coalesce(sum(amount) FILTER (WHERE kind = 'merge'), 0)::bigint AS merged FROM entries "
-                "WHERE account_id = ANY($1::text[]) AND direction = 'debit' AND kind IN ('fork', 'merge')",
-                account_ids)
-        return row["forked"], row["merged"]
+            found = await self.ledger_weeks.read(self.pool, account_ids)
+        return sum(a.forked for a in found.values()), sum(a.merged for a in found.values())
 
     async def risk_flags(self) -> dict[str, float]:
         async with translated_errors():

@@ -164,6 +164,24 @@ def refused(backup: Path, data_dir: Path) -> str:
     return lines[0]
 
 
+async def test_a_backup_restores_and_starts_while_the_server_it_came_from_still_runs(place):
+    """The backup holds the live server's socket lock file (its socket lives in its data
+    directory); the restored server must not take it for its own while that server's
+    process exists."""
+    async with Engine(settings_for(place / "live")) as engine:
+        account = await engine.create_account(name="A", type="revenue", owner="ops")
+        await engine.deposit(account.id, 7_000)
+        result = await asyncio.to_thread(alluse, "backup", str(place / "backup"),
+                                         env=clean_env(ALLUSE_DATA_DIR=str(place / "live")))
+        assert result.returncode == 0, result
+        assert list((place / "backup" / "base").glob(".s.PGSQL.*.lock")), "the source's socket lock came along"
+        result = await asyncio.to_thread(alluse, "restore", str(place / "backup"),
+                                         env=clean_env(ALLUSE_DATA_DIR=str(place / "copy")))
+        assert result.returncode == 0, result
+        async with Engine(settings_for(place / "copy")) as copy:
+            assert (await copy.get_account(account.id)).balance == 7_000
+
+
 async def test_a_corrupted_or_truncated_backup_is_refused(place):
     async with Engine(settings_for(place / "live")) as engine:
         account = await engine.create_account(name="A", type="revenue", owner="ops")

@@ -34,7 +34,7 @@ def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
 
 def test_the_alert_rules_pass_promtool_check_and_their_unit_tests():
     checked = run(tool("promtool"), "check", "rules", str(PROMETHEUS / "alerts.yml"))
-    assert checked.returncode == 0 and "SUCCESS: 12 rules found" in checked.stdout, checked
+    assert checked.returncode == 0 and "SUCCESS: 15 rules found" in checked.stdout, checked
     tested = run(tool("promtool"), "test", "rules", "alerts.test.yml", cwd=PROMETHEUS)
     assert tested.returncode == 0 and "SUCCESS" in tested.stdout, tested.stdout + tested.stderr
 
@@ -78,7 +78,8 @@ def test_the_grafana_dashboard_is_a_dashboard_with_a_query_in_every_panel():
     dashboard = json.loads((ROOT / "config" / "grafana" / "alluse.json").read_text())
     assert dashboard["uid"] == "alluse-engine" and dashboard["panels"]
     titles = " ".join(panel["title"].lower() for panel in dashboard["panels"])
-    for subject in ("requests", "latency", "batch", "commit", "resident", "restarts", "forks", "drawdown"):
+    for subject in ("requests", "latency", "batch", "commit", "resident", "restarts", "forks", "drawdown",
+                    "webhook lag", "circuits", "dead letters"):
         assert subject in titles, subject
     for panel in dashboard["panels"]:
         assert panel["targets"] and all(target["expr"].strip() for target in panel["targets"]), panel["title"]

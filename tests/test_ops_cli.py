@@ -29,7 +29,7 @@ def service(postgres_server_uri, tmp_path_factory):
     env = clean_env(DATABASE_URL=url, ALLUSE_PORT=str(port), ALLUSE_HOST="127.0.0.1",
                     ALLUSE_ADMIN_TOKEN=ADMIN_TOKEN, ALLUSE_DATA_DIR=str(workdir / "data"),
                     ALLUSE_METRICS_TOKEN=METRICS_TOKEN, ALLUSE_LOG_FORMAT="json", ALLUSE_ACCESS_LOG="1",
-                    ALLUSE_LOG_LEVEL="INFO")
+                    ALLUSE_LOG_LEVEL="INFO", ALLUSE_WEBHOOKS_ALLOW_PRIVATE="1")
     running = Service(env, workdir, port)
     try:
         running.wait_ready()
@@ -161,15 +161,33 @@ def dashboard_metric_names() -> set[str]:
     return names
 
 
+WEBHOOK_SERIES = ("alluse_webhook_lag_seconds", "alluse_webhook_lag_events", "alluse_webhook_circuit_state",
+                  "alluse_webhook_dead_letters_total")
+
+
 def test_the_grafana_dashboard_queries_only_metrics_the_running_service_exports(service):
-    make_account(service, "metrics", "Rev-Acc", deposit=500)  # a commit, so request series exist
-    status, body, headers = service.request("GET", "/metrics", token=METRICS_TOKEN)
-    assert status == 200 and headers["Content-Type"].startswith("text/plain"), body
+    # A webhook endpoint on a closed port (private targets are allowed in this service), so
+    # that the per-endpoint webhook series have samples, not just their HELP lines.
+    status, hook, _ = service.request("POST", "/v1/webhooks", token=ADMIN_TOKEN,
+                                      body={"url": f"http://127.0.0.1:{free_port()}/hook"})
+    assert status == 201, hook
+    try:
+        make_account(service, "metrics", "Rev-Acc", deposit=500)  # a commit, so request series exist
+        deadline = time.monotonic() + 15
+        while True:
+            status, body, headers = service.request("GET", "/metrics", token=METRICS_TOKEN)
+            assert status == 200 and headers["Content-Type"].startswith("text/plain"), body
+            if all(f'{name}{{endpoint="{hook["id"]}"}}' in body for name in WEBHOOK_SERIES):
+                break
+            assert time.monotonic() < deadline, f"no samples of every webhook series for {hook['id']}: {body}"
+            time.sleep(0.1)
+    finally:
+        assert service.request("DELETE", f"/v1/webhooks/{hook['id']}", token=ADMIN_TOKEN)[0] == 200
     exported = exported_metric_names(body)
     wanted = dashboard_metric_names()
     assert {"alluse_http_requests_total", "alluse_commit_latency_seconds_bucket", "alluse_batch_size_sum",
             "alluse_resident_actors", "alluse_actor_restarts_total", "alluse_forks_total",
-            "alluse_drawdown_breaches"} <= wanted
+            "alluse_drawdown_breaches", "alluse_webhook_delivery_seconds_bucket", *WEBHOOK_SERIES} <= wanted
     assert wanted - exported == set(), f"the dashboard queries metrics /metrics does not export: {wanted - exported}"
     rules = (ROOT / "config" / "prometheus" / "alerts.yml").read_text()
     in_rules = set(re.findall(r"\b(alluse_[a-z_]+)\b", rules))

@@ -1,0 +1,218 @@
+"""Each account's ledger summed per ISO week, kept in memory and brought up to date with
+only the entries committed since the last read.
+
+Analytics (and the drawdown check after every loss or fee) need an account's weekly
+sums. Summing 10,000 entries in PostgreSQL costs 5-15 ms per request on this machine
+class; folding in the few entries committed since the last request costs one index probe
+per account (a fraction of a millisecond). That is safe because of two facts about the
+ledger, which the writer guarantees and this module relies on:
+
+- entries are append-only: a committed entry never changes and is never deleted;
+- an account's entries become visible in `sequence` order: each batch updates the
+  account's row guarded by the version it was decided on (`sequence` is that version),
+  so a batch with sequence n + 1 cannot commit before the one with n. Any snapshot
+  therefore holds a prefix of each account's entries, and "the entries after the last
+  sequence folded in" is exactly what is missing.
+
+Every sum here is mergeable (sums add, the first inflow's weekday is a minimum), so a
+back-dated entry (an effective date in an old week) just changes that week; the running
+balances are recomputed from the sums. The memory is bounded (`WEEKS_CACHED_MAX` weeks
+over all accounts, least recently used accounts go first)."""
+from __future__ import annotations
+
+import asyncio
+import collections
+from datetime import date
+
+from engine.analytics import WeekTotals
+
+# About 300 bytes a week (its sums and its WeekTotals): ~30 MiB at the bound.
+WEEKS_CACHED_MAX = 100_000
+# Concurrent refreshes of the same account can each find the other one's work folded in
+# first; each round re-reads only what is still missing. After this many rounds the
+# remaining accounts are summed afresh without the cache (always correct).
+REFRESH_ROUNDS_MAX = 4
+NOTHING_FOLDED = -1   # entries' sequences start at 0 or 1: "after -1" is every entry
+
+# Weekly sums of each account's entries with a sequence after the one already folded in
+# ($1 the accounts, $2 that sequence of each, -1 for none). The sequences travel as text:
+# a bigint[] parameter costs asyncpg a type-introspection query on every new connection
+# (8-14 ms), and unnest of a text[] lets the planner count the accounts. The weekday (Monday = 0) and the week's Monday come
+# from integer date arithmetic (1970-01-05 was a Monday), not date_trunc, which goes
+# through a timestamp in the session's time zone. The flow columns are Modified Dietz's:
+# the net external flow, each flow times the days from the start of its day to the
+# week's end, and the weekday of the first inflow. Money forked and merged out of the
+# account (debits of those kinds) rides along, for the portfolio's growth figures. No
+# ORDER BY: the rows are folded into a dictionary, and sorting ~10,000 input rows by a
+# text column took a third of the query's time.
+SELECT_WEEKS_AFTER = """
+SELECT known.account_id, weeks.*
+FROM unnest($1::text[], $2::text[]) AS known(account_id, sequence_after),
+     LATERAL (
+         SELECT e.effective_date - derived.weekday AS week, max(e.sequence) AS sequence_max,
+                coalesce(sum(e.amount) FILTER (WHERE e.kind = 'premium'), 0)::bigint AS premium,
+                coalesce(sum(e.amount) FILTER (WHERE e.kind = 'loss'), 0)::bigint AS loss,
+                coalesce(sum(e.amount) FILTER (WHERE e.kind = 'fee'), 0)::bigint AS fee,
+                coalesce(sum(derived.signed) FILTER (WHERE derived.flow), 0)::bigint AS flow,
+                coalesce(sum(derived.signed * (7 - derived.weekday)) FILTER (WHERE derived.flow), 0)::bigint
+                    AS flow_cent_days,
+                min(derived.weekday) FILTER (WHERE derived.flow AND derived.signed > 0) AS first_inflow_weekday,
+                coalesce(sum(e.amount) FILTER (WHERE e.kind = 'fork' AND e.direction = 'debit'), 0)::bigint
+                    AS forked,
+                coalesce(sum(e.amount) FILTER (WHERE e.kind = 'merge' AND e.direction = 'debit'), 0)::bigint
+                    AS merged
+         FROM entries e,
+              LATERAL (SELECT ((e.effective_date - DATE '1970-01-05') % 7 + 7) % 7 AS weekday,
+                              CASE WHEN e.direction = 'credit' THEN e.amount ELSE -e.amount END AS signed,
+                              e.kind NOT IN ('premium', 'loss', 'fee') AS flow) AS derived
+         WHERE e.account_id = known.account_id AND e.sequence > known.sequence_after::bigint
+         GROUP BY week) AS weeks"""
+
+# Positions in a week's sums.
+PREMIUM, LOSS, FEE, FLOW, FLOW_CENT_DAYS, FIRST_INFLOW_WEEKDAY = range(6)
+
+
+class AccountWeeks:
+    """One account's weekly sums up to (and including) entry `sequence`."""
+
+    __slots__ = ("sequence", "weeks", "forked", "merged", "_totals")
+
+    def __init__(self) -> None:
+        self.sequence = NOTHING_FOLDED
+        self.weeks: dict[date, list] = {}
+        self.forked = self.merged = 0
+        self._totals: list[WeekTotals] | None = []
+
+    def fold(self, row) -> None:
+        """Adds one row of SELECT_WEEKS_AFTER (one week's entries after `sequence`)."""
+        sums = self.weeks.get(row["week"])
+        if sums is None:
+            self.weeks[row["week"]] = [row["premium"], row["loss"], row["fee"], row["flow"], row["flow_cent_days"],
+                                       row["first_inflow_weekday"]]
+        else:
+            sums[PREMIUM] += row["premium"]
+            sums[LOSS] += row["loss"]
+            sums[FEE] += row["fee"]
+            sums[FLOW] += row["flow"]
+            sums[FLOW_CENT_DAYS] += row["flow_cent_days"]
+            first = row["first_inflow_weekday"]
+            if first is not None and (sums[FIRST_INFLOW_WEEKDAY] is None or first < sums[FIRST_INFLOW_WEEKDAY]):
+                sums[FIRST_INFLOW_WEEKDAY] = first
+        self.forked += row["forked"]
+        self.merged += row["merged"]
+        self._totals = None
+
+    def totals(self, account_id: str) -> list[WeekTotals]:
+        """The weeks in order, each with its end balance: an account starts at zero and
+        its balance is the sum of its entries."""
+        if self._totals is None:
+            balance, totals = 0, []
+            for week in sorted(self.weeks):
+                premium, loss, fee, flow, cent_days, first_inflow = self.weeks[week]
+                balance += flow + premium - loss - fee
+                assert balance >= 0, (account_id, week, balance)
+                totals.append(WeekTotals(week, premium, loss, fee, balance, flow, cent_days, first_inflow))
+            self._totals = totals
+        return self._totals
+
+
+class LedgerWeeks:
+    """The weekly sums of the accounts read recently, refreshed on every read."""
+
+    def __init__(self, weeks_cached_max: int = WEEKS_CACHED_MAX):
+        assert weeks_cached_max >= 1
+        self.weeks_cached_max = weeks_cached_max
+        self._accounts: collections.OrderedDict[str, AccountWeeks] = collections.OrderedDict()
+        self._weeks_cached = 0
+        self._joinable: dict[tuple[str, ...], asyncio.Future] = {}
+
+    async def read(self, pool, account_ids: list[str]) -> dict[str, AccountWeeks]:
+        """Every account's sums as of a moment after this call began (an account with no
+        entries has none). `pool` is an asyncpg pool or connection.
+
+        A portfolio's analytics ask for its weekly sums and its growth at once: a read of
+        the same accounts that begins while another has not yet sent its query shares
+        that query. The query's snapshot is taken after both began, so each still sees
+        everything committed before it was called."""
+        key = tuple(account_ids)
+        shared = self._joinable.get(key)
+        if shared is not None:
+            try:
+                return await asyncio.shield(shared)
+            except asyncio.CancelledError:
+                if not shared.cancelled():
+                    raise  # this read itself was cancelled
+                # The read it joined was cancelled: read on its own.
+        future = asyncio.get_running_loop().create_future()
+        self._joinable[key] = future
+        try:
+            try:
+                await asyncio.sleep(0)  # the window in which reads that begin now join this one
+            finally:
+                if self._joinable.get(key) is future:
+                    del self._joinable[key]
+            found = await self._read(pool, account_ids)
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
+        except BaseException as error:
+            future.set_exception(error)
+            future.exception()  # retrieved here: without a joiner nobody else would
+            raise
+        future.set_result(found)
+        return found
+
+    async def _read(self, pool, account_ids: list[str]) -> dict[str, AccountWeeks]:
+        found: dict[str, AccountWeeks] = {}
+        pending = list(dict.fromkeys(account_ids))
+        for round_number in range(REFRESH_ROUNDS_MAX + 1):
+            if not pending:
+                break
+            cached = round_number < REFRESH_ROUNDS_MAX
+            known = [self._accounts.get(i) if cached else None for i in pending]
+            after = [k.sequence if k is not None else NOTHING_FOLDED for k in known]
+            rows = await pool.fetch(SELECT_WEEKS_AFTER, pending, [str(n) for n in after])
+            by_account: dict[str, list] = {}
+            for row in rows:
+                by_account.setdefault(row["account_id"], []).append(row)
+            retry = []
+            for account_id, sequence_after in zip(pending, after):
+                if not cached:
+                    found[account_id] = self._folded(AccountWeeks(), by_account.get(account_id, ()))
+                    continue
+                current = self._accounts.get(account_id)
+                if (current.sequence if current is not None else NOTHING_FOLDED) != sequence_after:
+                    # Another read folded entries in (or the account was dropped) while
+                    # this one waited: what it read may overlap. Read again from there.
+                    retry.append(account_id)
+                    continue
+                if current is None:
+                    current = self._accounts[account_id] = AccountWeeks()
+                weeks_before = len(current.weeks)
+                found[account_id] = self._folded(current, by_account.get(account_id, ()))
+                self._weeks_cached += len(current.weeks) - weeks_before
+                self._accounts.move_to_end(account_id)
+            pending = retry
+        self._bound()
+        return found
+
+    @staticmethod
+    def _folded(account: AccountWeeks, rows) -> AccountWeeks:
+        for row in rows:
+            account.fold(row)
+            account.sequence = max(account.sequence, row["sequence_max"])
+        return account
+
+    def _bound(self) -> None:
+        """Drops the least recently read accounts until the weeks kept fit the bound
+        (the most recent one stays, whatever its size)."""
+        while self._weeks_cached > self.weeks_cached_max and len(self._accounts) > 1:
+            _, dropped = self._accounts.popitem(last=False)
+            self._weeks_cached -= len(dropped.weeks)
+
+    @property
+    def weeks_cached(self) -> int:
+        return self._weeks_cached
+
+    def __len__(self) -> int:
+        return len(self._accounts)
