@@ -24,7 +24,7 @@ from engine.errors import (
 )
 from engine.requests import (
     CreateAccountRequest, CreatePortfolioRequest, CreateTokenRequest, DepositRequest, FaultRequest, ForkRequest, ProjectionRequest,
-    ReinvestRequest, TradeRequest, TransferRequest, UpdateAccountRequest, WithdrawalRequest,
+    ReinvestRequest, TradeRequest, TransferRequest, UpdateAccountRequest, WithdrawalRequest, normalized_owner,
 )
 from engine.model import GrowthOperation, Transaction, Transfer
 from engine.projection import Projection
@@ -35,7 +35,7 @@ from actors.security import BOOTSTRAP, AuditVerification, CreatedToken, TokenInf
 from actors import webhook_views
 from engine.webhooks import CreateWebhookRequest, UpdateWebhookRequest
 from engine.audit import AuditContext, Principal
-from gateway import permissions, protocol
+from gateway import hardening, permissions, protocol
 from gateway.abuse import FailureWindows, TokenBuckets, retry_after
 from actors.metrics import LATENCY_BUCKETS_S
 from actors.settings import Settings
@@ -308,11 +308,18 @@ async def body_of(request: web.Request, request_type: type) -> Any:
     if decoder is None:
         decoder = _decoders[request_type] = msgspec.json.Decoder(request_type)
     try:
-        return decoder.decode(raw)
+        body = decoder.decode(raw)
     except msgspec.ValidationError as error:
         raise HttpError(422, "validation_failed", str(error), _validation_details(error)) from None
     except msgspec.DecodeError as error:
         raise HttpError(400, "malformed_json", f"the body is not valid JSON: {error}") from None
+    except UnicodeDecodeError:
+        raise HttpError(400, "malformed_json", "the body is not valid UTF-8") from None
+    repeated = hardening.duplicate_name(raw)
+    if repeated is not None:
+        raise HttpError(400, "malformed_json", "the body repeats a member name; send each once",
+                        {"field": repeated[:limits.NAME_LENGTH_MAX]})
+    return body
 
 
 class NoBody(msgspec.Struct, forbid_unknown_fields=True):
@@ -326,9 +333,11 @@ def idempotency_key(request: web.Request) -> str | None:
     key = request.headers.get("Idempotency-Key")
     if key is None:
         return None
-    # An empty or blank key is a mistake, not "no key" (two such deposits would both post).
-    if not key.strip() or len(key) > limits.IDEMPOTENCY_KEY_LENGTH_MAX:
-        raise HttpError(422, "validation_failed", "Idempotency-Key must be 1 to 200 characters, not blank",
+    # An empty or blank key is a mistake, not "no key" (two such deposits would both post);
+    # a key is printable ASCII, so that it is the same key in every client, log and store.
+    if not key.strip() or len(key) > limits.IDEMPOTENCY_KEY_LENGTH_MAX or not hardening.printable_ascii(key):
+        raise HttpError(422, "validation_failed",
+                        "Idempotency-Key must be 1 to 200 printable ASCII characters, not blank",
                         {"field": "Idempotency-Key"})
     return key
 
@@ -364,9 +373,18 @@ async def create_account(request: web.Request) -> web.Response:
     return json_response(_account(request, account), 201)
 
 
+def owner_filter(request: web.Request) -> str | None:
+    """The `owner` query parameter in the normal form owners are stored in (so "ａｎｎ" and
+    " ann" find ann's accounts); 422 for a value no owner can have."""
+    try:
+        return normalized_owner(request.query.get("owner"))
+    except ValueError as error:
+        raise HttpError(422, "validation_failed", str(error).split(" - at ", 1)[0], {"field": "owner"}) from None
+
+
 async def list_accounts(request: web.Request) -> web.Response:
     query = request.query
-    owner, scope = query.get("owner"), scoped_owner(request)
+    owner, scope = owner_filter(request), scoped_owner(request)
     if scope is not None:
         if owner is not None and owner != scope:
             return json_response(views.AccountPage(items=[], next_cursor=None))
