@@ -55,6 +55,7 @@ from persistence.writer import AuditEntry, PurgeKeysOp, Writer, WriteOp
 from engine.audit import EMBEDDED, SCHEDULER, AuditContext
 from actors.security import Security
 from actors.webhooks import Webhooks
+from actors.availability import Availability
 
 log = logging.getLogger("alluse.engine")
 T = TypeVar("T")
@@ -187,6 +188,8 @@ class Engine:
         self.security = Security(self)
         # Webhook endpoints and their delivery (`engine.webhooks.create(url=...)`).
         self.webhooks = Webhooks(self)
+        # The database's supervisor and the one-writer fence (issue 14).
+        self.availability = Availability(self)
 
     # -- lifecycle -------------------------------------------------------------------
     async def __aenter__(self) -> "Engine":
@@ -201,12 +204,14 @@ class Engine:
         database = self.settings.database
         url = database.url
         if not url:
+            await self.availability.claim_data_directory()
             self._embedded = EmbeddedServer(database.data_dir, wal_archive_dir=database.wal_archive_dir,
                                             archive_timeout_s=database.archive_timeout_s)
             url = await asyncio.to_thread(self._embedded.start)
         self.database_url = url
         self.store = Store(url, pool_size=database.pool_size)
         await self._open_store()
+        writer_connection = await self.availability.fence()
         applied = await self.store.migrate()
         if applied:
             log.info("applied migrations: %s", ", ".join(applied))
@@ -215,6 +220,7 @@ class Engine:
         self.writer = Writer(self.store, batch_size_max=settings.batch_size_max, queue_max=settings.write_queue_max,
                              notify=self._notify_resolved, metrics=self.metrics,
                              batch_wait_s=settings.batch_wait_ms / 1000, on_commit=self._signal_commit)
+        self.availability.attach(self.writer, writer_connection)
         await self.writer.start()
         self._pool = ActorPool(self._loop, name="account")
         self.registry = Registry(load=self.store.load_account, spawn=self._spawn,
@@ -239,6 +245,7 @@ class Engine:
         self._maintenance = asyncio.create_task(self._maintain(), name="alluse-maintenance")
         self.ready = True
         await self.webhooks.start()
+        self.availability.start()
         log.info("engine ready")
 
     async def _open_store(self) -> None:
@@ -259,6 +266,7 @@ class Engine:
         """Graceful: stop admitting, let operations in flight finish (bounded), flush the
         writer, stop the actors, close the database."""
         self.ready = False
+        await self.availability.stop()
         await self.webhooks.stop()
         if self._maintenance is not None:
             self._maintenance.cancel()
@@ -283,6 +291,7 @@ class Engine:
         if self._embedded is not None:
             await asyncio.to_thread(self._embedded.stop)
             self._embedded = None
+        self.availability.release()
 
     async def _maintain(self) -> None:
         ticks = 0
@@ -318,14 +327,9 @@ class Engine:
         return count
 
     async def check_ready(self) -> bool:
-        """Readiness: recovery done and the database reachable."""
-        if not self.ready:
-            return False
-        try:
-            await self.store.ping()
-            return True
-        except EngineError:
-            return False
+        """Readiness: recovery done and writes can commit, as the database's supervisor
+        sees it (no query: it answers at once whatever the database does)."""
+        return self.ready and self.availability.writable()
 
     # -- wiring ----------------------------------------------------------------------
     def _spawn(self, account: Account, restarted: bool = False):
