@@ -485,7 +485,14 @@ class Engine:
         task = asyncio.ensure_future(self._counted(self._run_keyed(key, fingerprint, result_type, run)))
         self._idempotent_ops[key] = (fingerprint, task)
         task.add_done_callback(lambda _: self._idempotent_ops.pop(key, None))
-        return await self._bounded(asyncio.shield(task))
+        try:
+            return await self._bounded(asyncio.shield(task))
+        except Unavailable as error:
+            if error.code == "operation_timeout":
+                # The operation goes on without its caller: observe its outcome, so a late
+                # failure is not "Task exception was never retrieved" (issue 14).
+                task.add_done_callback(_observed)
+            raise
 
     async def _run_keyed(self, key, fingerprint, result_type, run):
         """No read before the operation: the key table's unique index is the check, at
@@ -1099,6 +1106,11 @@ class Engine:
             "poisoned_accounts": sorted(self.writer.poisoned)[:100],
             "mailbox_depths": dict(sorted(depths.items(), key=lambda kv: -kv[1])[:20]),
         }
+
+
+def _observed(task: asyncio.Task) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def _render_first_leg(decided: Decided):

@@ -48,6 +48,7 @@ import socket
 import time
 from typing import TYPE_CHECKING, Any
 
+from actors.account import ReloadIfStale
 from engine.errors import DatabaseUnavailable, EngineError, Unavailable
 from persistence import fence
 
@@ -172,6 +173,10 @@ class Availability:
         """Set while writes cannot commit: the error to answer them with at once."""
         writer = self._writer
         return writer.refusal if writer is not None else _starting()
+
+    def count_refusal(self) -> None:
+        """A write refused at the door (the gateway's), for the outage's log line."""
+        self._refused += 1
 
     def writable(self) -> bool:
         """Readiness: writes can commit now."""
@@ -367,14 +372,14 @@ class Availability:
         the lock and re-reads every cached head), restart the webhook worker."""
         writer, engine = self._writer, self.engine
         if engine.store.pool is not None:
-            engine.store.pool.expire_connections()
+            await engine.store.pool.expire_connections()
         writer.resume()
         if not await writer.ensure_connection():
             if writer.refusal is None:
                 writer.pause(_unavailable("reconnecting"))
             return
         self._batches_at_resume = writer.batches
-        await self._restart_webhooks()
+        await self._after_reconnect()
         took = time.monotonic() - self.outage_started if self.outage_started is not None else 0.0
         self.last_recovery_s = round(took, 2)
         log.warning("database back after %.1f s (%s); cached state re-read, writes resumed", took, self.reason)
@@ -445,6 +450,13 @@ class Availability:
         log.info("re-read committed state: %d idle accounts passivated (they load again on use), %d recent "
                  "idempotency keys, tokens and drawdown flags", passivated, len(engine._recent_keys))
 
+    async def _after_reconnect(self) -> None:
+        """The writer writes again: accounts whose writes failed reload now (not at their
+        next use), and webhook delivery resumes from its persisted cursors."""
+        for account_id in list(self._writer.poisoned):
+            self.engine.registry.tell(account_id, ReloadIfStale())
+        await self._restart_webhooks()
+
     async def _restart_webhooks(self) -> None:
         webhooks = self.engine.webhooks
         try:
@@ -492,7 +504,7 @@ class Availability:
                 self._writer.pause(_not_primary())
             self._lost_lock = False
             return
-        await self._restart_webhooks()
+        await self._after_reconnect()
         log.warning("took the writer lock back: this engine writes again")
         self.state, self.reason = State.AVAILABLE, "ready"
         self.outage_started = None
@@ -505,7 +517,9 @@ class RepeatFilter(logging.Filter):
 
     _installed: "RepeatFilter | None" = None
     LOGGERS = ("alluse.writer", "alluse.account", "alluse.engine", "alluse.registry", "alluse.gateway",
-               "alluse.security", "alluse.store", "alluse.webhooks", "asyncio")
+               "alluse.security", "alluse.store", "alluse.webhooks", "asyncio", "asyncpg.pool")
+    # Their tracebacks say nothing the supervisor has not said: one line each.
+    WITHOUT_TRACEBACK = frozenset({"asyncpg.pool"})
 
     def __init__(self) -> None:
         super().__init__()
@@ -521,6 +535,10 @@ class RepeatFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < logging.WARNING:
             return True
+        if record.name in self.WITHOUT_TRACEBACK and record.exc_info:
+            error = record.exc_info[1]
+            record.msg = f"{record.getMessage()} ({type(error).__name__}: {error})"
+            record.args, record.exc_info, record.exc_text = None, None, None
         now = time.monotonic()
         key = (record.name, record.msg)
         seen = self._seen.get(key)

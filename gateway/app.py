@@ -229,6 +229,7 @@ async def auth_middleware(request: web.Request, handler):
     if method in MUTATING_METHODS:
         refusal = availability.write_refusal
         if refusal is not None and (method, path) not in NOT_CHANGES:
+            availability.count_refusal()
             raise refusal   # the database is away, full, or not ours: say so at once
     reset = AUDIT_CONTEXT.set(context)
     try:

@@ -60,6 +60,7 @@ def _wait_for_dead_postmaster(pgdata: Path, timeout_s: float = 15.0) -> None:
     try:
         pid = int(pidfile.read_text().split("\n", 1)[0])
     except (OSError, ValueError):
+        _wait_for_socket_locks(pgdata, timeout_s)
         return
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -71,6 +72,29 @@ def _wait_for_dead_postmaster(pgdata: Path, timeout_s: float = 15.0) -> None:
         time.sleep(0.1)
     log.warning("postmaster %s is a zombie that was never reaped; removing its stale lock file", pid)
     pidfile.unlink(missing_ok=True)
+
+
+def _wait_for_socket_locks(pgdata: Path, timeout_s: float) -> None:
+    """A server just stopped (or killed) can leave its socket's lock file naming a
+    postmaster that is a zombie not yet reaped; PostgreSQL takes that for a running
+    server and refuses to start. Wait until such a process is gone."""
+    import psutil
+
+    pids = []
+    for lock in pgdata.glob(".s.PGSQL.*.lock"):
+        try:
+            pids.append(int(lock.read_text().split("\n", 1)[0]))
+        except (OSError, ValueError):
+            continue
+    deadline = time.monotonic() + timeout_s
+    for pid in pids:
+        while time.monotonic() < deadline:
+            try:
+                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                    break  # a live process: PostgreSQL's own check decides
+            except psutil.NoSuchProcess:
+                break
+            time.sleep(0.1)
 
 
 # The engine's own server settings live in a file of their own that postgresql.conf
