@@ -348,8 +348,16 @@ class Engine:
     def _in_background(self, coroutine) -> asyncio.Task:
         task = asyncio.ensure_future(coroutine)
         self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        task.add_done_callback(self._background_done)
         return task
+
+    def _background_done(self, task: asyncio.Task) -> None:
+        """A background task's failure is logged, never left unobserved (issue 14)."""
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            error = task.exception()
+            log.warning("background task %s failed: %s", task.get_coro().__qualname__,
+                        getattr(error, "message", None) or repr(error))
 
     def _tell_from_any_thread(self, account_id: str, message: Any) -> None:
         if asyncio._get_running_loop() is self._loop:
@@ -889,8 +897,15 @@ class Engine:
         AUDIT_CONTEXT.set(AuditContext(SCHEDULER, request_id=f"schedule-{quarter}"))
         after, done = "", 0
         while True:
-            rows = await self.store.fetch("SELECT id FROM portfolios WHERE parent_id IS NULL AND id > $1 "
-                                          "ORDER BY id LIMIT 200", after)
+            try:
+                rows = await self.store.fetch("SELECT id FROM portfolios WHERE parent_id IS NULL AND id > $1 "
+                                              "ORDER BY id LIMIT 200", after)
+            except EngineError as error:
+                # The database is away: try the whole quarter again at the next tick
+                # (idempotent: portfolios already done are skipped).
+                log.warning("scheduled reinvestment of %s postponed: %s", quarter, error.message)
+                self._scheduled_quarter = None
+                return
             if not rows:
                 break
             for row in rows:

@@ -439,12 +439,17 @@ class Availability:
         """Re-reads every cached head from committed data (on a writer connection that
         holds the lock, before its first use)."""
         from actors.api import RECENT_KEYS_MAX
-        import collections
 
         engine = self.engine
         passivated = engine.registry.passivate_all_idle()
         engine._portfolios.clear()
-        engine._recent_keys = collections.OrderedDict.fromkeys(await engine.store.recent_keys(RECENT_KEYS_MAX))
+        # Merged into the live table, not replacing it: operations in flight add their
+        # keys to it as they commit (after this read).
+        recent = engine._recent_keys
+        for key in await engine.store.recent_keys(RECENT_KEYS_MAX):
+            recent[key] = None
+        while len(recent) > RECENT_KEYS_MAX:
+            recent.popitem(last=False)
         engine._drawdown_flags = await engine.store.risk_flags()
         await engine.security.load()
         log.info("re-read committed state: %d idle accounts passivated (they load again on use), %d recent "
