@@ -70,6 +70,8 @@ STORAGE_FULL_BACKOFF_S = (1.0, 2.0, 4.0, 8.0)
 # Writes resume once the free space is this much above the minimum (no flapping).
 STORAGE_HYSTERESIS_BYTES = 16 << 20
 LOG_INTERVAL_S = 10.0
+# Between attempts to reach a server that refuses or is unreachable (doubling from TICK_S).
+RECONNECT_BACKOFF_MAX_S = 2.0
 DATA_DIRECTORY_POLL_S = 0.05
 WRITER_LOCK_POLL_S = 0.2
 # A non-standby engine waits this long for the writer lock before it gives up: the
@@ -123,6 +125,14 @@ def _starting() -> Unavailable:
     return Unavailable("the engine is starting", {"reason": "starting"}, code="not_ready")
 
 
+def _stopping() -> Unavailable:
+    return Unavailable("the engine is stopping", {"reason": "stopping"}, code="not_ready")
+
+
+_REFUSALS = {State.STARTING: _starting, State.STANDBY: _standby, State.NOT_PRIMARY: _not_primary,
+             State.STOPPED: _stopping}
+
+
 class Availability:
     """The database supervisor of one engine, and the fence that keeps it the only
     writer. The engine calls `claim_data_directory`, `fence`, `attach`, `start` as it
@@ -132,6 +142,10 @@ class Availability:
         self.engine = engine
         self.state = State.STARTING
         self.reason = "starting"
+        # Set when this engine must answer no request but /health and /ready: it is a
+        # standby, starting, or no longer the writer (kept with the state: the gateway
+        # reads it on every request).
+        self.refusal: EngineError | None = _starting()
         self.standby = engine.settings.engine.standby
         self.data_directory = fence.DataDirectoryLock(engine.settings.database.data_dir)
         self.writer_name = fence.writer_name(engine.settings.server.port)
@@ -151,22 +165,15 @@ class Availability:
         self._lost_lock = False
         self._connected_once = False
         self._probe_connection = None
+        self._connect_failures = 0
+        self._next_connect_at = 0.0
         self._task: asyncio.Task | None = None
         self._writer = None
 
     # -- what the gateway and the engine ask ------------------------------------------
-    @property
-    def refusal(self) -> EngineError | None:
-        """Set when this engine must answer no request but /health and /ready: it is a
-        standby, starting, or no longer the writer."""
-        state = self.state
-        if state is State.AVAILABLE or state is State.DATABASE_UNAVAILABLE or state is State.STORAGE_FULL:
-            return None
-        if state is State.STANDBY:
-            return _standby()
-        if state is State.NOT_PRIMARY:
-            return _not_primary()
-        return _starting()
+    def _set_state(self, state: State, reason: str) -> None:
+        self.state, self.reason = state, reason
+        self.refusal = _REFUSALS[state]() if state in _REFUSALS else None
 
     @property
     def write_refusal(self) -> EngineError | None:
@@ -250,7 +257,7 @@ class Availability:
                 connection.terminate()
 
     def _enter_standby(self, why: str) -> None:
-        self.state, self.reason = State.STANDBY, why
+        self._set_state(State.STANDBY, why)
         log.warning("standby: %s; this engine serves /health and /ready (503) and takes over when it is free", why)
 
     def attach(self, writer, connection) -> None:
@@ -262,14 +269,14 @@ class Availability:
         writer.on_error = self._on_writer_error
 
     def start(self) -> None:
-        self.state, self.reason = State.AVAILABLE, "ready"
+        self._set_state(State.AVAILABLE, "ready")
         self.last_answer = time.monotonic()
         self._batches_at_resume = self._writer.batches
         RepeatFilter.install()
         self._task = asyncio.create_task(self._run(), name="alluse-availability")
 
     async def stop(self) -> None:
-        self.state = State.STOPPED
+        self._set_state(State.STOPPED, "stopping")
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -355,7 +362,7 @@ class Availability:
                 self._last_log = time.monotonic()
             log.error("%s: writes are refused with 503 %s until it is back; reads of resident accounts are "
                       "answered from memory", why, refusal.code)
-            self.state, self.reason = state, why
+            self._set_state(state, why)
         self._writer.pause(refusal)
 
     def _log_outage(self) -> None:
@@ -383,22 +390,31 @@ class Availability:
         took = time.monotonic() - self.outage_started if self.outage_started is not None else 0.0
         self.last_recovery_s = round(took, 2)
         log.warning("database back after %.1f s (%s); cached state re-read, writes resumed", took, self.reason)
-        self.state, self.reason = State.AVAILABLE, "ready"
+        self._set_state(State.AVAILABLE, "ready")
         self.outage_started = None
         self._restart_attempts = 0
 
     # -- observations ------------------------------------------------------------------
     async def _probe(self) -> bool:
-        """`SELECT 1` on the supervisor's own connection, within `PROBE_TIMEOUT_S`."""
+        """`SELECT 1` on the supervisor's own connection, within `PROBE_TIMEOUT_S`. A
+        server that cannot be reached is tried again with backoff (up to
+        `RECONNECT_BACKOFF_MAX_S` between attempts)."""
         try:
             if self._probe_connection is None or self._probe_connection.is_closed():
+                if time.monotonic() < self._next_connect_at:
+                    return False
                 self._probe_connection = await asyncio.wait_for(self.engine.store.connect(), PROBE_TIMEOUT_S)
             await asyncio.wait_for(self._probe_connection.fetchval("SELECT 1"), PROBE_TIMEOUT_S)
+            self._connect_failures = 0
             return True
         except (EngineError, asyncio.TimeoutError, OSError, Exception):  # noqa: BLE001 - any failure: no answer
             if self._probe_connection is not None:
                 self._probe_connection.terminate()
                 self._probe_connection = None
+            else:
+                self._connect_failures += 1
+                backoff = min(TICK_S * 2 ** self._connect_failures, RECONNECT_BACKOFF_MAX_S)
+                self._next_connect_at = time.monotonic() + backoff
             return False
 
     def _server_alive(self) -> bool:
@@ -474,7 +490,7 @@ class Availability:
         """Another engine holds the writer lock: stop writing, forget what memory says."""
         log.error("this engine lost the writer lock (another engine writes now: %s); it stops writing and waits "
                   "as a standby", await self._holder())
-        self.state, self.reason = State.NOT_PRIMARY, "another engine holds the writer lock"
+        self._set_state(State.NOT_PRIMARY, "another engine holds the writer lock")
         self.outage_started = self.outage_started or time.monotonic()
         self._writer.pause(_not_primary())
         webhooks = self.engine.webhooks
@@ -511,7 +527,7 @@ class Availability:
             return
         await self._after_reconnect()
         log.warning("took the writer lock back: this engine writes again")
-        self.state, self.reason = State.AVAILABLE, "ready"
+        self._set_state(State.AVAILABLE, "ready")
         self.outage_started = None
 
 

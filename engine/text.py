@@ -13,7 +13,8 @@ Three kinds of text:
   emoji sequences and several scripts need them;
 - *memos*: free text kept exactly as sent, minus control characters and bidi
   embeddings, overrides and isolates.
-Idempotency keys are printable ASCII (U+0020 to U+007E), 1 to 200 characters.
+Idempotency keys are printable ASCII (U+0020 to U+007E), 1 to 200 characters (checked by
+the gateway, `gateway.app.idempotency_key`).
 
 Pure functions; a refusal is a `ValueError` whose message names the field the way
 msgspec does (`- at `$.owner``), so the gateway reports it as a 422 on that field."""
@@ -28,9 +29,6 @@ _CONTROL = "\\x00-\\x1f\\x7f-\\x9f"
 _BIDI = "\\u202a-\\u202e\\u2066-\\u2069"
 # A msgspec `Meta(pattern=...)` for names and memos (checked in C, on decode).
 TEXT_PATTERN = f"^[^{_CONTROL}{_BIDI}]*$"
-# Printable ASCII only, as a pattern for schemas and a compiled check for the gateway.
-IDEMPOTENCY_KEY_PATTERN = "^[\\x20-\\x7e]+$"
-_IDEMPOTENCY_KEY = re.compile(IDEMPOTENCY_KEY_PATTERN)
 
 # Unicode categories an identifier may not contain: controls, format characters,
 # surrogates, private use, unassigned, line and paragraph separators.
@@ -75,6 +73,3 @@ def name(value: str, field: str, length_max: int) -> str:
         raise _refuse(field, f"must be at most {length_max} characters")
     return normalized
 
-
-def is_idempotency_key(value: str, length_max: int) -> bool:
-    return len(value) <= length_max and _IDEMPOTENCY_KEY.match(value) is not None and not value.isspace()

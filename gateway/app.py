@@ -196,7 +196,7 @@ async def auth_middleware(request: web.Request, handler):
     if refusal is not None:
         # A standby (or an engine that is starting, or lost the writer lock) has no tokens
         # and no trustworthy memory: it answers nothing but /health and /ready.
-        raise refusal
+        raise refusal.again()
     guard: Guard = request.app[GUARD]
     now = time.monotonic()
     client = request.remote or ""
@@ -230,7 +230,7 @@ async def auth_middleware(request: web.Request, handler):
         refusal = availability.write_refusal
         if refusal is not None and (method, path) not in NOT_CHANGES:
             availability.count_refusal()
-            raise refusal   # the database is away, full, or not ours: say so at once
+            raise refusal.again()   # the database is away, full, or not ours: say so at once
     reset = AUDIT_CONTEXT.set(context)
     try:
         if (method, path) in ENGINE_BOUNDED:
@@ -360,7 +360,7 @@ def idempotency_key(request: web.Request) -> str | None:
         return None
     # An empty or blank key is a mistake, not "no key" (two such deposits would both post);
     # a key is printable ASCII, so that it is the same key in every client, log and store.
-    if not key.strip() or len(key) > limits.IDEMPOTENCY_KEY_LENGTH_MAX or not hardening.printable_ascii(key):
+    if not (key.isascii() and key.isprintable()) or not key.strip() or len(key) > limits.IDEMPOTENCY_KEY_LENGTH_MAX:
         raise HttpError(422, "validation_failed",
                         "Idempotency-Key must be 1 to 200 printable ASCII characters, not blank",
                         {"field": "Idempotency-Key"})

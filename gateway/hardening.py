@@ -53,8 +53,3 @@ def _duplicate_name_nested(raw: bytes) -> str | None:
                 return name
             names.add(name)
     return None
-
-
-def printable_ascii(value: str) -> bool:
-    """Every character is printable ASCII (U+0020 to U+007E)."""
-    return value.isascii() and value.isprintable()

@@ -282,7 +282,8 @@ class Writer:
 
     async def _connected(self):
         if not await self.ensure_connection():
-            raise self.refusal or DatabaseUnavailable("the database is unavailable")
+            refusal = self.refusal
+            raise refusal.again() if refusal is not None else DatabaseUnavailable("the database is unavailable")
         return self.connection
 
     def pause(self, refusal: EngineError) -> None:

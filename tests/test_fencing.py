@@ -16,6 +16,7 @@ from actors.availability import AnotherEngine, State
 from engine.errors import Unavailable
 from persistence import fence
 from tests.conftest import engine_settings, eventually
+from tests.test_chaos import report
 from tests.test_engine import checked_books, funded
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -58,7 +59,9 @@ async def test_a_standby_waits_then_takes_over_with_the_committed_state_within_3
         stopped = time.monotonic()
         await primary.stop()
         await asyncio.wait_for(starting, timeout=TAKEOVER_S_MAX + 5)
-        assert time.monotonic() - stopped <= TAKEOVER_S_MAX
+        took_over = time.monotonic() - stopped
+        assert took_over <= TAKEOVER_S_MAX
+        report("DATABASE_URL standby takes over after the primary stops", ready_after_s=took_over)
         assert await standby.check_ready()
         assert (await standby.get_account(account.id)).balance == 1_010
         again = await standby.deposit(account.id, 10, idempotency_key="before-takeover")
@@ -122,6 +125,37 @@ async def test_an_engine_that_loses_its_lock_stops_writing_and_comes_back_with_f
         await asyncio.gather(waiting, return_exceptions=True)
         await second.stop()
         await first.stop()
+
+
+async def test_with_database_url_an_outage_is_refused_fast_and_the_engine_reconnects_by_itself(
+        engine, database_url, postgres_admin_url):
+    from tests.test_engine import bring_the_database_back, take_the_database_down
+
+    account = await funded(engine, 1_000)
+    database = database_url.split("?")[0].rsplit("/", 1)[1]
+    admin = await asyncpg.connect(postgres_admin_url)
+    try:
+        await take_the_database_down(admin, database)
+        went_down = time.monotonic()
+        await eventually(lambda: asyncio.sleep(0, engine.availability.state is State.DATABASE_UNAVAILABLE),
+                         "the outage to be noticed")
+        noticed = time.monotonic() - went_down
+        asked = time.monotonic()
+        refused = await asyncio.gather(engine.deposit(account.id, 1), return_exceptions=True)
+        assert isinstance(refused[0], Unavailable) and time.monotonic() - asked < 0.5, refused
+        assert (await engine.get_account(account.id)).balance == 1_000   # resident: answered from memory
+        await asyncio.sleep(3)   # a while down: the reconnection backs off
+    finally:
+        await bring_the_database_back(admin, database)
+        await admin.close()
+    back = time.monotonic()
+    await eventually(engine.check_ready, "readiness after the outage", timeout_s=10)
+    recovered = time.monotonic() - back
+    receipt = await eventually(lambda: engine.deposit(account.id, 5, idempotency_key="after-outage"), "a write")
+    assert receipt.balance_after == 1_005
+    assert recovered <= 3.0, recovered
+    report("DATABASE_URL database refuses connections, then accepts them again", noticed_after_s=noticed,
+           ready_after_it_accepts_s=recovered)
 
 
 async def test_refusals_recorded_while_the_database_is_down_reach_the_audit_log_afterwards(
