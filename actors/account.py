@@ -10,9 +10,10 @@ Two views of the account:
   a balance that might not survive;
 - `tentative`: committed plus every operation still in flight (`pending`); decisions
   are taken against it.
-After a failed write the actor turns *stale*: it refuses writes (503, safe to retry)
-until every in-flight operation has resolved, then reloads its row through the writer's
-queue, behind every earlier write.
+After a failed write the actor turns *stale*: once every in-flight operation has
+resolved it reloads its row through the writer's queue, behind every earlier write, and
+holds the writes that arrive meanwhile until then (a reload that fails, because the
+database is still away, refuses them with 503, safe to retry).
 
 Every actor runs on the engine's event loop (`actors/runtime.py`), so an operation on
 several accounts (a transfer, a merge, a portfolio's reinvestment) never leaves the
@@ -31,10 +32,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Callable
 
+import msgspec
+
 from engine.errors import EngineError, Unavailable, refuse
 from engine.ledger import Rows, apply_events
 from engine.model import Account, Command, Event
 from engine.rules import DEFAULT_RULES, Rules, decide
+from actors.idempotency import KeyClaim
 from actors.ids import new_id
 from actors.runtime import ActorPool, PooledActor
 from persistence.writer import ReloadOp, Resolution, WriteOp
@@ -43,15 +47,26 @@ log = logging.getLogger("alluse.account")
 
 
 class Reply:
-    """Completes an asyncio future on its loop, from any thread, at most once."""
+    """Completes an asyncio future on its loop, from any thread, at most once. A keyed
+    operation's reply also settles its idempotency key's claim, even when the caller has
+    stopped waiting (timed out): the key stays in flight until the operation's outcome is
+    known."""
 
-    __slots__ = ("future", "loop")
+    __slots__ = ("future", "loop", "claim")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, future: asyncio.Future):
+    def __init__(self, loop: asyncio.AbstractEventLoop, future: asyncio.Future, claim: KeyClaim | None = None):
         self.loop = loop
         self.future = future
+        self.claim = claim
+        if claim is not None:
+            assert not claim.attached, "one operation per idempotency key"
+            claim.attached = True
 
     def _set(self, result: Any, error: BaseException | None) -> None:
+        claim = self.claim
+        if claim is not None:
+            self.claim = None
+            claim.settle(result, error)
         if self.future.done():
             return
         if error is not None:
@@ -71,8 +86,7 @@ class Reply:
             self.loop.call_soon_threadsafe(self._set, result, error)
 
 
-@dataclass(slots=True)
-class Step:
+class Step(msgspec.Struct):
     """One account's part of an operation."""
 
     account_id: str
@@ -84,8 +98,7 @@ class Step:
     skip_codes: frozenset[str] = frozenset()
 
 
-@dataclass(slots=True)
-class Decided:
+class Decided(msgspec.Struct):
     """What an operation's render function sees: its entries, the state of every account
     after it, its events, and the steps skipped (account id, refusal code)."""
 
@@ -95,8 +108,7 @@ class Decided:
     skipped: list[tuple[str, str]]
 
 
-@dataclass(slots=True)
-class Operation:
+class Operation(msgspec.Struct):
     """What the engine asks of the actors: the steps (one per account), the time and ids
     the core needs, the idempotency record and audit entry to commit with it, how to
     render its answer (`render(Decided)`), optional extra outbox rows
@@ -108,34 +120,29 @@ class Operation:
     now: datetime
     render: Callable[[Decided], Any]
     correlation_id: str | None = None
-    idempotency: tuple[str, str] | None = None
+    idempotency: KeyClaim | None = None
     audit: Any = None
     outbox: Callable[[Rows, Any], None] | None = None
 
 
-@dataclass(slots=True)
-class Read:
+class Read(msgspec.Struct):
     reply: Reply
 
 
-@dataclass(slots=True)
-class Resolved:
+class Resolved(msgspec.Struct):
     resolution: Resolution
 
 
-@dataclass(slots=True)
-class ReloadIfStale:
+class ReloadIfStale(msgspec.Struct):
     """The database is back: a stale account need not wait for its next write."""
 
 
-@dataclass(slots=True)
-class Reloaded:
+class Reloaded(msgspec.Struct):
     state: Account | None
     error: BaseException | None
 
 
-@dataclass(slots=True)
-class InjectFault:
+class InjectFault(msgspec.Struct):
     """Tests only (ALLUSE_FAULT_INJECTION=1): fail unexpectedly on the next message."""
 
 
@@ -205,7 +212,7 @@ class AccountActor(PooledActor):
 
     def can_decide(self) -> bool:
         """Free to decide a part of an operation now (on the loop, between messages)."""
-        return not (self.restarted or self.stale or self.fault_armed or self.stash or self.actor_stopped.is_set())
+        return not (self.restarted or self.stale or self.fault_armed or self.stash or self.stopped)
 
     # -- messages ----------------------------------------------------------------------
     def on_receive(self, message: Any) -> Any:
@@ -245,23 +252,21 @@ class AccountActor(PooledActor):
 
     # -- deciding ----------------------------------------------------------------------
     def _run(self, operation: Operation) -> None:
-        """Decides every step of `operation` now if all its accounts can; otherwise
-        refuses (an account is stale: retry) or hands it to the account that must come
-        back first (restarting, or about to fail)."""
+        """Decides every step of `operation` now if all its accounts can; otherwise holds
+        it until this account has re-read its committed state (restarted, or stale after
+        a failed write: a reload that fails refuses what it held with 503), or hands it to
+        the account that must come back first."""
         for step in operation.steps:
-            actor = step.actor
-            if actor.actor_stopped.is_set():
+            if step.actor.stopped:
                 operation.reply.send(error=_restarting())
-                return
-            if actor.stale and not actor.restarted:
-                actor._maybe_reload()
-                operation.reply.send(error=_reloading())
                 return
         for step in operation.steps:
             actor = step.actor
             if actor is self:
-                if self.restarted:
+                if self.restarted or self.stale:
                     self.stash.append(operation)
+                    if self.stale:
+                        self._maybe_reload()
                     return
             elif not actor.can_decide():
                 # Its own mailbox: an armed fault fails it there, a restart holds it.
@@ -349,9 +354,12 @@ class AccountActor(PooledActor):
         self.reloading = False
         if error is not None or state is None:
             log.warning("account %s: reload failed: %s", self.account_id, error)
-            if self.restarted:  # nothing to wait for any more: refuse what was held
-                self.restarted = False
-                self._turn_stale()
+            # Nothing to wait for any more: refuse what was held (safe to retry). The next
+            # write, or the database coming back (`ReloadIfStale`), tries again.
+            self.restarted = False
+            self.stale = True
+            while self.stash:
+                self.stash.popleft().reply.send(error=_reloading())
             return
         self.restarted = False
         self.committed = state
@@ -362,4 +370,4 @@ class AccountActor(PooledActor):
             self._run(self.stash.popleft())
 
     def can_decide_own(self) -> bool:
-        return not (self.restarted or self.stale or self.fault_armed or self.actor_stopped.is_set())
+        return not (self.restarted or self.stale or self.fault_armed or self.stopped)

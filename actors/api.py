@@ -14,6 +14,7 @@ import asyncio
 import collections
 import contextlib
 import contextvars
+import gc
 import hashlib
 import logging
 import threading
@@ -44,6 +45,7 @@ from actors.account import (
 )
 from actors.supervisor import STANDALONE, ChildFailed, Release, RestartPolicy, Restarted, Supervisor, \
     SupervisorHooks
+from actors.idempotency import IdempotencyKeys, KeyClaim
 from actors.ids import new_id, next_op_id
 from actors.metrics import Metrics
 from actors.registry import Registry
@@ -51,7 +53,7 @@ from actors.runtime import ActorPool
 from actors.settings import Settings, load_settings
 from persistence.embedded import EmbeddedServer
 from persistence.store import Store
-from persistence.writer import AuditEntry, PurgeKeysOp, Writer, WriteOp
+from persistence.writer import AuditEntry, FlagOp, PurgeKeysOp, Writer, WriteOp
 from engine.audit import EMBEDDED, SCHEDULER, AuditContext
 from actors.security import Security
 from actors.webhooks import Webhooks
@@ -166,8 +168,9 @@ class Engine:
         self._pool: ActorPool | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._in_flight = 0
-        self._idempotent_ops: dict[str, tuple[str, asyncio.Future]] = {}
-        self._recent_keys: collections.OrderedDict[str, None] = collections.OrderedDict()
+        # Idempotency keys in flight and committed lately (`actors/idempotency.py`).
+        self.keys = IdempotencyKeys(lookup=lambda key: self.store.idempotent_response(key), mark_replayed=_mark_replayed,
+                                    recent_max=RECENT_KEYS_MAX)
         # Operation deadlines, oldest first, and the one timer that expires them (`_bounded`).
         self._deadlines: collections.deque[list] = collections.deque()
         self._deadline_timer: asyncio.TimerHandle | None = None
@@ -181,6 +184,7 @@ class Engine:
         self._commit_signal: asyncio.Event | None = None
         self._background: set[asyncio.Task] = set()
         self._scheduled_quarter: str | None = None
+        self._gc_threshold: tuple[int, ...] | None = None
         self._drawdown_flags: dict[str, float] = {}
         self._portfolios: collections.OrderedDict[str, Portfolio] = collections.OrderedDict()
         self._flag_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
@@ -239,14 +243,33 @@ class Engine:
         self.metrics.operations_in_flight.set_function(lambda: self._in_flight)
         self.metrics.write_queue_depth.set_function(lambda: self.writer.queue.qsize())
         self._drawdown_flags = await self.store.risk_flags()
-        self._recent_keys = collections.OrderedDict.fromkeys(await self.store.recent_keys(RECENT_KEYS_MAX))
+        self.keys.load(await self.store.recent_keys(RECENT_KEYS_MAX))
         await self.security.load()
         self.metrics.drawdown_breaches.set_function(lambda: len(self._drawdown_flags))
         self._maintenance = asyncio.create_task(self._maintain(), name="alluse-maintenance")
+        self._tune_gc()
         self.ready = True
         await self.webhooks.start()
         self.availability.start()
         log.info("engine ready")
+
+    def _tune_gc(self) -> None:
+        """Everything alive after start (modules, settings, resident actors) is frozen out
+        of the collector, and the young generation is collected every
+        `gc_young_threshold` allocations instead of 700 (`engine.gc_young_threshold`)."""
+        young = self.settings.engine.gc_young_threshold
+        if not young:
+            return
+        self._gc_threshold = gc.get_threshold()
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(young, max(self._gc_threshold[1], 20), max(self._gc_threshold[2], 100))
+
+    def _restore_gc(self) -> None:
+        if self._gc_threshold is not None:
+            gc.set_threshold(*self._gc_threshold)
+            gc.unfreeze()
+            self._gc_threshold = None
 
     async def _open_store(self) -> None:
         """A database that is still starting (or finishing crash recovery) refuses
@@ -291,6 +314,7 @@ class Engine:
         if self._embedded is not None:
             await asyncio.to_thread(self._embedded.stop)
             self._embedded = None
+        self._restore_gc()
         self.availability.release()
 
     async def _maintain(self) -> None:
@@ -337,8 +361,11 @@ class Engine:
         return AccountActor.start(self._pool, account, self._hooks, restarted=restarted)
 
     def _notify_resolved(self, resolutions) -> None:
+        """After a batch, before its callers hear: each touched actor learns what
+        committed (an idle one at once)."""
+        tell = self.registry.tell
         for account_id, resolution in resolutions.items():
-            self.registry.tell(account_id, Resolved(resolution))
+            tell(account_id, Resolved(resolution), now=True)
 
     def _signal_commit(self) -> None:
         """Wakes every event-feed reader: something committed."""
@@ -462,85 +489,23 @@ class Engine:
             self._deadline_timer = self._loop.call_at(deadlines[0][0], self._expire_deadlines)
 
     async def _idempotent(self, key: str | None, request: tuple[str, str | None, msgspec.Struct],
-                          result_type: type[T], run: Callable[[tuple[str, str] | None], Awaitable[T]]) -> T:
-        """Runs `run` at most once per key. A retry while the first is in flight waits for
+                          result_type: type[T], run: Callable[[KeyClaim | None], Awaitable[T]]) -> T:
+        """Admits the operation and runs `run` within the operation timeout, at most once
+        per key (`actors/idempotency.py`): a retry while the first is in flight waits for
         its outcome; a retry after it committed gets the stored result (also after a
         restart); the same key with another request (operation, target, body) is refused."""
-        reset = OPERATION.set((request[0], request[1] or getattr(request[2], "from_account", None)))
-        try:
-            return await self._idempotent_run(key, request, result_type, run)
-        finally:
-            OPERATION.reset(reset)
-
-    async def _idempotent_run(self, key, request, result_type, run):
-        if key is None:
-            self._admit()
-            self._in_flight += 1
-            try:
-                return await self._bounded(run(None))
-            finally:
-                self._in_flight -= 1
-        fingerprint = _fingerprint(*request)
-        if not isinstance(key, str) or not 1 <= len(key) <= limits.IDEMPOTENCY_KEY_LENGTH_MAX:
+        if key is not None and (not isinstance(key, str) or not 1 <= len(key) <= limits.IDEMPOTENCY_KEY_LENGTH_MAX):
             raise ValidationFailed("the idempotency key must be 1 to 200 characters", {"field": "Idempotency-Key"})
-        in_flight = self._idempotent_ops.get(key)
-        if in_flight is not None:
-            if in_flight[0] != fingerprint:
-                raise IdempotencyKeyReused("this idempotency key was used with a different request", {"key": key})
-            _mark_replayed()
-            return await self._bounded(asyncio.shield(in_flight[1]))
         self._admit()
-        task = asyncio.ensure_future(self._counted(self._run_keyed(key, fingerprint, result_type, run)))
-        self._idempotent_ops[key] = (fingerprint, task)
-        task.add_done_callback(lambda _: self._idempotent_ops.pop(key, None))
-        try:
-            return await self._bounded(asyncio.shield(task))
-        except Unavailable as error:
-            if error.code == "operation_timeout":
-                # The operation goes on without its caller: observe its outcome, so a late
-                # failure is not "Task exception was never retrieved" (issue 14).
-                task.add_done_callback(_observed)
-            raise
-
-    async def _run_keyed(self, key, fingerprint, result_type, run):
-        """No read before the operation: the key table's unique index is the check, at
-        commit (the writer answers a committed key with `KeyCommitted`). A refusal may be
-        the retry of an operation that committed before the state changed (a withdrawal
-        of everything, retried): only then is the stored result looked up."""
-        recent = self._recent_keys
-        if key in recent:
-            # Most likely a retry of a committed operation: answer it from the key table
-            # rather than deciding it again.
-            stored = await self.store.idempotent_response(key)
-            if stored is not None:
-                return self._replay(key, fingerprint, stored[0], stored[1], result_type)
-        try:
-            result = await run((key, fingerprint))
-            recent[key] = None
-            if len(recent) > RECENT_KEYS_MAX:
-                recent.popitem(last=False)
-            return result
-        except KeyCommitted as committed:
-            return self._replay(key, fingerprint, committed.fingerprint, committed.response, result_type)
-        except (Refused, NotFound, ValidationFailed):
-            stored = await self.store.idempotent_response(key)
-            if stored is None:
-                raise
-            return self._replay(key, fingerprint, stored[0], stored[1], result_type)
-
-    @staticmethod
-    def _replay(key: str, fingerprint: str, stored_fingerprint: str, response: bytes, result_type):
-        if stored_fingerprint != fingerprint:
-            raise IdempotencyKeyReused("this idempotency key was used with a different request", {"key": key})
-        _mark_replayed()
-        return msgspec.json.decode(response, type=result_type)
-
-    async def _counted(self, awaitable: Awaitable[T]) -> T:
+        reset = OPERATION.set((request[0], request[1] or getattr(request[2], "from_account", None)))
         self._in_flight += 1
         try:
-            return await awaitable
+            if key is None:
+                return await self._bounded(run(None))
+            return await self.keys.run(key, _fingerprint(*request), result_type, run, bounded=self._bounded)
         finally:
             self._in_flight -= 1
+            OPERATION.reset(reset)
 
     async def _on_account(self, account_id: str, command, render, idempotency, *, transaction_id=None,
                           correlation_id=None):
@@ -568,7 +533,7 @@ class Engine:
             self._check_account_load(entries[0])
             future = self._loop.create_future()
             operation = Operation(
-                op_id=next_op_id(), reply=Reply(self._loop, future), now=self.clock(), render=render,
+                op_id=next_op_id(), reply=Reply(self._loop, future, idempotency), now=self.clock(), render=render,
                 correlation_id=correlation_id, idempotency=idempotency, audit=audit_entry(), outbox=outbox,
                 steps=[Step(account_id=account_id, actor=entry.actor,
                             transaction_id=transaction_id if transaction_id and len(steps) == 1 else new_id("txn"),
@@ -601,7 +566,7 @@ class Engine:
         none yet): straight to the writer."""
         future = self._loop.create_future()
         self.writer.enqueue(WriteOp(op_id=next_op_id(), accounts=(), rows=rows, result=result,
-                                    idempotency=idempotency, done=Reply(self._loop, future).done_on_loop,
+                                    idempotency=idempotency, done=Reply(self._loop, future, idempotency).done_on_loop,
                                     audit=audit_entry()))
         return await future
 
@@ -657,9 +622,15 @@ class Engine:
             lambda idempotency: self._on_account(account_id, Close(), _render_account(account_id), idempotency))
 
     # -- money -----------------------------------------------------------------------
+    # Each operation has two doors: keyword arguments, validated here, and `*_request`
+    # with the request Struct the gateway has already decoded and validated (decoded once).
     async def deposit(self, account_id: str, amount: int, *, memo: str | None = None,
                       idempotency_key: str | None = None) -> Transaction:
-        request = _validate(DepositRequest, amount=amount, memo=memo)
+        return await self.deposit_request(account_id, _validate(DepositRequest, amount=amount, memo=memo),
+                                          idempotency_key=idempotency_key)
+
+    async def deposit_request(self, account_id: str, request: DepositRequest, *,
+                              idempotency_key: str | None = None) -> Transaction:
         return await self._single_leg("deposit", account_id, request, Deposit(amount=request.amount, memo=request.memo),
                                       idempotency_key)
 
@@ -667,7 +638,12 @@ class Engine:
                        override_reason: str | None = None, idempotency_key: str | None = None) -> Transaction:
         """`override_reason` (admins only over HTTP) withdraws even from an account type
         that refuses withdrawals; the reason is audited."""
-        request = _validate(WithdrawalRequest, amount=amount, memo=memo, override_reason=override_reason)
+        return await self.withdraw_request(
+            account_id, _validate(WithdrawalRequest, amount=amount, memo=memo, override_reason=override_reason),
+            idempotency_key=idempotency_key)
+
+    async def withdraw_request(self, account_id: str, request: WithdrawalRequest, *,
+                               idempotency_key: str | None = None) -> Transaction:
         with _override(request.override_reason):
             return await self._single_leg("withdraw", account_id, request,
                                           Withdraw(amount=request.amount, memo=request.memo,
@@ -675,7 +651,12 @@ class Engine:
 
     async def book_trade(self, account_id: str, *, kind: str, amount: int, effective_date: date | None = None,
                          memo: str | None = None, idempotency_key: str | None = None) -> Transaction:
-        request = _validate(TradeRequest, kind=kind, amount=amount, effective_date=effective_date, memo=memo)
+        return await self.book_trade_request(
+            account_id, _validate(TradeRequest, kind=kind, amount=amount, effective_date=effective_date, memo=memo),
+            idempotency_key=idempotency_key)
+
+    async def book_trade_request(self, account_id: str, request: TradeRequest, *,
+                                 idempotency_key: str | None = None) -> Transaction:
         command = BookTrade(kind=request.kind, amount=request.amount, memo=request.memo,
                             effective_date=request.effective_date)
         result = await self._single_leg("trade", account_id, request, command, idempotency_key)
@@ -699,8 +680,11 @@ class Engine:
                        override_reason: str | None = None, idempotency_key: str | None = None) -> Transfer:
         """Both legs commit in one database transaction or neither does. `override_reason`
         as for `withdraw`."""
-        request = _validate(TransferRequest, from_account=from_account, to_account=to_account, amount=amount,
-                            memo=memo, override_reason=override_reason)
+        return await self.transfer_request(
+            _validate(TransferRequest, from_account=from_account, to_account=to_account, amount=amount, memo=memo,
+                      override_reason=override_reason), idempotency_key=idempotency_key)
+
+    async def transfer_request(self, request: TransferRequest, *, idempotency_key: str | None = None) -> Transfer:
         with _override(request.override_reason):
             return await self._transfer(request, idempotency_key)
 
@@ -993,8 +977,12 @@ class Engine:
                 breached = account.status not in ("closed", "merged") and analytics.breached(drawdown, limit)
                 if breached == (account_id in self._drawdown_flags):
                     return
-                await self.store.set_risk_flag(account_id, account.portfolio_id, active=breached, drawdown=drawdown,
-                                               limit=limit, at=self.clock())
+                # Through the writer, the only writer: the flag and its event commit in order
+                # with the batches around them.
+                future = self._loop.create_future()
+                self.writer.submit(FlagOp(account_id, account.portfolio_id, breached, drawdown, limit, self.clock(),
+                                          Reply(self._loop, future).done_on_loop))
+                await future
                 if breached:
                     self._drawdown_flags[account_id] = drawdown
                 else:
@@ -1121,11 +1109,6 @@ class Engine:
             "poisoned_accounts": sorted(self.writer.poisoned)[:100],
             "mailbox_depths": dict(sorted(depths.items(), key=lambda kv: -kv[1])[:20]),
         }
-
-
-def _observed(task: asyncio.Task) -> None:
-    if not task.cancelled():
-        task.exception()
 
 
 def _render_first_leg(decided: Decided):

@@ -454,22 +454,18 @@ class Availability:
     async def _resync(self) -> None:
         """Re-reads every cached head from committed data (on a writer connection that
         holds the lock, before its first use)."""
-        from actors.api import RECENT_KEYS_MAX
-
         engine = self.engine
+        keys = engine.keys
         passivated = engine.registry.passivate_all_idle()
         engine._portfolios.clear()
         # Merged into the live table, not replacing it: operations in flight add their
         # keys to it as they commit (after this read).
-        recent = engine._recent_keys
-        for key in await engine.store.recent_keys(RECENT_KEYS_MAX):
-            recent[key] = None
-        while len(recent) > RECENT_KEYS_MAX:
-            recent.popitem(last=False)
+        for key in await engine.store.recent_keys(keys.recent_max):
+            keys.remember(key)
         engine._drawdown_flags = await engine.store.risk_flags()
         await engine.security.load()
         log.info("re-read committed state: %d idle accounts passivated (they load again on use), %d recent "
-                 "idempotency keys, tokens and drawdown flags", passivated, len(engine._recent_keys))
+                 "idempotency keys, tokens and drawdown flags", passivated, len(keys.recent))
 
     async def _after_reconnect(self) -> None:
         """The writer writes again: accounts whose writes failed reload now (not at their

@@ -68,7 +68,7 @@ class Registry:
         """`acquire` without a suspension point, for an account that is resident and not
         quarantined; None otherwise (then `acquire` activates it or says why not)."""
         entry = self.resident.get(account_id)
-        if entry is None or account_id in self.quarantined or entry.actor.actor_stopped.is_set():
+        if entry is None or account_id in self.quarantined or entry.actor.stopped:
             return None
         entry.leases += 1
         entry.last_used_s = time.monotonic()
@@ -116,11 +116,13 @@ class Registry:
         live = self.peek(account_id)
         return live if live is not None else await self._activate(account_id)
 
-    def tell(self, account_id: str, message: Any) -> bool:
+    def tell(self, account_id: str, message: Any, *, now: bool = False) -> bool:
+        """Tells the resident actor of `account_id` (`now`: an idle one handles it at
+        once, `PooledActor.deliver_now`); False if there is none."""
         entry = self.resident.get(account_id)
         if entry is None:
             return False
-        if entry.actor.deliver(message):
+        if (entry.actor.deliver_now if now else entry.actor.deliver)(message):
             return True
         self.forget(account_id, entry.ref)
         return False

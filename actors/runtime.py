@@ -135,7 +135,18 @@ class PooledActor(pykka.Actor):
         super().__init__(*args, **kwargs)
         self._pool = pool
         self._needs_setup = True
+        # `actor_stopped.is_set()` as a plain attribute: it is read several times per
+        # message on the hot path.
+        self.stopped = False
         self.actor_inbox.actor = self
+
+    def _stop(self) -> None:
+        self.stopped = True
+        super()._stop()
+
+    def _handle_failure(self, *exc_info: Any) -> None:
+        self.stopped = True
+        super()._handle_failure(*exc_info)
 
     @classmethod
     def start(cls, *args: Any, **kwargs: Any) -> pykka.ActorRef:
@@ -151,9 +162,33 @@ class PooledActor(pykka.Actor):
     def deliver(self, message: Any) -> bool:
         """`ActorRef.tell` minus its indirections (the engine's loop sends every message
         through here); False if the actor has stopped."""
-        if self.actor_stopped.is_set():
+        if self.stopped:
             return False
-        self.actor_inbox.put(Envelope(message))
+        self.actor_inbox.put(message)    # bare: `_handle_envelope` tells it from pykka's envelopes
+        return True
+
+    def deliver_now(self, message: Any) -> bool:
+        """`deliver`, but an idle actor (nothing in its mailbox, not running, not waiting
+        its turn) handles `message` at once, on the loop, instead of going through the
+        ready queue: the same one-message-at-a-time handling, minus a scheduling round.
+        The writer tells the actors what committed this way."""
+        inbox = self.actor_inbox
+        if inbox._scheduled or inbox._items or self.stopped or self._needs_setup:
+            return self.deliver(message)
+        with inbox._lock:   # a message told from another thread meanwhile waits its turn
+            inbox._scheduled = True
+        try:
+            self._handle_envelope(message)
+        finally:
+            if self.stopped:
+                self._teardown()
+            else:
+                with inbox._lock:
+                    inbox._scheduled = False
+                    waiting = bool(inbox._items)
+                if waiting:
+                    inbox._scheduled = True
+                    self._pool.schedule(self)
         return True
 
     def mailbox_depth(self) -> int:
@@ -168,27 +203,34 @@ class PooledActor(pykka.Actor):
             self._needs_setup = False
             self._actor_loop_setup()
         for _ in range(SLICE_MESSAGES_MAX):
-            if self.actor_stopped.is_set():
+            if self.stopped:
                 self._teardown()
                 return
             envelope = self.actor_inbox._pop_or_unschedule()
             if envelope is None:
                 return
             self._handle_envelope(envelope)
-        if self.actor_stopped.is_set():
+        if self.stopped:
             self._teardown()
             return
         # Fairness: let other ready actors run before this one's next slice.
         self._pool.schedule(self)
 
     def _handle_envelope(self, envelope: Any) -> None:
+        """`envelope` is pykka's (from `ActorRef.tell`/`ask`) or a bare message of ours
+        (`deliver`): a bare one goes straight to `on_receive`, as pykka would send it."""
+        reply_to = None
         try:
+            if type(envelope) is not Envelope:
+                self.on_receive(envelope)
+                return
+            reply_to = envelope.reply_to
             response = self._handle_receive(envelope.message)
-            if envelope.reply_to is not None:
-                envelope.reply_to.set(response)
+            if reply_to is not None:
+                reply_to.set(response)
         except Exception:
-            if envelope.reply_to is not None:
-                envelope.reply_to.set_exception()
+            if reply_to is not None:
+                reply_to.set_exception()
             else:
                 self._handle_failure(*sys.exc_info())
                 try:
@@ -207,6 +249,8 @@ class PooledActor(pykka.Actor):
                 with self.actor_inbox._lock:
                     self.actor_inbox._scheduled = True
                 return
+            if type(envelope) is not Envelope:
+                envelope = Envelope(envelope)
             if envelope.reply_to is not None:
                 if isinstance(envelope.message, messages._ActorStop):  # noqa: SLF001
                     envelope.reply_to.set(None)

@@ -96,6 +96,13 @@ class EngineSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     # How long a committed idempotency key answers its retries (then it is purged and a
     # request with it runs anew): 7 days, docs/decisions.md.
     idempotency_key_retention_s: Annotated[float, Meta(ge=1, le=90 * 86_400)] = 7 * 86_400.0
+    # The cyclic garbage collector's young-generation threshold while the engine runs
+    # (CPython's default is 700): each operation allocates a few dozen short-lived
+    # objects, and at 700 the collector runs every few operations and walks the older
+    # generations far too often (~30% of the engine's CPU per transfer). Objects alive at
+    # start are frozen out of collection. 0 leaves the interpreter's settings alone
+    # (docs/decisions.md, "The garbage collector"). ALLUSE_GC_YOUNG_THRESHOLD.
+    gc_young_threshold: Annotated[int, Meta(ge=0, le=10_000_000)] = 50_000
 
 
 class SupervisionSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -199,6 +206,7 @@ ENVIRONMENT = {
     "ALLUSE_METRICS_TOKEN": ("server", "metrics_token", str),
     "ALLUSE_FAULT_INJECTION": ("engine", "fault_injection", _flag),
     "ALLUSE_STANDBY": ("engine", "standby", _flag),
+    "ALLUSE_GC_YOUNG_THRESHOLD": ("engine", "gc_young_threshold", int),
     "ALLUSE_WEBHOOKS_ALLOW_PRIVATE": ("webhooks", "allow_private_targets", _flag),
     "ALLUSE_WEBHOOKS_RETRY_SCHEDULE_S": ("webhooks", "retry_schedule_s", _seconds_list),
 }

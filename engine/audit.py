@@ -76,12 +76,24 @@ def _canonical_time(at: datetime) -> str:
     return at.astimezone(timezone.utc).isoformat(timespec="microseconds")
 
 
+def canonical_time(at: datetime) -> str:
+    return _canonical_time(at)
+
+
+def hash_fields(seq: int, at_text: str, token_id: str, role: str, owner_scope: str | None, action: str,
+                target: str | None, request_id: str, client: str, outcome: str, details: str,
+                prev_hash: str) -> str:
+    """SHA-256 over a record's fields but the hash itself, in a fixed order (`at_text` is
+    the time in canonical form)."""
+    return hashlib.sha256(_encode([seq, at_text, token_id, role, owner_scope, action, target, request_id, client,
+                                   outcome, details, prev_hash])).hexdigest()
+
+
 def record_hash(record: AuditRecord) -> str:
     """SHA-256 over every field but the hash itself, in a fixed order."""
-    body = _encode([record.seq, _canonical_time(record.at), record.token_id, record.role, record.owner_scope,
-                    record.action, record.target, record.request_id, record.client, record.outcome,
-                    record.details, record.prev_hash])
-    return hashlib.sha256(body).hexdigest()
+    return hash_fields(record.seq, _canonical_time(record.at), record.token_id, record.role, record.owner_scope,
+                       record.action, record.target, record.request_id, record.client, record.outcome,
+                       record.details, record.prev_hash)
 
 
 def chained(record: AuditRecord, prev_hash: str) -> AuditRecord:

@@ -8,7 +8,6 @@ portfolios opened or merged, the reinvestments, and the outbox events. The write
 these rows as they are: it never re-applies a rule. Pure: no I/O, no clock, no ids."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -25,7 +24,7 @@ from engine.rules import mutate, transition
 MULTI_LEG_KINDS = frozenset({"transfer", "fork", "merge"})
 
 
-class OutboxRow(msgspec.Struct):
+class OutboxRow(msgspec.Struct, gc=False):
     """One event of the transactional outbox; `payload` (a Struct or a dict) is encoded
     with the rest of the batch."""
 
@@ -37,20 +36,19 @@ class OutboxRow(msgspec.Struct):
     created_at: datetime
 
 
-@dataclass(slots=True)
-class Rows:
+class Rows(msgspec.Struct):
     """Everything one operation writes. `states` holds the state after the operation of
     every account it touches (created ones included); `before` the version each existing
     one had before it (the writer's guard); `created` the ids of accounts it opens."""
 
-    states: dict[str, Account] = field(default_factory=dict)
-    before: dict[str, int] = field(default_factory=dict)
-    created: list[str] = field(default_factory=list)
-    transactions: list[Transaction] = field(default_factory=list)
-    portfolios: list[Portfolio] = field(default_factory=list)
-    merged: list[tuple[str, datetime]] = field(default_factory=list)
-    reinvestments: list[Reinvested] = field(default_factory=list)
-    outbox: list[OutboxRow] = field(default_factory=list)
+    states: dict[str, Account] = msgspec.field(default_factory=dict)
+    before: dict[str, int] = msgspec.field(default_factory=dict)
+    created: list[str] = msgspec.field(default_factory=list)
+    transactions: list[Transaction] = msgspec.field(default_factory=list)
+    portfolios: list[Portfolio] = msgspec.field(default_factory=list)
+    merged: list[tuple[str, datetime]] = msgspec.field(default_factory=list)
+    reinvestments: list[Reinvested] = msgspec.field(default_factory=list)
+    outbox: list[OutboxRow] = msgspec.field(default_factory=list)
 
     def touch(self, account: Account) -> None:
         """`account` (its tentative state) takes part in the operation."""

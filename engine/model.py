@@ -22,6 +22,10 @@ PortfolioStatus = Literal["active", "merged"]
 ACCOUNT_TYPES: tuple[str, ...] = ("generation", "revenue", "compounding")
 ACCOUNT_STATUSES: tuple[str, ...] = ("active", "frozen", "closed", "merged")
 
+# Every Struct here is `gc=False`: a value never refers back to itself (no cycles), so the
+# cyclic garbage collector need not track the many short-lived values each operation
+# makes (docs/decisions.md, "The garbage collector").
+
 # PostgreSQL text cannot hold NUL; refuse it at the edge like any other bad value.
 NO_NUL = r"^[^\x00]*$"
 Amount = Annotated[int, Meta(ge=limits.AMOUNT_MIN_CENTS, le=limits.AMOUNT_MAX_CENTS)]
@@ -33,14 +37,14 @@ Owner = Annotated[str, Meta(min_length=1, max_length=limits.OWNER_LENGTH_MAX, pa
 Memo = Annotated[str, Meta(max_length=limits.MEMO_LENGTH_MAX, pattern=TEXT_PATTERN)]
 
 
-class Allocations(Struct, frozen=True, kw_only=True):
+class Allocations(Struct, frozen=True, gc=False, kw_only=True):
     """Cumulative reinvestment allocations the strategy engine reads."""
 
     contracts: int = 0
     leaps: int = 0
 
 
-class Account(Struct, frozen=True, kw_only=True):
+class Account(Struct, frozen=True, gc=False, kw_only=True):
     id: str
     name: str
     type: AccountType
@@ -64,7 +68,7 @@ class Account(Struct, frozen=True, kw_only=True):
     updated_at: datetime
 
 
-class Portfolio(Struct, frozen=True, kw_only=True):
+class Portfolio(Struct, frozen=True, gc=False, kw_only=True):
     """A root portfolio (Gen-Acc, Rev-Acc, Com-Acc) or a forked unit (Gen-Acc, Com-Acc).
     Portfolios form a tree through `parent_id`; every unit knows its root."""
 
@@ -91,7 +95,7 @@ class Portfolio(Struct, frozen=True, kw_only=True):
         ids = (self.generation_account_id, self.revenue_account_id, self.compounding_account_id)
         return tuple(i for i in ids if i is not None)
 
-class Leg(Struct, frozen=True, kw_only=True):
+class Leg(Struct, frozen=True, gc=False, kw_only=True):
     """One ledger entry as decided; the writer adds `balance_after` and `sequence` when it
     commits the entry in order."""
 
@@ -111,7 +115,7 @@ class Leg(Struct, frozen=True, kw_only=True):
         return self.amount if self.direction == "credit" else -self.amount
 
 
-class Transaction(Struct, frozen=True, kw_only=True):
+class Transaction(Struct, frozen=True, gc=False, kw_only=True):
     """A committed ledger entry (the public shape of SPEC section 4)."""
 
     id: str
@@ -128,7 +132,7 @@ class Transaction(Struct, frozen=True, kw_only=True):
     sequence: int
 
 
-class Transfer(Struct, frozen=True, kw_only=True):
+class Transfer(Struct, frozen=True, gc=False, kw_only=True):
     """A multi-leg operation: `id` is its correlation id."""
 
     id: str
@@ -141,7 +145,7 @@ class Transfer(Struct, frozen=True, kw_only=True):
     legs: list[Transaction]
 
 
-class GrowthOperation(Struct, frozen=True, kw_only=True):
+class GrowthOperation(Struct, frozen=True, gc=False, kw_only=True):
     """A fork or a merge: `id` is its correlation id; `portfolio_id` is the unit created
     (fork) or emptied (merge)."""
 
@@ -154,65 +158,65 @@ class GrowthOperation(Struct, frozen=True, kw_only=True):
 
 
 # Commands: what a caller asks of one account. Tagged so they can travel and be matched.
-class Deposit(Struct, frozen=True, kw_only=True, tag=True):
+class Deposit(Struct, frozen=True, gc=False, kw_only=True, tag=True):
     amount: int
     memo: str | None = None
 
 
-class Withdraw(Struct, frozen=True, kw_only=True, tag=True):
+class Withdraw(Struct, frozen=True, gc=False, kw_only=True, tag=True):
     amount: int
     memo: str | None = None
     # An admin override of the account type's "no withdrawals" rule (audited with its reason).
     override: bool = False
 
 
-class BookTrade(Struct, frozen=True, kw_only=True, tag=True):
+class BookTrade(Struct, frozen=True, gc=False, kw_only=True, tag=True):
     kind: TradeKind
     amount: int
     memo: str | None = None
     effective_date: date | None = None
 
 
-class TransferDebit(Struct, frozen=True, kw_only=True, tag=True):
+class TransferDebit(Struct, frozen=True, gc=False, kw_only=True, tag=True):
     to_account: str
     amount: int
     memo: str | None = None
     override: bool = False
 
 
-class TransferCredit(Struct, frozen=True, kw_only=True, tag=True):
+class TransferCredit(Struct, frozen=True, gc=False, kw_only=True, tag=True):
     from_account: str
     amount: int
     memo: str | None = None
 
 
-class Rename(Struct, frozen=True, kw_only=True, tag=True):
+class Rename(Struct, frozen=True, gc=False, kw_only=True, tag=True):
     name: str
 
 
-class ChangeStatus(Struct, frozen=True, kw_only=True, tag=True):
+class ChangeStatus(Struct, frozen=True, gc=False, kw_only=True, tag=True):
     status: AccountStatus
 
 
-class UpdateAccount(Struct, frozen=True, kw_only=True, tag=True):
+class UpdateAccount(Struct, frozen=True, gc=False, kw_only=True, tag=True):
     """A PATCH: rename and/or change status, all or nothing."""
 
     name: str | None = None
     status: AccountStatus | None = None
 
 
-class Close(Struct, frozen=True, kw_only=True, tag=True):
+class Close(Struct, frozen=True, gc=False, kw_only=True, tag=True):
     pass
 
 
-class Fork(Struct, frozen=True, kw_only=True, tag=True):
+class Fork(Struct, frozen=True, gc=False, kw_only=True, tag=True):
     """A manual fork of a portfolio Gen-Acc: `amount` (default: the whole surplus) must
     not exceed the surplus over its baseline."""
 
     amount: int | None = None
 
 
-class MergeOut(Struct, frozen=True, kw_only=True, tag=True):
+class MergeOut(Struct, frozen=True, gc=False, kw_only=True, tag=True):
     """A unit account's part of a merge: all its money leaves, it becomes `merged`. All
     legs of one merge carry one effective date (see `growth.merge_date`)."""
 
@@ -220,7 +224,7 @@ class MergeOut(Struct, frozen=True, kw_only=True, tag=True):
     effective_date: date | None = None
 
 
-class MergeIn(Struct, frozen=True, kw_only=True, tag=True):
+class MergeIn(Struct, frozen=True, gc=False, kw_only=True, tag=True):
     """The root Com-Acc's part of a merge: it receives everything the unit held."""
 
     portfolio_id: str
@@ -228,7 +232,7 @@ class MergeIn(Struct, frozen=True, kw_only=True, tag=True):
     effective_date: date | None = None
 
 
-class Reinvest(Struct, frozen=True, kw_only=True, tag=True):
+class Reinvest(Struct, frozen=True, gc=False, kw_only=True, tag=True):
     quarter: str
 
 
@@ -238,7 +242,7 @@ Command = Union[Deposit, Withdraw, BookTrade, TransferDebit, TransferCredit, Ren
 
 # Events: what a decision says happened. Account events name their account; a decision
 # on one account may also open a unit (a fork) or close a portfolio (a merge).
-class LegPosted(Struct, frozen=True, kw_only=True, tag=True):
+class LegPosted(Struct, frozen=True, gc=False, kw_only=True, tag=True):
     leg: Leg
 
     @property
@@ -246,19 +250,19 @@ class LegPosted(Struct, frozen=True, kw_only=True, tag=True):
         return self.leg.account_id
 
 
-class StatusChanged(Struct, frozen=True, kw_only=True, tag=True):
+class StatusChanged(Struct, frozen=True, gc=False, kw_only=True, tag=True):
     account_id: str
     status: AccountStatus
     at: datetime
 
 
-class Renamed(Struct, frozen=True, kw_only=True, tag=True):
+class Renamed(Struct, frozen=True, gc=False, kw_only=True, tag=True):
     account_id: str
     name: str
     at: datetime
 
 
-class Reinvested(Struct, frozen=True, kw_only=True, tag=True):
+class Reinvested(Struct, frozen=True, gc=False, kw_only=True, tag=True):
     account_id: str
     quarter: str
     net_income: int
@@ -267,7 +271,7 @@ class Reinvested(Struct, frozen=True, kw_only=True, tag=True):
     at: datetime
 
 
-class PortfolioOpened(Struct, frozen=True, kw_only=True, tag=True):
+class PortfolioOpened(Struct, frozen=True, gc=False, kw_only=True, tag=True):
     """A portfolio and its accounts were opened (a root by its owner, a unit by a fork),
     with zero balances: the credit legs that follow fund them."""
 
@@ -276,7 +280,7 @@ class PortfolioOpened(Struct, frozen=True, kw_only=True, tag=True):
     account_id: None = None
 
 
-class PortfolioMerged(Struct, frozen=True, kw_only=True, tag=True):
+class PortfolioMerged(Struct, frozen=True, gc=False, kw_only=True, tag=True):
     portfolio_id: str
     at: datetime
     account_id: None = None

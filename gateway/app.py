@@ -443,25 +443,23 @@ async def close_account(request: web.Request) -> web.Response:
 
 async def deposit(request: web.Request) -> web.Response:
     body = await body_of(request, DepositRequest)
-    result = await _engine(request).deposit(request.match_info["account_id"], body.amount, memo=body.memo,
-                                            idempotency_key=idempotency_key(request))
+    result = await _engine(request).deposit_request(request.match_info["account_id"], body,
+                                                    idempotency_key=idempotency_key(request))
     return json_response(result, 201)
 
 
 async def withdraw(request: web.Request) -> web.Response:
     body = await body_of(request, WithdrawalRequest)
     require_admin_for_override(request, body.override_reason)
-    result = await _engine(request).withdraw(request.match_info["account_id"], body.amount, memo=body.memo,
-                                             override_reason=body.override_reason,
-                                             idempotency_key=idempotency_key(request))
+    result = await _engine(request).withdraw_request(request.match_info["account_id"], body,
+                                                     idempotency_key=idempotency_key(request))
     return json_response(result, 201)
 
 
 async def book_trade(request: web.Request) -> web.Response:
     body = await body_of(request, TradeRequest)
-    result = await _engine(request).book_trade(request.match_info["account_id"], kind=body.kind,
-                                               amount=body.amount, effective_date=body.effective_date,
-                                               memo=body.memo, idempotency_key=idempotency_key(request))
+    result = await _engine(request).book_trade_request(request.match_info["account_id"], body,
+                                                       idempotency_key=idempotency_key(request))
     return json_response(result, 201)
 
 
@@ -482,9 +480,7 @@ async def transfer(request: web.Request) -> web.Response:
     if scope is not None:
         for account_id in (body.from_account, body.to_account):
             await _own_account(_engine(request), account_id, scope)
-    result = await _engine(request).transfer(body.from_account, body.to_account, body.amount, memo=body.memo,
-                                             override_reason=body.override_reason,
-                                             idempotency_key=idempotency_key(request))
+    result = await _engine(request).transfer_request(body, idempotency_key=idempotency_key(request))
     return json_response(result, 201)
 
 

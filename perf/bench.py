@@ -39,7 +39,7 @@ from perf.common import (Database, ProgressBar, Result, RunConfig, Service, Sess
 from perf.workloads import ACCOUNTS, PORTFOLIOS_FORKING, TRANSFERS, WORKLOADS, Workload
 
 LEVELS = (1, 16, 64, 256, 1000)
-PARTS = ("in-process", "http", "ceiling", "naive", "week", "million")
+PARTS = ("in-process", "http", "hello", "ceiling", "naive", "week", "million")
 Runs = tuple[tuple[str, tuple[int, ...]], ...]
 
 
@@ -60,10 +60,10 @@ class Plan:
 
 QUICK = Plan(
     name="quick",
-    in_process=(("transfers-uniform", LEVELS), ("transfers-zipf", LEVELS), ("create-accounts", (64,)),
-                ("deposits", (64,)), ("reads", (64,)), ("forks", (64,))),
-    http=(("transfers-uniform", LEVELS), ("transfers-zipf", (64,)), ("create-accounts", (64,)), ("deposits", (64,)),
-          ("reads", (64,))),
+    in_process=(("transfers-uniform", LEVELS), ("transfers-zipf", LEVELS), ("transfers-unkeyed", (64,)),
+                ("create-accounts", (64,)), ("deposits", (64,)), ("reads", (64,)), ("forks", (64,))),
+    http=(("transfers-uniform", LEVELS), ("transfers-zipf", (64,)), ("transfers-unkeyed", (64,)),
+          ("create-accounts", (64,)), ("deposits", (64,)), ("reads", (64,))),
     ceiling=(("transfers-uniform", LEVELS), ("transfers-zipf", LEVELS)),
     naive=(("transfers-uniform", (64,)), ("transfers-zipf", (64,))),
     repeats=1, week_portfolios=2_000, crashes=20, million_accounts=0)
@@ -173,8 +173,10 @@ def run_plan(plan: Plan, parts: list[str], window: RunConfig, loop: str, show_pr
     from perf.naive import naive_session
     from perf.week import WEEK_RUNS, week_session
 
+    from perf.hello import HELLO_LEVELS, hello_session
+
     counts = {"in-process": len(expand(plan.in_process)) * plan.repeats + (1 if plan.crashes else 0),
-              "http": len(expand(plan.http)) * plan.repeats,
+              "http": len(expand(plan.http)) * plan.repeats, "hello": len(HELLO_LEVELS) * plan.repeats,
               "ceiling": len(expand(plan.ceiling)) * plan.repeats, "naive": len(expand(plan.naive)) * plan.repeats,
               "week": WEEK_RUNS * plan.repeats, "million": 1 if plan.million_accounts else 0}
     total = sum(counts[part] for part in parts)
@@ -190,6 +192,8 @@ def run_plan(plan: Plan, parts: list[str], window: RunConfig, loop: str, show_pr
                                                               crashes=plan.crashes), loop)
             elif part == "http":
                 sessions[part] = http_session(database, "http", expand(plan.http), window, plan.repeats, bar, loop)
+            elif part == "hello":
+                sessions[part] = hello_session(database, window, plan.repeats, bar, loop)
             elif part == "ceiling":
                 sessions[part] = run_async(ceiling_session(database.create("ceiling"), database.pgdata,
                                                            expand(plan.ceiling), window, plan.repeats, bar), loop)

@@ -282,6 +282,9 @@ class Service:
             self.process = subprocess.Popen([sys.executable, "-m", "gateway"], cwd=ROOT, env=env, stdout=log,
                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                             start_new_session=True)
+        self.wait_ready()
+
+    def wait_ready(self) -> None:
         deadline = time.monotonic() + SERVICE_READY_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -549,7 +552,7 @@ def summarize(mode: str, workload: str, config: RunConfig, measurement: Measurem
     commits = after.get("commits", 0) - before.get("commits", 0)
     commit_s = after.get("commit_s", 0.0) - before.get("commit_s", 0.0)
     window = measurement.window_s
-    cpu = {name: round((after["cpu"][name] - value) / window, 2)
+    cpu = {name: round((after["cpu"][name] - value) / window, 4)
            for name, value in before.get("cpu", {}).items() if name in after.get("cpu", {})}
     notes = []
     if measurement.capped:

@@ -71,13 +71,33 @@ async def _readers(spec: dict, send) -> dict:
     return {}
 
 
+async def _hello(spec: dict, send) -> dict:
+    """GET /hello on the hello world (`perf.hello`) at each level, `repeats` times."""
+    from perf.targets import HttpTarget
+    from perf.workloads import HELLO
+
+    target = HttpTarget(spec["base"], "-", spec["server_pid"], None)
+    url = spec["base"] + "/hello"
+    try:
+        for _ in range(spec["repeats"]):
+            for concurrency in spec["levels"]:
+                config = RunConfig(concurrency=concurrency, **spec["window"])
+                await target.open(concurrency)
+                call = target.call_requests(lambda *_: ("GET", url, None))
+                measurement = await drive(call, HELLO.pick, config, target.cpu_snapshot)
+                send({"result": asdict(summarize("hello", HELLO.name, config, measurement))})
+    finally:
+        await target.close()
+    return {}
+
+
 def _main(spec: dict, connection) -> None:
     """Entry point of the load-generator process."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:   # a socket per connection: 1,000 users need more than the usual 1,024
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     try:
-        task = {"runs": _runs, "readers": _readers}[spec["task"]]
+        task = {"runs": _runs, "readers": _readers, "hello": _hello}[spec["task"]]
         with asyncio.Runner(loop_factory=event_loop_factory(spec["loop"])) as runner:
             connection.send({"done": runner.run(task(spec, connection.send))})
     except BaseException:  # noqa: BLE001 - reported to the parent

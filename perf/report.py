@@ -57,9 +57,23 @@ def _find(figures: list[dict], mode: str, workload: str, concurrency: int) -> di
                  and f["concurrency"] == concurrency), None)
 
 
+def cpu_us(figure: dict, name: str) -> float | None:
+    """CPU µs per acknowledged operation of one process ("engine": the embedding process
+    in-process, the gateway over HTTP; "postgres": every PostgreSQL process)."""
+    cores = figure["cpu_cores"].get(name)
+    if cores is None or not figure["per_second"]:
+        return None
+    return round(cores / figure["per_second"] * 1e6, 1)
+
+
 def _ratios(figures: list[dict]) -> None:
+    hello = _find(figures, "hello", "hello-world", 64)
     for figure in figures:
-        figure["vs_naive"] = figure["vs_ceiling"] = None
+        figure["engine_cpu_us"] = cpu_us(figure, "engine")
+        figure["postgres_cpu_us"] = cpu_us(figure, "postgres")
+        figure["vs_naive"] = figure["vs_ceiling"] = figure["vs_hello"] = None
+        if figure["mode"] == "http" and hello and hello["per_second"]:
+            figure["vs_hello"] = round(figure["per_second"] / hello["per_second"], 3)
         if figure["mode"] not in ENGINE_MODES or figure["workload"] not in TRANSFERS:
             continue
         for key, mode in (("vs_naive", "naive"), ("vs_ceiling", "ceiling")):
@@ -75,26 +89,59 @@ def _target(name: str, goal: str, measured: str | None, passed: bool | None) -> 
 
 
 def targets(figures: list[dict], extra: dict) -> list[dict]:
+    """Issue 10's figures (keyed transfers are the transfer workloads), then issue 4's."""
     rows = []
-    for mode, name, per_second_min, p99_max in (("in-process", "in-process transfers, 64 callers", 20_000, 10),
-                                               ("http", "HTTP transfers, 64 connections", 5_000, 30)):
-        f = _find(figures, mode, "transfers-uniform", 64)
-        rows.append(_target(name, f">= {per_second_min:,}/s, p99 <= {p99_max} ms",
-                            f and f"{f['per_second']:,.0f}/s, p99 {fmt(f['p99_ms'], 1)} ms",
-                            f and f["per_second"] >= per_second_min and (f["p99_ms"] or 1e9) <= p99_max))
-    skewed, naive = _find(figures, "in-process", "transfers-zipf", 64), _find(figures, "naive", "transfers-zipf", 64)
-    rows.append(_target(f"skewed transfers (Zipf s={ZIPF_S:g}), 64 callers", ">= 5x naive",
-                        skewed and naive and naive["per_second"] and
-                        f"{skewed['per_second']:,.0f}/s vs naive {naive['per_second']:,.0f}/s = "
-                        f"{skewed['per_second'] / naive['per_second']:.1f}x",
-                        skewed and naive and naive["per_second"] and skewed["per_second"] >= 5 * naive["per_second"]))
-    many, usual = _find(figures, "http", "transfers-uniform", 1000), _find(figures, "http", "transfers-uniform", 64)
+    keyed = _find(figures, "in-process", "transfers-uniform", 64)
+    unkeyed = _find(figures, "in-process", "transfers-unkeyed", 64)
+    total = keyed and keyed["engine_cpu_us"] is not None and keyed["postgres_cpu_us"] is not None and (
+        keyed["engine_cpu_us"] + keyed["postgres_cpu_us"])
+    rows.append(_target("keyed transfer, CPU per operation (engine + PostgreSQL)", "<= 120 us",
+                        total and f"{keyed['engine_cpu_us']:,.0f} + {keyed['postgres_cpu_us']:,.0f} = {total:,.0f} us",
+                        total and total <= 120))
+    rows.append(_target("keyed vs unkeyed transfer, engine CPU", "<= 1.2x",
+                        keyed and unkeyed and keyed["engine_cpu_us"] and unkeyed["engine_cpu_us"] and
+                        f"{keyed['engine_cpu_us']:,.0f} vs {unkeyed['engine_cpu_us']:,.0f} us = "
+                        f"{keyed['engine_cpu_us'] / unkeyed['engine_cpu_us']:.2f}x",
+                        keyed and unkeyed and keyed["engine_cpu_us"] and unkeyed["engine_cpu_us"] and
+                        keyed["engine_cpu_us"] <= 1.2 * unkeyed["engine_cpu_us"]))
+    rows.append(_target("in-process keyed transfers, 64 callers", ">= 15,000/s, p99 <= 10 ms",
+                        keyed and f"{keyed['per_second']:,.0f}/s, p99 {fmt(keyed['p99_ms'], 1)} ms",
+                        keyed and keyed["per_second"] >= 15_000 and (keyed["p99_ms"] or 1e9) <= 10))
+    for workload in TRANSFERS:
+        ours, naive = _find(figures, "in-process", workload, 64), _find(figures, "naive", workload, 64)
+        rows.append(_target(f"{workload} vs the naive design, 64 callers", ">= 5x",
+                            ours and naive and naive["per_second"] and
+                            f"{ours['per_second']:,.0f}/s vs {naive['per_second']:,.0f}/s = "
+                            f"{ours['per_second'] / naive['per_second']:.1f}x",
+                            ours and naive and naive["per_second"] and ours["per_second"] >= 5 * naive["per_second"]))
+    crowd = _find(figures, "in-process", "transfers-uniform", 1000)
+    rows.append(_target("in-process keyed transfers, 1,000 callers", "no errors, >= 80% of 64 callers",
+                        crowd and keyed and keyed["per_second"] and
+                        f"{crowd['per_second']:,.0f}/s = {crowd['per_second'] / keyed['per_second']:.0%}, "
+                        f"{sum(crowd['errors'].values()):,} errors",
+                        crowd and keyed and keyed["per_second"] and not crowd["errors"]
+                        and crowd["per_second"] >= 0.8 * keyed["per_second"]))
+    http, hello = _find(figures, "http", "transfers-uniform", 64), _find(figures, "hello", "hello-world", 64)
+    rows.append(_target("HTTP keyed transfers, 64 connections", ">= 35% of a hello world, p99 <= 20 ms",
+                        http and hello and hello["per_second"] and
+                        f"{http['per_second']:,.0f}/s = {http['per_second'] / hello['per_second']:.0%} of "
+                        f"{hello['per_second']:,.0f}/s, p99 {fmt(http['p99_ms'], 1)} ms",
+                        http and hello and hello["per_second"] and http["per_second"] >= 0.35 * hello["per_second"]
+                        and (http["p99_ms"] or 1e9) <= 20))
+    many, usual = _find(figures, "http", "transfers-uniform", 1000), http
     errors = sum(many["errors"].values()) + many["errors_outside_window"] if many else 0
     rows.append(_target("1,000 concurrent HTTP users (transfers)", "no errors, >= 80% of the 64-user figure",
                         many and usual and usual["per_second"] and
                         f"{many['per_second']:,.0f}/s = {many['per_second'] / usual['per_second']:.0%}, "
                         f"{errors:,} errors (warm-up included)",
                         many and usual and errors == 0 and many["per_second"] >= 0.8 * usual["per_second"]))
+    for workload in ("deposits", "forks"):
+        f = _find(figures, "in-process", workload, 64)
+        used = f and f["engine_cpu_us"] is not None and f["postgres_cpu_us"] is not None and (
+            f["engine_cpu_us"] + f["postgres_cpu_us"])
+        rows.append(_target(f"{workload} (keyed), CPU per operation", "within the transfer budget (120 us)",
+                            used and f"{f['engine_cpu_us']:,.0f} + {f['postgres_cpu_us']:,.0f} = {used:,.0f} us",
+                            used and used <= 120))
     forks = _find(figures, "in-process", "forks", 64)
     rows.append(_target("forks in-process, 64 callers", ">= 2,000/s", forks and f"{forks['per_second']:,.0f}/s",
                         forks and forks["per_second"] >= 2_000))
@@ -122,7 +169,7 @@ def build(sessions: dict, plan, window, args, started: datetime, finished: datet
              "week": sessions["week"].extra if "week" in sessions else None,
              "million": sessions["million"].extra if "million" in sessions else None}
     return {
-        "benchmark": "perf.bench", "format": 3, "started_at": started.isoformat(), "finished_at": finished.isoformat(),
+        "benchmark": "perf.bench", "format": 4, "started_at": started.isoformat(), "finished_at": finished.isoformat(),
         "duration_s": round((finished - started).total_seconds(), 1), "plan": plan.name, "quick": args.quick,
         "repeats": plan.repeats, "window": {"warmup_s": window.warmup_s, "seconds": window.seconds},
         "machine": machine_description(args.loop),
@@ -157,13 +204,16 @@ def render(document: dict) -> str:
            f"{window['seconds']:g} s measured after {window['warmup_s']:g} s warm-up, "
            + ("one run per figure" if repeats == 1 else f"median of {repeats} runs per figure")]
     header = ("part", "workload", "users", "ops/s", "p50 ms", "p95 ms", "p99 ms", "errors", "avg batch",
-              "x naive", "x ceiling")
+              "engine us/op", "pg us/op", "x naive", "x ceiling")
     rows = [(f["mode"], f["workload"], f"{f['concurrency']:,}",
              fmt(f["per_second"], 0) + ("*" if _disturbed(f) else " "), fmt(f["p50_ms"], 2),
              fmt(f["p95_ms"], 2), fmt(f["p99_ms"], 2), _errors(f["errors"]), fmt(f["avg_batch_size"], 1),
+             fmt(f.get("engine_cpu_us"), 0), fmt(f.get("postgres_cpu_us"), 0),
              _ratio(f["vs_naive"]), _ratio(f["vs_ceiling"])) for f in document["figures"]]
     out += render_rows(header, rows, {0, 1, 7})
-    out += ["", "Targets (issue 4)"]
+    out += ["", "CPU per operation: the engine process (in-process: the process embedding the engine, its "
+            "callers included; http: the gateway) and every PostgreSQL process, over the measured window.",
+            "", "Targets (issue 10, then issue 4)"]
     out += render_rows(("figure", "target", "measured", "result"),
                        [(t["name"], t["target"], t["measured"], t["status"]) for t in document["targets"]], {0, 1, 2})
     out += _extras(document)

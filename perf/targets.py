@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import os
 from typing import Any
 
 from perf.common import SETUP_TIMEOUT_S, Call, Snapshot, bounded_gather, cpu_sample, parse_metrics, progress
@@ -16,6 +17,13 @@ from perf.workloads import (ACCOUNTS, INITIAL_BALANCE_CENTS, PORTFOLIO_CAPITAL_C
                             PREMIUM_FORKING_CENTS, Workload)
 
 SETUP_CONCURRENCY = 64
+
+
+def _keys():
+    """Unique idempotency keys, cheap to make (the in-process driver's CPU counts as the
+    engine's): a random prefix per run and a counter."""
+    prefix = os.urandom(8).hex()
+    return (f"{prefix}-{n}" for n in itertools.count())
 
 
 class EngineTarget:
@@ -54,13 +62,15 @@ class EngineTarget:
         from engine.errors import EngineError
 
         engine, ids, generation, names = self.engine, self.accounts, self.generation, self._names
+        keys = _keys() if workload.keyed else itertools.repeat(None)
         operation = {
-            "transfer": lambda source, target, amount: engine.transfer(ids[source], ids[target], amount),
-            "deposit": lambda account, amount: engine.deposit(ids[account], amount),
+            "transfer": lambda source, target, amount: engine.transfer(ids[source], ids[target], amount,
+                                                                       idempotency_key=next(keys)),
+            "deposit": lambda account, amount: engine.deposit(ids[account], amount, idempotency_key=next(keys)),
             "read": lambda account: engine.get_account(ids[account]),
             "create": lambda: engine.create_account(name=f"new-{next(names)}", type="revenue", owner="perf"),
             "fork": lambda portfolio: engine.book_trade(generation[portfolio], kind="premium",
-                                                        amount=PREMIUM_FORKING_CENTS),
+                                                        amount=PREMIUM_FORKING_CENTS, idempotency_key=next(keys)),
         }[workload.operation]
 
         async def call(*args) -> str | None:
@@ -149,16 +159,18 @@ class HttpTarget:
         }[workload.operation]
 
     def call(self, workload: Workload) -> Call:
-        return self.call_requests(self.request(workload))
+        return self.call_requests(self.request(workload), keyed=workload.keyed)
 
-    def call_requests(self, make) -> Call:
+    def call_requests(self, make, *, keyed: bool = False) -> Call:
         aiohttp = self.aiohttp
+        keys = _keys()
 
         async def call(*args) -> str | None:
             method, url, body = make(*args)
             expected = 201 if method == "POST" else 200
+            headers = {"Idempotency-Key": next(keys)} if keyed else None
             try:
-                async with self.session.request(method, url, data=body) as response:
+                async with self.session.request(method, url, data=body, headers=headers) as response:
                     payload = await response.read()
                     if response.status == expected:
                         return None
@@ -173,6 +185,11 @@ class HttpTarget:
                 return type(error).__name__
 
         return call
+
+    async def cpu_snapshot(self) -> Snapshot:
+        """CPU only: for a server with no /metrics (the hello world)."""
+        pids = {"engine": self.server_pid} if self.server_pid else {}
+        return {"cpu": cpu_sample(own="client", pids=pids, pgdata=self.pgdata)}
 
     async def snapshot(self) -> Snapshot:
         async with self.side.get(self.base + "/metrics") as response:

@@ -40,6 +40,8 @@ class Workload:
     zipf_s: float = 0.0               # 0: uniform account choice
     amount_min: int = AMOUNT_MIN_CENTS
     amount_max: int = AMOUNT_MAX_CENTS
+    # Each call carries its own Idempotency-Key, as the strategy engine sends them.
+    keyed: bool = False
 
     def __post_init__(self) -> None:
         assert self.operation in OPERATIONS, self.operation
@@ -85,12 +87,17 @@ class Workload:
         return cumulative[min(top, self.accounts) - 1] / cumulative[-1]
 
 
+# Money moves carry an idempotency key (the strategy engine must send one with each);
+# `transfers-unkeyed` shows what the key costs.
 WORKLOADS = {w.name: w for w in (
     Workload("create-accounts", "create"),
-    Workload("deposits", "deposit"),
-    Workload("transfers-uniform", "transfer"),
-    Workload("transfers-zipf", "transfer", zipf_s=ZIPF_S),
+    Workload("deposits", "deposit", keyed=True),
+    Workload("transfers-uniform", "transfer", keyed=True),
+    Workload("transfers-zipf", "transfer", zipf_s=ZIPF_S, keyed=True),
+    Workload("transfers-unkeyed", "transfer"),
     Workload("reads", "read"),
-    Workload("forks", "fork"),
+    Workload("forks", "fork", keyed=True),
 )}
 TRANSFERS = ("transfers-uniform", "transfers-zipf")
+# An aiohttp hello world on the same box (`perf.hello`): the yardstick of HTTP figures.
+HELLO = Workload("hello-world", "read")

@@ -16,6 +16,8 @@ from datetime import datetime
 import msgspec
 
 from engine.model import Account, Allocations, Portfolio, Transaction
+from persistence.batch import AUDIT_COLUMNS as AUDIT_FIELDS, ENTRY_COLUMNS as ENTRY_FIELDS, \
+    EVENT_COLUMNS as EVENT_FIELDS, KEY_COLUMNS, BatchWrite
 
 log = logging.getLogger("alluse.store")
 
@@ -71,15 +73,26 @@ SELECT_OWNER_EVENTS_AFTER = (
     "WHERE e.seq > $1 AND coalesce(a.owner, p.owner) = $3 ORDER BY e.seq LIMIT $2")
 
 
-# One batch is one statement, hence one implicit transaction and one round trip: new
-# accounts, new entries, account updates (each guarded by the version it was read at),
-# outbox events, idempotency keys, tokens and audit records. Each table's rows arrive as
-# one jsonb array (`persistence.batch.write_batch_args`): a handful of parameters the
-# driver sends as they are, instead of one array per column that it would encode element
-# by element on the event loop. Data-modifying CTEs always run to completion; the final
-# SELECT divides by zero - failing, so rolling back, the whole statement - unless every
-# guarded update found its row at the expected version.
-WRITE_BATCH = f"""
+# One batch is one transaction (`write_batch`): the rows every operation writes go in by
+# binary COPY (`persistence.batch`), each changed account is updated once, guarded by the
+# version the batch found, from one jsonb document (typed arrays would cost the driver an
+# ABC isinstance check per element on the event loop), and what few operations write (new
+# accounts and portfolios, merges, reinvestments, tokens) goes in one statement of jsonb
+# documents, sent only when the batch has any. A guard that trips raises, which rolls the
+# whole transaction back.
+UPDATE_ACCOUNTS = """
+UPDATE accounts AS a
+SET name = u.name, status = u.status, balance = u.balance, version = u.version,
+    latest_effective_date = u.latest_effective_date, updated_at = u.updated_at,
+    allocation_contracts = u.allocation_contracts, allocation_leaps = u.allocation_leaps,
+    trade_income_cents = u.trade_income_cents, last_reinvested_quarter = u.last_reinvested_quarter
+FROM jsonb_to_recordset($1::jsonb) AS u(
+    id text, name text, status text, balance bigint, version bigint, previous_version bigint,
+    latest_effective_date date, updated_at timestamptz, allocation_contracts bigint, allocation_leaps bigint,
+    trade_income_cents bigint, last_reinvested_quarter text)
+WHERE a.id = u.id AND a.version = u.previous_version"""
+
+WRITE_RARE = f"""
 WITH new_portfolios AS (
     INSERT INTO portfolios ({PORTFOLIO_COLUMNS})
     SELECT {PORTFOLIO_COLUMNS} FROM jsonb_to_recordset($1::jsonb) AS r(
@@ -98,66 +111,29 @@ WITH new_portfolios AS (
         updated_at timestamptz, root_portfolio_id text, portfolio_depth integer, trade_income_cents bigint,
         last_reinvested_quarter text)
     RETURNING 1
-), new_entries AS (
-    INSERT INTO entries ({ENTRY_COLUMNS})
-    SELECT {ENTRY_COLUMNS} FROM jsonb_to_recordset($3::jsonb) AS r(
-        id text, account_id text, sequence bigint, kind text, direction text, amount bigint, balance_after bigint,
-        counterparty_account_id text, memo text, correlation_id text, effective_date date, created_at timestamptz)
-    RETURNING 1
-), changed AS (
-    UPDATE accounts AS a
-    SET name = u.name, status = u.status, balance = u.balance, version = u.version,
-        latest_effective_date = u.latest_effective_date, updated_at = u.updated_at,
-        allocation_contracts = u.allocation_contracts, allocation_leaps = u.allocation_leaps,
-        trade_income_cents = u.trade_income_cents, last_reinvested_quarter = u.last_reinvested_quarter
-    FROM jsonb_to_recordset($4::jsonb) AS u(
-        id text, name text, status text, balance bigint, version bigint, previous_version bigint,
-        latest_effective_date date, updated_at timestamptz, allocation_contracts bigint, allocation_leaps bigint,
-        trade_income_cents bigint, last_reinvested_quarter text)
-    WHERE a.id = u.id AND a.version = u.previous_version
-    RETURNING 1
 ), merged_portfolios AS (
     UPDATE portfolios AS p SET status = 'merged', merged_at = u.merged_at
-    FROM jsonb_to_recordset($5::jsonb) AS u(id text, merged_at timestamptz)
+    FROM jsonb_to_recordset($3::jsonb) AS u(id text, merged_at timestamptz)
     WHERE p.id = u.id AND p.status = 'active'
     RETURNING 1
 ), new_reinvestments AS (
     INSERT INTO reinvestments (account_id, quarter, net_income, contracts, leaps, created_at)
-    SELECT account_id, quarter, net_income, contracts, leaps, at FROM jsonb_to_recordset($6::jsonb) AS r(
+    SELECT account_id, quarter, net_income, contracts, leaps, at FROM jsonb_to_recordset($4::jsonb) AS r(
         account_id text, quarter text, net_income bigint, contracts bigint, leaps bigint, at timestamptz)
-    RETURNING 1
-), new_events AS (
-    INSERT INTO events (type, account_id, portfolio_id, correlation_id, payload, created_at)
-    SELECT type, account_id, portfolio_id, correlation_id, payload, created_at FROM jsonb_to_recordset($7::jsonb) AS r(
-        type text, account_id text, portfolio_id text, correlation_id text, payload jsonb, created_at timestamptz)
-    RETURNING 1
-), new_keys AS (
-    INSERT INTO idempotency_keys (key, fingerprint, response)
-    SELECT key, fingerprint, convert_to(response, 'UTF8') FROM jsonb_to_recordset($8::jsonb) AS r(
-        key text, fingerprint text, response text)
-    ON CONFLICT (key) DO NOTHING
     RETURNING 1
 ), new_tokens AS (
     INSERT INTO api_tokens (id, name, role, owner, secret_hash, created_by, created_at)
-    SELECT id, name, role, owner, secret_hash, created_by, created_at FROM jsonb_to_recordset($11::jsonb) AS r(
+    SELECT id, name, role, owner, secret_hash, created_by, created_at FROM jsonb_to_recordset($5::jsonb) AS r(
         id text, name text, role text, owner text, secret_hash text, created_by text, created_at timestamptz)
     RETURNING 1
 ), revoked_tokens AS (
     UPDATE api_tokens AS t SET revoked_at = u.revoked_at
-    FROM jsonb_to_recordset($12::jsonb) AS u(id text, revoked_at timestamptz)
+    FROM jsonb_to_recordset($6::jsonb) AS u(id text, revoked_at timestamptz)
     WHERE t.id = u.id AND t.revoked_at IS NULL
     RETURNING 1
-), new_audit AS (
-    INSERT INTO audit_log (seq, at, token_id, role, owner_scope, action, target, request_id, client, outcome,
-                           details, prev_hash, hash)
-    SELECT seq, at, token_id, role, owner_scope, action, target, request_id, client, outcome, details, prev_hash, hash
-    FROM jsonb_to_recordset($13::jsonb) AS r(
-        seq bigint, at timestamptz, token_id text, role text, owner_scope text, action text, target text,
-        request_id text, client text, outcome text, details text, prev_hash text, hash text)
-    RETURNING 1
 )
-SELECT alluse_batch_guard((SELECT count(*) FROM new_keys), $15, (SELECT count(*) FROM changed), $9,
-                          (SELECT count(*) FROM merged_portfolios), $10, (SELECT count(*) FROM revoked_tokens), $14)"""
+SELECT alluse_batch_guard(0, 0, 0, 0, (SELECT count(*) FROM merged_portfolios), $7,
+                          (SELECT count(*) FROM revoked_tokens), $8)"""
 
 SELECT_AUDIT_HEAD = "SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1"
 AUDIT_COLUMNS = ("seq, at, token_id, role, owner_scope, action, target, request_id, client, outcome, details, "
@@ -182,6 +158,51 @@ class KeyConflict(StatementRejected):
 
 
 KEY_CONFLICT_SQLSTATE = "AL001"
+# The key table's unique index, which the COPY of a batch's keys meets.
+KEY_INDEX = "idempotency_keys_pkey"
+
+
+async def set_risk_flag(connection: asyncpg.Connection, account_id: str, portfolio_id: str | None, *,
+                        active: bool, drawdown: float, limit: float, at: datetime) -> None:
+    """Sets or clears the account's drawdown_breach flag and writes its event, in one
+    transaction, on the writer's connection (between batches)."""
+    payload = msgspec.json.encode({"account_id": account_id, "drawdown": drawdown, "limit": limit}).decode()
+    async with translated_errors(), connection.transaction():
+        if active:
+            await connection.execute("INSERT INTO risk_flags (account_id, flag, since, drawdown) "
+                                     "VALUES ($1, 'drawdown_breach', $2, $3)", account_id, at, drawdown)
+        else:
+            await connection.execute("DELETE FROM risk_flags WHERE account_id = $1 AND flag = 'drawdown_breach'",
+                                     account_id)
+        await connection.execute("INSERT INTO events (type, account_id, portfolio_id, payload, created_at) "
+                                 "VALUES ($1, $2, $3, $4::json, $5)",
+                                 "account.drawdown_breach" if active else "account.drawdown_recovered",
+                                 account_id, portfolio_id, payload, at)
+
+
+async def write_batch(connection: asyncpg.Connection, batch: "BatchWrite") -> None:
+    """Writes one batch (`persistence.batch.BatchWrite`) in one transaction on the
+    writer's connection: what few operations write first, then every changed account
+    (guarded), the idempotency keys (a key committed before fails the batch early), the
+    entries, the outbox events and the audit records. Raises `KeyConflict`,
+    `StatementRejected` (nothing committed) or `DatabaseUnavailable` (outcome unknown)."""
+    async with translated_errors(rejections=True):
+        async with connection.transaction():
+            if batch.rare is not None:
+                await connection.fetchval(WRITE_RARE, *batch.rare)
+            if batch.updates_expected:
+                status = await connection.execute(UPDATE_ACCOUNTS, batch.updates)
+                changed = int(status.rsplit(" ", 1)[-1])
+                if changed != batch.updates_expected:
+                    raise StatementRejected(f"batch guard: {changed} of {batch.updates_expected} accounts")
+            if batch.keys:
+                await connection.copy_records_to_table("idempotency_keys", records=batch.keys, columns=KEY_COLUMNS)
+            if batch.entries:
+                await connection.copy_records_to_table("entries", records=batch.entries, columns=ENTRY_FIELDS)
+            if batch.events:
+                await connection.copy_records_to_table("events", records=batch.events, columns=EVENT_FIELDS)
+            if batch.audit:
+                await connection.copy_records_to_table("audit_log", records=batch.audit, columns=AUDIT_FIELDS)
 
 
 def account_from_row(row) -> Account:
@@ -239,7 +260,8 @@ async def translated_errors(rejections: bool = False):
         raise DatabaseUnavailable("the database is unavailable", {"reason": type(error).__name__}) from error
     except asyncpg.PostgresError as error:
         if rejections:
-            if getattr(error, "sqlstate", None) == KEY_CONFLICT_SQLSTATE:
+            if getattr(error, "sqlstate", None) == KEY_CONFLICT_SQLSTATE or (
+                    isinstance(error, asyncpg.UniqueViolationError) and error.constraint_name == KEY_INDEX):
                 raise KeyConflict(str(error)) from error
             raise StatementRejected(f"{type(error).__name__}: {error}") from error
         raise DatabaseUnavailable("the database refused the query", {"reason": type(error).__name__}) from error
@@ -413,23 +435,6 @@ class Store:
         async with translated_errors():
             rows = await self.pool.fetch("SELECT account_id, drawdown FROM risk_flags WHERE flag = 'drawdown_breach'")
         return {row["account_id"]: row["drawdown"] for row in rows}
-
-    async def set_risk_flag(self, account_id: str, portfolio_id: str | None, *, active: bool, drawdown: float,
-                            limit: float, at: datetime) -> None:
-        """Sets or clears the account's drawdown_breach flag and writes its event, in one
-        transaction."""
-        payload = msgspec.json.encode({"account_id": account_id, "drawdown": drawdown, "limit": limit}).decode()
-        async with translated_errors(), self.pool.acquire() as conn, conn.transaction():
-            if active:
-                await conn.execute("INSERT INTO risk_flags (account_id, flag, since, drawdown) "
-                                   "VALUES ($1, 'drawdown_breach', $2, $3)", account_id, at, drawdown)
-            else:
-                await conn.execute("DELETE FROM risk_flags WHERE account_id = $1 AND flag = 'drawdown_breach'",
-                                   account_id)
-            await conn.execute("INSERT INTO events (type, account_id, portfolio_id, payload, created_at) "
-                               "VALUES ($1, $2, $3, $4::jsonb, $5)",
-                               "account.drawdown_breach" if active else "account.drawdown_recovered",
-                               account_id, portfolio_id, payload, at)
 
     async def fetch(self, sql: str, *args):
         """For tests and tools that check the database directly."""

@@ -27,12 +27,14 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable
 
+import msgspec
+
 from engine import audit
 from engine.errors import DatabaseUnavailable, EngineError, KeyCommitted, Overloaded, Unavailable
 from engine.ledger import Rows
 from engine.model import Account
 from persistence import store as sql
-from persistence.batch import BatchRows, KeyRow, encode_json, write_batch_args
+from persistence.batch import BatchWrite, RareRows, account_updates, audit_row, encode_json, entry_rows, rare_args
 from persistence.store import KeyConflict, StatementRejected, Store, account_from_row, translated_errors
 
 log = logging.getLogger("alluse.writer")
@@ -44,8 +46,7 @@ PURGE_CHUNK_ROWS = 5_000
 PURGE_CHUNKS_MAX = 20
 
 
-@dataclass(slots=True, eq=False)
-class WriteOp:
+class WriteOp(msgspec.Struct, eq=False):
     """One decided operation: its rows, its answer (`result`), the idempotency record and
     audit entry to commit with it. `done(result, error)` runs on the writer's loop after
     the batch commits (or fails). `accounts` are the existing accounts whose actors hold
@@ -56,7 +57,8 @@ class WriteOp:
     done: Callable[[Any, BaseException | None], None]
     result: Any = None
     rows: Rows | None = None
-    idempotency: tuple[str, str] | None = None
+    # The idempotency key's claim (`actors.idempotency.KeyClaim`: key, fingerprint).
+    idempotency: Any = None
     # The audit record to commit with the operation (None: nothing to record).
     audit: "AuditEntry | None" = None
     # API tokens created and revoked (token id, revoked at) by the operation.
@@ -64,8 +66,7 @@ class WriteOp:
     revocations: tuple[tuple[str, Any], ...] = ()
 
 
-@dataclass(slots=True, eq=False)
-class AuditEntry:
+class AuditEntry(msgspec.Struct, eq=False):
     """What to record of one operation: the request it belongs to, the action and its
     target. `outcome` is "committed" for a change; the gateway records refusals."""
 
@@ -93,13 +94,26 @@ class PurgeKeysOp:
     done: Callable[[int, BaseException | None], None]
 
 
-@dataclass(slots=True)
-class Resolution:
+@dataclass(slots=True, eq=False)
+class FlagOp:
+    """Set (`active`) or clear one account's drawdown_breach flag, with its event, after
+    every earlier write; `done(None, error)`."""
+
+    account_id: str
+    portfolio_id: str | None
+    active: bool
+    drawdown: float
+    limit: float
+    at: datetime
+    done: Callable[[Any, BaseException | None], None]
+
+
+class Resolution(msgspec.Struct):
     """What the writer tells an account's actor after a batch: which of its operations
     committed (with the committed state) and which failed."""
 
-    committed_op_ids: list[int] = field(default_factory=list)
-    failed_op_ids: list[int] = field(default_factory=list)
+    committed_op_ids: list[int] = msgspec.field(default_factory=list)
+    failed_op_ids: list[int] = msgspec.field(default_factory=list)
     state: Account | None = None
 
 
@@ -158,7 +172,7 @@ class Writer:
             self.connection = None
 
     # -- submission ------------------------------------------------------------------
-    def submit(self, op: WriteOp | ReloadOp | PurgeKeysOp) -> None:
+    def submit(self, op: "WriteOp | ReloadOp | PurgeKeysOp | FlagOp") -> None:
         """Hands `op` to the writer: at once from the writer's loop (where the actors run),
         thread-safe from anywhere else (one loop wake-up moves all that arrived meanwhile)."""
         if asyncio._get_running_loop() is self._loop:
@@ -220,6 +234,9 @@ class Writer:
                 # Behind every earlier write: flush them (and wait for their commit) first.
                 await self._flush()
                 await self._reload(item)
+            elif isinstance(item, FlagOp):
+                await self._flush()
+                await self._flag(item)
             else:
                 await self._flush()
                 await self._purge_keys(item)
@@ -309,6 +326,17 @@ class Writer:
         self.poisoned.discard(op.account_id)
         op.done(account_from_row(row) if row else None, None)
 
+    async def _flag(self, op: FlagOp) -> None:
+        try:
+            connection = await self._connected()
+            await sql.set_risk_flag(connection, op.account_id, op.portfolio_id, active=op.active,
+                                    drawdown=op.drawdown, limit=op.limit, at=op.at)
+        except EngineError as error:
+            self._drop_connection()
+            op.done(None, error)
+            return
+        op.done(None, None)
+
     async def _purge_keys(self, op: PurgeKeysOp) -> None:
         total = 0
         try:
@@ -352,9 +380,7 @@ class Writer:
             async with translated_errors():
                 head = self._audit_head or await self._read_audit_head(connection)
             batch = _Batch.of(ops, head)
-            args = write_batch_args(batch.inserts, batch.updates, batch.before, batch.rows)
-            async with translated_errors(rejections=True):
-                await connection.fetchval(sql.WRITE_BATCH, *args)
+            await sql.write_batch(connection, batch.write)
         except KeyConflict as conflict:
             if not replaying:
                 await self._replay_committed_keys(ops)
@@ -402,7 +428,7 @@ class Writer:
         answered with their stored result and their accounts reload (their actors
         counted them in); operations on the same accounts fail (safe to retry), and the
         others commit as one batch again."""
-        keys = [op.idempotency[0] for op in ops if op.idempotency]
+        keys = [op.idempotency.key for op in ops if op.idempotency]
         try:
             async with translated_errors():
                 rows = await self.connection.fetch(sql.SELECT_IDEMPOTENCY_MANY, keys)
@@ -411,8 +437,8 @@ class Writer:
             self._fail(ops, error, poison=True)
             return
         stored = {row["key"]: KeyCommitted(row["fingerprint"], bytes(row["response"])) for row in rows}
-        replayed = [op for op in ops if op.idempotency and op.idempotency[0] in stored]
-        self._fail(replayed, None, poison=True, errors=[stored[op.idempotency[0]] for op in replayed])
+        replayed = [op for op in ops if op.idempotency and op.idempotency.key in stored]
+        self._fail(replayed, None, poison=True, errors=[stored[op.idempotency.key] for op in replayed])
         await self._commit([op for op in ops if op not in replayed], replaying=True)
 
     def _committed(self, batch: "_Batch", elapsed_s: float) -> None:
@@ -423,13 +449,12 @@ class Writer:
                 op.audit.context.recorded = True
         self.batches += 1
         self.operations += len(ops)
-        rows = batch.rows
         if self.metrics is not None:
             self.metrics.observe_batch(len(ops), elapsed_s)
-            if rows.portfolios:
-                self.metrics.forks.inc(sum(1 for p in rows.portfolios if p.is_unit))
-            if rows.merged:
-                self.metrics.merges.inc(len(rows.merged))
+            if batch.forks:
+                self.metrics.forks.inc(batch.forks)
+            if batch.merges:
+                self.metrics.merges.inc(batch.merges)
         # Actors learn first (one message per account per batch, carrying the state the
         # whole batch left), callers second: a caller that reads after its reply is
         # queued behind the news in the account's mailbox.
@@ -470,22 +495,31 @@ _WAKE = object()
 @dataclass(slots=True, eq=False)
 class _Batch:
     """One batch: its operations in commit order, each account's final state (`inserts`
-    for accounts it opens, `updates` with the version found before, `before`), all rows,
-    and the audit chain's head after it."""
+    for accounts it opens, `updates` for the others), what it writes (`write`), and the
+    audit chain's head after it."""
 
     ops: list[WriteOp]
     head: tuple[int, str]
-    inserts: dict[str, Account] = field(default_factory=dict)
-    updates: dict[str, Account] = field(default_factory=dict)
-    before: dict[str, int] = field(default_factory=dict)
-    rows: BatchRows = field(default_factory=BatchRows)
+    write: BatchWrite
+    inserts: dict[str, Account]
+    updates: dict[str, Account]
+    forks: int = 0
+    merges: int = 0
 
     @classmethod
     def of(cls, ops: list[WriteOp], head: tuple[int, str]) -> "_Batch":
-        batch = cls(ops=ops, head=head)
-        inserts, updates, before, rows = batch.inserts, batch.updates, batch.before, batch.rows
+        """Coalesces the operations' decided rows: each account's last state (one update
+        per account however many operations touch it), every row in commit order."""
+        inserts: dict[str, Account] = {}
+        updates: dict[str, Account] = {}
+        before: dict[str, int] = {}
+        transactions: list = []
+        events: list[tuple] = []
+        keys: list[tuple] = []
+        rare = RareRows()
         for op in ops:
             decided = op.rows
+            response = None
             if decided is not None:
                 op_before = decided.before
                 for account_id, state in decided.states.items():
@@ -495,41 +529,59 @@ class _Batch:
                         updates[account_id] = state
                         if account_id not in before:
                             before[account_id] = op_before[account_id]
-                rows.transactions += decided.transactions
-                rows.outbox += decided.outbox
-                rows.portfolios += decided.portfolios
-                rows.merged += decided.merged
-                rows.reinvestments += decided.reinvestments
-            rows.tokens += op.tokens
-            rows.revocations += op.revocations
-            if op.idempotency is not None:
-                rows.keys.append(KeyRow(op.idempotency[0], op.idempotency[1], encode_json(op.result).decode()))
-        batch.head = _chain_audit(ops, rows, head)
+                transactions += decided.transactions
+                for row in decided.outbox:
+                    if row.payload is op.result:   # encoded once, for the event and the key
+                        response = response or encode_json(op.result)
+                        payload = response.decode()
+                    else:
+                        payload = encode_json(row.payload).decode()
+                    events.append((row.type, row.account_id, row.portfolio_id, row.correlation_id, payload,
+                                   row.created_at))
+                if decided.portfolios:
+                    rare.portfolios += decided.portfolios
+                if decided.merged:
+                    rare.merged += decided.merged
+                if decided.reinvestments:
+                    rare.reinvestments += decided.reinvestments
+            if op.tokens:
+                rare.tokens += op.tokens
+            if op.revocations:
+                rare.revocations += op.revocations
+            claim = op.idempotency
+            if claim is not None:
+                keys.append((claim.key, claim.fingerprint, response or encode_json(op.result)))
+        rare.accounts = list(inserts.values())
+        write = BatchWrite(entries=entry_rows(transactions), events=events, keys=keys,
+                           rare=rare_args(rare) if rare else None)
+        write.updates, write.updates_expected = account_updates(updates, before)
+        batch = cls(ops=ops, head=head, write=write, inserts=inserts, updates=updates,
+                    forks=sum(1 for p in rare.portfolios if p.is_unit), merges=len(rare.merged))
+        batch.head = _chain_audit(ops, write.audit, head)
         return batch
 
 
-def _chain_audit(ops: list[WriteOp], rows: BatchRows, head: tuple[int, str]) -> tuple[int, str]:
+def _chain_audit(ops: list[WriteOp], rows: list[tuple], head: tuple[int, str]) -> tuple[int, str]:
     """Links an audit record for every operation that carries one, in commit order,
     after the chain's head; returns the new head (kept once the batch commits)."""
     seq, prev_hash = head
-    now = None
+    now = now_text = None
     for op in ops:
         entry = op.audit
         if entry is None:
             continue
         if now is None:
             now = datetime.now(timezone.utc)
-        context = entry.context
+            now_text = audit.canonical_time(now)
         details = dict(entry.details) if entry.details else {}
         result_id = getattr(op.result, "id", None)
         if isinstance(result_id, str):
             details["result_id"] = result_id
-        if context.reason is not None:
-            details["reason"] = context.reason
+        reason = entry.context.reason
+        if reason is not None:
+            details["reason"] = reason
         seq += 1
-        record = audit.new_record(seq=seq, at=now, principal=context.principal, action=entry.action,
-                                  target=entry.target, request_id=context.request_id, client=context.client,
-                                  outcome=entry.outcome, details=details, prev_hash=prev_hash)
-        rows.audit.append(record)
-        prev_hash = record.hash
+        row = audit_row(seq, now, now_text, entry, details, prev_hash)
+        rows.append(row)
+        prev_hash = row[-1]
     return seq, prev_hash

@@ -114,14 +114,14 @@ async def test_a_retry_of_a_key_the_engine_does_not_remember_is_caught_by_the_ke
     source = await funded(engine, 10_000)
     target = await funded(engine, 0)
     first = await engine.transfer(source.id, target.id, 2_500, idempotency_key="forgotten")
-    engine._recent_keys.clear()   # as for a key older than the engine's memory of recent keys
+    engine.keys.recent.clear()   # as for a key older than the engine's memory of recent keys
     lookups = CountingLookups(engine)
     assert await engine.transfer(source.id, target.id, 2_500, idempotency_key="forgotten") == first
     assert lookups.calls == 0     # answered from the conflict at commit, not from a read first
     # The accounts reload after the replayed decision (503 meanwhile, safe to retry); then
     # they work on, and another request under the key is refused.
     await eventually(lambda: _transfers(engine, source.id, target.id), what="the accounts to take writes again")
-    engine._recent_keys.clear()
+    engine.keys.recent.clear()
     with pytest.raises(IdempotencyKeyReused):
         await engine.transfer(source.id, target.id, 2_501, idempotency_key="forgotten")
     await eventually(lambda: engine.get_account(source.id), what="the source to answer")
@@ -144,7 +144,7 @@ async def test_the_engine_remembers_recent_keys_across_a_restart(engine, databas
     restarted = Engine(engine_settings(database_url))
     await restarted.start()
     try:
-        assert "remembered" in restarted._recent_keys
+        assert "remembered" in restarted.keys.recent
         assert await restarted.deposit(account.id, 100, idempotency_key="remembered") == first
         assert (await restarted.get_account(account.id)).balance == 100
     finally:
