@@ -167,6 +167,8 @@ class Availability:
         self._probe_connection = None
         self._connect_failures = 0
         self._next_connect_at = 0.0
+        self._probe_refused = False
+        self._last_probe_refused = False
         self._task: asyncio.Task | None = None
         self._writer = None
 
@@ -335,6 +337,7 @@ class Availability:
         answered = alive and await self._probe()
         if answered:
             self.last_answer = time.monotonic()
+        refused = alive and not answered and self._probe_refused
         if self._writer.batches > self._batches_at_resume:
             self._disk_full_failures = 0
         if answered and not full:
@@ -346,6 +349,9 @@ class Availability:
         elif not alive:
             self._outage(State.DATABASE_UNAVAILABLE, "the embedded PostgreSQL is not running",
                          _unavailable("postmaster_gone"))
+        elif refused:
+            self._outage(State.DATABASE_UNAVAILABLE, "the database refuses connections",
+                         _unavailable("refused"))
         elif time.monotonic() - self.last_answer >= HUNG_AFTER_S:
             self._outage(State.DATABASE_UNAVAILABLE, "the database does not answer",
                          _unavailable("not_answering"))
@@ -399,15 +405,26 @@ class Availability:
         """`SELECT 1` on the supervisor's own connection, within `PROBE_TIMEOUT_S`. A
         server that cannot be reached is tried again with backoff (up to
         `RECONNECT_BACKOFF_MAX_S` between attempts)."""
+        # Only a fresh connection that the server refuses (an error, not a timeout) says
+        # "refused" at once; no answer in time may be a hang (declared after HUNG_AFTER_S),
+        # and a failure on an old connection is tried again on a new one first.
+        self._probe_refused = False
+        connecting = False
         try:
             if self._probe_connection is None or self._probe_connection.is_closed():
                 if time.monotonic() < self._next_connect_at:
+                    self._probe_refused = self._last_probe_refused
                     return False
+                connecting = True
                 self._probe_connection = await asyncio.wait_for(self.engine.store.connect(), PROBE_TIMEOUT_S)
+                connecting = False
             await asyncio.wait_for(self._probe_connection.fetchval("SELECT 1"), PROBE_TIMEOUT_S)
             self._connect_failures = 0
             return True
-        except (EngineError, asyncio.TimeoutError, OSError, Exception):  # noqa: BLE001 - any failure: no answer
+        except (EngineError, asyncio.TimeoutError, OSError, Exception) as error:  # noqa: BLE001 - no answer
+            timed_out = isinstance(error, asyncio.TimeoutError) or (
+                isinstance(error, EngineError) and error.details.get("reason") == "TimeoutError")
+            self._probe_refused = self._last_probe_refused = connecting and not timed_out
             if self._probe_connection is not None:
                 self._probe_connection.terminate()
                 self._probe_connection = None
