@@ -58,6 +58,7 @@ from persistence.writer import AuditEntry, FlagOp, PurgeKeysOp, Writer, WriteOp
 from engine.audit import EMBEDDED, SCHEDULER, AuditContext
 from actors.security import Security
 from actors.webhooks import Webhooks
+from actors.availability import Availability
 
 log = logging.getLogger("alluse.engine")
 T = TypeVar("T")
@@ -192,6 +193,8 @@ class Engine:
         self.security = Security(self)
         # Webhook endpoints and their delivery (`engine.webhooks.create(url=...)`).
         self.webhooks = Webhooks(self)
+        # The database's supervisor and the one-writer fence (issue 14).
+        self.availability = Availability(self)
 
     # -- lifecycle -------------------------------------------------------------------
     async def __aenter__(self) -> "Engine":
@@ -206,12 +209,14 @@ class Engine:
         database = self.settings.database
         url = database.url
         if not url:
+            await self.availability.claim_data_directory()
             self._embedded = EmbeddedServer(database.data_dir, wal_archive_dir=database.wal_archive_dir,
                                             archive_timeout_s=database.archive_timeout_s)
             url = await asyncio.to_thread(self._embedded.start)
         self.database_url = url
         self.store = Store(url, pool_size=database.pool_size)
         await self._open_store()
+        writer_connection = await self.availability.fence()
         applied = await self.store.migrate()
         if applied:
             log.info("applied migrations: %s", ", ".join(applied))
@@ -220,6 +225,7 @@ class Engine:
         self.writer = Writer(self.store, batch_size_max=settings.batch_size_max, queue_max=settings.write_queue_max,
                              notify=self._notify_resolved, metrics=self.metrics,
                              batch_wait_s=settings.batch_wait_ms / 1000, on_commit=self._signal_commit)
+        self.availability.attach(self.writer, writer_connection)
         await self.writer.start()
         self._pool = ActorPool(self._loop, name="account")
         self.registry = Registry(load=self.store.load_account, spawn=self._spawn,
@@ -245,6 +251,7 @@ class Engine:
         self._tune_gc()
         self.ready = True
         await self.webhooks.start()
+        self.availability.start()
         log.info("engine ready")
 
     def _tune_gc(self) -> None:
@@ -283,6 +290,7 @@ class Engine:
         """Graceful: stop admitting, let operations in flight finish (bounded), flush the
         writer, stop the actors, close the database."""
         self.ready = False
+        await self.availability.stop()
         await self.webhooks.stop()
         if self._maintenance is not None:
             self._maintenance.cancel()
@@ -308,6 +316,7 @@ class Engine:
             await asyncio.to_thread(self._embedded.stop)
             self._embedded = None
         self._restore_gc()
+        self.availability.release()
 
     async def _maintain(self) -> None:
         ticks = 0
@@ -343,14 +352,9 @@ class Engine:
         return count
 
     async def check_ready(self) -> bool:
-        """Readiness: recovery done and the database reachable."""
-        if not self.ready:
-            return False
-        try:
-            await self.store.ping()
-            return True
-        except EngineError:
-            return False
+        """Readiness: recovery done and writes can commit, as the database's supervisor
+        sees it (no query: it answers at once whatever the database does)."""
+        return self.ready and self.availability.writable()
 
     # -- wiring ----------------------------------------------------------------------
     def _spawn(self, account: Account, restarted: bool = False):
@@ -372,8 +376,16 @@ class Engine:
     def _in_background(self, coroutine) -> asyncio.Task:
         task = asyncio.ensure_future(coroutine)
         self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        task.add_done_callback(self._background_done)
         return task
+
+    def _background_done(self, task: asyncio.Task) -> None:
+        """A background task's failure is logged, never left unobserved (issue 14)."""
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            error = task.exception()
+            log.warning("background task %s failed: %s", task.get_coro().__qualname__,
+                        getattr(error, "message", None) or repr(error))
 
     def _tell_from_any_thread(self, account_id: str, message: Any) -> None:
         if asyncio._get_running_loop() is self._loop:
@@ -872,8 +884,15 @@ class Engine:
         AUDIT_CONTEXT.set(AuditContext(SCHEDULER, request_id=f"schedule-{quarter}"))
         after, done = "", 0
         while True:
-            rows = await self.store.fetch("SELECT id FROM portfolios WHERE parent_id IS NULL AND id > $1 "
-                                          "ORDER BY id LIMIT 200", after)
+            try:
+                rows = await self.store.fetch("SELECT id FROM portfolios WHERE parent_id IS NULL AND id > $1 "
+                                              "ORDER BY id LIMIT 200", after)
+            except EngineError as error:
+                # The database is away: try the whole quarter again at the next tick
+                # (idempotent: portfolios already done are skipped).
+                log.warning("scheduled reinvestment of %s postponed: %s", quarter, error.message)
+                self._scheduled_quarter = None
+                return
             if not rows:
                 break
             for row in rows:

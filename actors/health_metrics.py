@@ -8,7 +8,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from actors.availability import State
 from prometheus_client.registry import Collector
 
 
@@ -19,9 +21,25 @@ class HealthCollector(Collector):
 
     def collect(self):
         engine, settings = self.engine, self.engine.settings.engine
-        healthy = engine.writer is not None and engine.writer.healthy and engine.ready
-        yield GaugeMetricFamily("alluse_database_healthy", "1 while the writer's database connection works",
-                                value=1.0 if healthy else 0.0)
+        availability = engine.availability
+        healthy = engine.writer is not None and engine.writer.healthy and engine.ready and availability.writable()
+        yield GaugeMetricFamily("alluse_database_healthy", "1 while writes can commit (the database answers and "
+                                "this engine holds the writer lock)", value=1.0 if healthy else 0.0)
+        state = GaugeMetricFamily("alluse_database_state", "The database supervisor's state (1 for the current "
+                                  "one)", labels=["state"])
+        for each in State:
+            state.add_metric([each.value], 1.0 if availability.state is each else 0.0)
+        yield state
+        yield GaugeMetricFamily("alluse_storage_full", "1 while writes are refused because the database's disk is "
+                                "full", value=1.0 if availability.state is State.STORAGE_FULL else 0.0)
+        yield GaugeMetricFamily("alluse_standby", "1 while this engine waits as a standby (another one writes)",
+                                value=1.0 if availability.state in (State.STANDBY, State.NOT_PRIMARY) else 0.0)
+        yield CounterMetricFamily("alluse_database_restarts", "Times the engine started its embedded PostgreSQL "
+                                  "again after it died", value=availability.restarts)
+        yield CounterMetricFamily("alluse_database_outages", "Times the database became unavailable or full",
+                                  value=availability.outages)
+        yield CounterMetricFamily("alluse_audit_records_dropped", "Outcome records dropped because the audit "
+                                  "backlog was full", value=engine.security.records_dropped)
         quarantined = len(engine.registry.quarantined) if engine.registry is not None else 0
         yield GaugeMetricFamily("alluse_quarantined_accounts", "Accounts quarantined now (too many restarts)",
                                 value=quarantined)

@@ -167,6 +167,16 @@ class Registry:
                 count += 1
         return count
 
+    def passivate_all_idle(self) -> int:
+        """Passivates every account that is idle now (no lease, nothing in flight), so it
+        loads its committed state again on its next use; returns how many."""
+        count = 0
+        for entry in list(self.resident.values()):
+            if entry.leases == 0 and entry.actor.is_idle():
+                self._passivate(entry)
+                count += 1
+        return count
+
     def stop_all(self) -> None:
         for entry in list(self.resident.values()):
             self._passivate(entry)

@@ -8,6 +8,8 @@ revocation and its audit record commit together, and the audit chain stays in co
 order."""
 from __future__ import annotations
 
+import asyncio
+import collections
 import hashlib
 import logging
 import secrets
@@ -30,6 +32,11 @@ log = logging.getLogger("alluse.security")
 SECRET_PREFIX = "alu_"
 BOOTSTRAP = Principal(token_id="bootstrap-admin", role="admin")
 VERIFY_PAGE_SIZE = 5000
+# Outcome records waiting for the writer (while the database is away); past this the
+# oldest are dropped and counted.
+AUDIT_BACKLOG_MAX = 10_000
+AUDIT_BACKLOG_RETRY_S = 0.5
+AUDIT_BACKLOG_CHUNK = 1000
 
 
 class TokenInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -84,6 +91,10 @@ class Security:
         # secret hash -> the token's principal; only active tokens are here.
         self._active: dict[str, Principal] = {}
         self._by_id: dict[str, str] = {}
+        # Outcome records not yet handed to the writer (`record_later`).
+        self._backlog: collections.deque[AuditEntry] = collections.deque()
+        self._backlog_task: asyncio.Task | None = None
+        self.records_dropped = 0
 
     async def load(self) -> None:
         self._active.clear()
@@ -147,6 +158,64 @@ class Security:
         """Appends one record that no change carries (a refusal, a replay, refused
         access); returns once it is committed."""
         await self._write(context, action, target, details or {}, outcome=outcome)
+
+    def record_later(self, context: AuditContext, action: str, target: str | None, outcome: str,
+                     details: dict | None = None) -> None:
+        """`record` without waiting: the record goes to the writer now (or, while the
+        database is away, waits in a bounded backlog that a task hands over once it is
+        back). For the reply path, which must never wait for the audit log."""
+        entry = AuditEntry(context=context, action=action, target=target, outcome=outcome, details=details or {})
+        writer = self.engine.writer
+        if writer is None:
+            return  # a standby or a stopped engine records nothing
+        if not self._backlog and writer.refusal is None:
+            self._submit(entry)
+            return
+        self._keep(entry)
+
+    def _submit(self, entry: AuditEntry) -> asyncio.Future:
+        future = self.engine._loop.create_future()
+
+        def done(_result, error):
+            if error is not None:
+                if getattr(error, "code", "") == "write_rejected":
+                    self.records_dropped += 1   # the database refuses this record: never retry it
+                    log.error("the database refused an audit record: %s", error)
+                else:
+                    self._keep(entry, front=True)
+            if not future.done():
+                future.set_result(error is None)
+
+        self.engine.writer.enqueue(WriteOp(op_id=next_op_id(), accounts=(), done=done, audit=entry))
+        return future
+
+    def _keep(self, entry: AuditEntry, front: bool = False) -> None:
+        backlog = self._backlog
+        if front:
+            backlog.appendleft(entry)
+        else:
+            backlog.append(entry)
+        while len(backlog) > AUDIT_BACKLOG_MAX:
+            backlog.pop() if front else backlog.popleft()
+            self.records_dropped += 1
+            log.warning("audit backlog full (%d records): an outcome record was dropped", AUDIT_BACKLOG_MAX)
+        if self._backlog_task is None or self._backlog_task.done():
+            self._backlog_task = asyncio.ensure_future(self._drain_backlog())
+
+    async def _drain_backlog(self) -> None:
+        """Hands the backlog to the writer in chunks once it takes writes again."""
+        backlog = self._backlog
+        while backlog:
+            writer = self.engine.writer
+            if writer is None:
+                return
+            if writer.refusal is not None or not writer.healthy:
+                await asyncio.sleep(AUDIT_BACKLOG_RETRY_S)
+                continue
+            chunk = [backlog.popleft() for _ in range(min(len(backlog), AUDIT_BACKLOG_CHUNK))]
+            results = await asyncio.gather(*(self._submit(entry) for entry in chunk))
+            if not all(results):
+                await asyncio.sleep(AUDIT_BACKLOG_RETRY_S)
 
     async def audit_page(self, *, after: int, limit: int) -> list:
         return await self.engine.store.audit_page(after=after, limit=limit)

@@ -69,6 +69,10 @@ class DatabaseSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     # True: refuse to start unless DATABASE_URL verifies the server's certificate and
     # name (sslmode=verify-full). False: whatever the URL says is used.
     require_verified_tls: bool = False
+    # Embedded server only: below this much free space on the data directory's file
+    # system writes are refused with 503 storage_full (before PostgreSQL runs out and
+    # PANICs); they resume by themselves once there is room again.
+    storage_free_min_mb: Annotated[int, Meta(ge=0, le=1 << 20)] = 64
 
 
 class EngineSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -82,6 +86,10 @@ class EngineSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     operation_timeout_s: Annotated[float, Meta(gt=0, le=300)] = 10.0
     # Tests only: lets POST /v1/admin/faults crash an account actor. ALLUSE_FAULT_INJECTION=1.
     fault_injection: bool = False
+    # When another engine holds the data directory or the database's writer lock: False
+    # exits (code 2); True (ALLUSE_STANDBY=1) waits as a hot standby, not ready, and
+    # takes over when the other one stops.
+    standby: bool = False
     # Reinvest every portfolio for the quarter that just ended, once it has ended.
     reinvest_schedule: bool = True
     tree_nodes_max: Annotated[int, Meta(ge=1, le=100_000)] = 10_000
@@ -197,6 +205,7 @@ ENVIRONMENT = {
                                     lambda v: v.strip().lower() in ("1", "true", "yes")),
     "ALLUSE_METRICS_TOKEN": ("server", "metrics_token", str),
     "ALLUSE_FAULT_INJECTION": ("engine", "fault_injection", _flag),
+    "ALLUSE_STANDBY": ("engine", "standby", _flag),
     "ALLUSE_GC_YOUNG_THRESHOLD": ("engine", "gc_young_threshold", int),
     "ALLUSE_WEBHOOKS_ALLOW_PRIVATE": ("webhooks", "allow_private_targets", _flag),
     "ALLUSE_WEBHOOKS_RETRY_SCHEDULE_S": ("webhooks", "retry_schedule_s", _seconds_list),

@@ -15,6 +15,11 @@ class EngineError(Exception):
         if code is not None:
             self.code = code
 
+    def again(self) -> "EngineError":
+        """A fresh copy to raise: raising one instance over and over (a standing refusal)
+        would grow its traceback with every raise."""
+        return type(self)(self.message, dict(self.details), self.code)
+
 
 class Refused(EngineError):
     """A business rule refuses the operation (HTTP 409)."""

@@ -10,6 +10,7 @@ import msgspec
 from msgspec import Meta, Struct
 
 from engine import limits
+from engine.text import TEXT_PATTERN
 
 AccountType = Literal["generation", "revenue", "compounding"]
 AccountStatus = Literal["active", "frozen", "closed", "merged"]
@@ -28,9 +29,12 @@ ACCOUNT_STATUSES: tuple[str, ...] = ("active", "frozen", "closed", "merged")
 # PostgreSQL text cannot hold NUL; refuse it at the edge like any other bad value.
 NO_NUL = r"^[^\x00]*$"
 Amount = Annotated[int, Meta(ge=limits.AMOUNT_MIN_CENTS, le=limits.AMOUNT_MAX_CENTS)]
-Name = Annotated[str, Meta(min_length=1, max_length=limits.NAME_LENGTH_MAX, pattern=NO_NUL)]
-Owner = Annotated[str, Meta(min_length=1, max_length=limits.OWNER_LENGTH_MAX, pattern=NO_NUL)]
-Memo = Annotated[str, Meta(max_length=limits.MEMO_LENGTH_MAX, pattern=NO_NUL)]
+# Client text (engine.text): no control characters and no bidi embeddings, overrides or
+# isolates, checked on decode. Names and owners are normalized further by the request
+# types that carry them (`engine.requests`).
+Name = Annotated[str, Meta(min_length=1, max_length=limits.NAME_LENGTH_MAX, pattern=TEXT_PATTERN)]
+Owner = Annotated[str, Meta(min_length=1, max_length=limits.OWNER_LENGTH_MAX, pattern=TEXT_PATTERN)]
+Memo = Annotated[str, Meta(max_length=limits.MEMO_LENGTH_MAX, pattern=TEXT_PATTERN)]
 
 
 class Allocations(Struct, frozen=True, gc=False, kw_only=True):

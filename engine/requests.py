@@ -8,8 +8,9 @@ from datetime import date
 from typing import Annotated, Literal, get_args
 
 from msgspec import Meta, Struct
+from msgspec.structs import force_setattr
 
-from engine import limits
+from engine import limits, text
 from engine.model import NO_NUL, AccountType, Amount, Memo, Name, Owner, TradeKind
 
 Quarter = Annotated[str, Meta(pattern=r"^[1-9][0-9]{3}-Q[1-4]$")]
@@ -21,16 +22,41 @@ class Request(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     pass
 
 
+def normalize_names(request: Struct) -> None:
+    """Puts a request's `name` and `owner` in their one normal form (`engine.text`), in
+    place, or raises `ValueError` (msgspec reports it as a validation error). Only the
+    request types that carry a name or an owner call it: none of them is an operation on
+    money, so the hot path never pays for it."""
+    name = getattr(request, "name", None)
+    if name is not None:
+        force_setattr(request, "name", text.name(name, "name", limits.NAME_LENGTH_MAX))
+    owner = getattr(request, "owner", None)
+    if owner is not None:
+        force_setattr(request, "owner", text.identifier(owner, "owner", limits.OWNER_LENGTH_MAX))
+
+
+def normalized_owner(owner: str | None) -> str | None:
+    """An owner given as a filter (a query parameter) in the form owners are stored in;
+    `ValueError` when it could never match one."""
+    return None if owner is None else text.identifier(owner, "owner", limits.OWNER_LENGTH_MAX)
+
+
 class CreateAccountRequest(Request, kw_only=True):
     name: Name
     type: AccountType
     owner: Owner
     opened_on: date | None = None
 
+    def __post_init__(self) -> None:
+        normalize_names(self)
+
 
 class UpdateAccountRequest(Request, kw_only=True):
     name: Name | None = None
     status: Literal["active", "frozen"] | None = None
+
+    def __post_init__(self) -> None:
+        normalize_names(self)
 
 
 class CloseAccountRequest(Request, kw_only=True):
@@ -68,6 +94,9 @@ class CreatePortfolioRequest(Request, kw_only=True):
     owner: Owner
     initial_capital: Amount
     opened_on: date | None = None
+
+    def __post_init__(self) -> None:
+        normalize_names(self)
 
 
 class ReinvestRequest(Request, kw_only=True):
@@ -113,3 +142,6 @@ class CreateTokenRequest(Request, kw_only=True):
     role: Literal["admin", "operator", "strategy", "viewer"]
     # Set: the token sees and touches only this owner's accounts and portfolios.
     owner: Owner | None = None
+
+    def __post_init__(self) -> None:
+        normalize_names(self)

@@ -12,6 +12,7 @@ from msgspec import Meta, Struct
 from engine import limits
 from engine.errors import ValidationFailed
 from engine.model import NO_NUL, Memo, Owner
+from engine.requests import normalize_names
 
 URL_LENGTH_MAX = 2000
 EVENT_TYPES_MAX = 50
@@ -28,6 +29,9 @@ class CreateWebhookRequest(Struct, frozen=True, kw_only=True, forbid_unknown_fie
     description: Memo | None = None
     # Only this owner's events (a token scoped to an owner always makes its own).
     owner: Owner | None = None
+
+    def __post_init__(self) -> None:
+        normalize_names(self)
 
 
 class UpdateWebhookRequest(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -15,6 +15,7 @@ import msgspec
 import uvloop
 from aiohttp import web
 
+from actors.availability import AnotherEngine
 from actors.settings import ConfigError, load_settings
 from gateway import logs
 from gateway.app import create_app, server_options
@@ -116,9 +117,14 @@ def main() -> int:
     # but for a warning, access_log=None included).
     # The access log is off unless asked for (ALLUSE_ACCESS_LOG=1): a line per request
     # costs throughput.
-    web.run_app(app, sock=listener, print=None, shutdown_timeout=15, ssl_context=tls,
-                access_log=logging.getLogger("alluse.access") if access_log else None,
-                access_log_class=logs.AccessLogger, **server_options(settings))
+    try:
+        web.run_app(app, sock=listener, print=None, shutdown_timeout=15, ssl_context=tls,
+                    access_log=logging.getLogger("alluse.access") if access_log else None,
+                    access_log_class=logs.AccessLogger, **server_options(settings))
+    except AnotherEngine as refusal:
+        # A second engine on the same data directory or database: one clear line.
+        print(f"not starting: {refusal}", file=sys.stderr, flush=True)
+        return 2
     return 0
 
 

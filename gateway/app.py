@@ -9,6 +9,7 @@ import hmac
 import logging
 import re
 import secrets
+import signal
 import time
 import uuid
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from engine.errors import (
 )
 from engine.requests import (
     CreateAccountRequest, CreatePortfolioRequest, CreateTokenRequest, DepositRequest, FaultRequest, ForkRequest, ProjectionRequest,
-    ReinvestRequest, TradeRequest, TransferRequest, UpdateAccountRequest, WithdrawalRequest,
+    ReinvestRequest, TradeRequest, TransferRequest, UpdateAccountRequest, WithdrawalRequest, normalized_owner,
 )
 from engine.model import GrowthOperation, Transaction, Transfer
 from engine.projection import Projection
@@ -35,7 +36,7 @@ from actors.security import BOOTSTRAP, AuditVerification, CreatedToken, TokenInf
 from actors import webhook_views
 from engine.webhooks import CreateWebhookRequest, UpdateWebhookRequest
 from engine.audit import AuditContext, Principal
-from gateway import permissions, protocol
+from gateway import hardening, permissions, protocol
 from gateway.abuse import FailureWindows, TokenBuckets, retry_after
 from actors.metrics import LATENCY_BUCKETS_S
 from actors.settings import Settings
@@ -59,6 +60,13 @@ ANONYMOUS = Principal(token_id="anonymous", role="none")
 MUTATING_METHODS = frozenset({"POST", "PATCH", "PUT", "DELETE"})
 # Mutating methods that change nothing (a projection is a computation).
 NOT_CHANGES = frozenset({("POST", "/v1/projections")})
+# Routes whose whole work the engine bounds by its operation timeout itself (the money
+# operations, the hot path): the gateway adds no timer of its own to them. Every other
+# /v1 request runs under `operation_timeout_s + REQUEST_TIMEOUT_MARGIN_S`.
+ENGINE_BOUNDED = frozenset({("POST", "/v1/transfers"), ("POST", "/v1/accounts/{account_id}/deposits"),
+                            ("POST", "/v1/accounts/{account_id}/withdrawals"),
+                            ("POST", "/v1/accounts/{account_id}/trades")})
+REQUEST_TIMEOUT_MARGIN_S = 0.5
 
 JSON = "application/json"
 RETRY_AFTER_S = "1"
@@ -159,6 +167,9 @@ class Guard:
         self.buckets = TokenBuckets(security.rate_limit_per_s, security.rate_limit_burst)
         self.invalid = FailureWindows(security.invalid_tokens_max, security.invalid_tokens_window_s)
         self.body_read_timeout_s = security.body_read_timeout_s
+        # Every request is answered within the operation timeout and a little more, even
+        # one that waits on a database that does not answer (issue 14).
+        self.request_timeout_s = settings.engine.operation_timeout_s + REQUEST_TIMEOUT_MARGIN_S
 
 
 def _principal(request: web.Request) -> Principal | None:
@@ -180,6 +191,12 @@ async def auth_middleware(request: web.Request, handler):
     records who asked."""
     if not request.path.startswith("/v1/"):
         return await handler(request)
+    availability = _engine(request).availability
+    refusal = availability.refusal
+    if refusal is not None:
+        # A standby (or an engine that is starting, or lost the writer lock) has no tokens
+        # and no trustworthy memory: it answers nothing but /health and /ready.
+        raise refusal.again()
     guard: Guard = request.app[GUARD]
     now = time.monotonic()
     client = request.remote or ""
@@ -209,9 +226,20 @@ async def auth_middleware(request: web.Request, handler):
                    else "an owner-scoped token may not use this route")
             raise HttpError(403, "forbidden", why, {"role": principal.role})
         await _check_scope(request, principal.owner, permission.scope)
+    if method in MUTATING_METHODS:
+        refusal = availability.write_refusal
+        if refusal is not None and (method, path) not in NOT_CHANGES:
+            availability.count_refusal()
+            raise refusal.again()   # the database is away, full, or not ours: say so at once
     reset = AUDIT_CONTEXT.set(context)
     try:
-        response = await handler(request)
+        if (method, path) in ENGINE_BOUNDED:
+            response = await handler(request)
+        else:
+            async with asyncio.timeout(guard.request_timeout_s):
+                response = await handler(request)
+    except TimeoutError:
+        raise Unavailable("the request did not finish in time; retry", code="operation_timeout") from None
     finally:
         AUDIT_CONTEXT.reset(reset)
     if context.replayed:
@@ -277,11 +305,8 @@ async def _audit_outcome(request: web.Request, response: web.StreamResponse) -> 
         return
     code = request.get(ERROR_CODE) or ("replayed" if context.replayed else "no_change")
     target = next(iter(request.match_info.values()), None) if request.match_info else None
-    try:
-        await _engine(request).security.record(context, f"{method} {path}", target, f"{status} {code}".strip())
-    except EngineError as error:
-        log.warning("could not record the outcome of request %s in the audit log: %s",
-                    request[REQUEST_ID], error.message)
+    # Queued, never awaited: the reply does not wait for the audit log (issue 14).
+    _engine(request).security.record_later(context, f"{method} {path}", target, f"{status} {code}".strip())
 
 
 # -- request helpers ---------------------------------------------------------------------
@@ -308,11 +333,18 @@ async def body_of(request: web.Request, request_type: type) -> Any:
     if decoder is None:
         decoder = _decoders[request_type] = msgspec.json.Decoder(request_type)
     try:
-        return decoder.decode(raw)
+        body = decoder.decode(raw)
     except msgspec.ValidationError as error:
         raise HttpError(422, "validation_failed", str(error), _validation_details(error)) from None
     except msgspec.DecodeError as error:
         raise HttpError(400, "malformed_json", f"the body is not valid JSON: {error}") from None
+    except UnicodeDecodeError:
+        raise HttpError(400, "malformed_json", "the body is not valid UTF-8") from None
+    repeated = hardening.duplicate_name(raw)
+    if repeated is not None:
+        raise HttpError(400, "malformed_json", "the body repeats a member name; send each once",
+                        {"field": repeated[:limits.NAME_LENGTH_MAX]})
+    return body
 
 
 class NoBody(msgspec.Struct, forbid_unknown_fields=True):
@@ -326,9 +358,11 @@ def idempotency_key(request: web.Request) -> str | None:
     key = request.headers.get("Idempotency-Key")
     if key is None:
         return None
-    # An empty or blank key is a mistake, not "no key" (two such deposits would both post).
-    if not key.strip() or len(key) > limits.IDEMPOTENCY_KEY_LENGTH_MAX:
-        raise HttpError(422, "validation_failed", "Idempotency-Key must be 1 to 200 characters, not blank",
+    # An empty or blank key is a mistake, not "no key" (two such deposits would both post);
+    # a key is printable ASCII, so that it is the same key in every client, log and store.
+    if not (key.isascii() and key.isprintable()) or not key.strip() or len(key) > limits.IDEMPOTENCY_KEY_LENGTH_MAX:
+        raise HttpError(422, "validation_failed",
+                        "Idempotency-Key must be 1 to 200 printable ASCII characters, not blank",
                         {"field": "Idempotency-Key"})
     return key
 
@@ -364,9 +398,18 @@ async def create_account(request: web.Request) -> web.Response:
     return json_response(_account(request, account), 201)
 
 
+def owner_filter(request: web.Request) -> str | None:
+    """The `owner` query parameter in the normal form owners are stored in (so "ａｎｎ" and
+    " ann" find ann's accounts); 422 for a value no owner can have."""
+    try:
+        return normalized_owner(request.query.get("owner"))
+    except ValueError as error:
+        raise HttpError(422, "validation_failed", str(error).split(" - at ", 1)[0], {"field": "owner"}) from None
+
+
 async def list_accounts(request: web.Request) -> web.Response:
     query = request.query
-    owner, scope = query.get("owner"), scoped_owner(request)
+    owner, scope = owner_filter(request), scoped_owner(request)
     if scope is not None:
         if owner is not None and owner != scope:
             return json_response(views.AccountPage(items=[], next_cursor=None))
@@ -580,14 +623,36 @@ async def whoami(request: web.Request) -> web.Response:
 
 
 async def health(request: web.Request) -> web.Response:
-    return json_response(views.HealthView(status="ok"))
+    """Liveness: the process can serve (it answers, and the tasks that bring everything
+    else back by themselves still run). A database outage is not a liveness failure: a
+    restart would not help, the engine recovers by itself."""
+    availability = _engine(request).availability
+    if availability.alive():
+        return json_response(views.HealthView(status="ok"))
+    return error_response(request, 503, "unhealthy", "a supervising task of the engine has stopped; restart it",
+                          availability.describe())
 
 
 async def ready(request: web.Request) -> web.Response:
-    if await _engine(request).check_ready():
+    """Readiness: writes can commit now. Answered from the supervisor's state, at once."""
+    engine = _engine(request)
+    if await engine.check_ready():
         return json_response(views.HealthView(status="ready"))
-    return error_response(request, 503, "not_ready", "the engine is starting or the database is unreachable",
-                          headers={"Retry-After": RETRY_AFTER_S})
+    details = engine.availability.describe()
+    code = "storage_full" if details["state"] == "storage_full" else "not_ready"
+    return error_response(request, 503, code, READY_REFUSALS.get(details["state"], READY_REFUSALS["starting"]),
+                          details, headers={"Retry-After": RETRY_AFTER_S})
+
+
+READY_REFUSALS = {
+    "starting": "the engine is starting",
+    "available": "the database has not answered lately",
+    "standby": "this engine is a standby: another engine writes",
+    "database_unavailable": "the database is unavailable; the engine is bringing it back",
+    "storage_full": "the database's disk is full; writes resume by themselves once space is freed",
+    "not_primary": "another engine took the writer lock; this one waits as a standby",
+    "stopped": "the engine is stopping",
+}
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -806,6 +871,16 @@ def server_options(settings: Settings) -> dict:
             "max_headers": security.headers_max, "keepalive_timeout": security.keepalive_timeout_s}
 
 
+async def _start_in_background(engine: Engine) -> None:
+    try:
+        await engine.start()
+    except asyncio.CancelledError:
+        raise
+    except BaseException:
+        log.critical("the standby could not start; stopping", exc_info=True)
+        signal.raise_signal(signal.SIGTERM)
+
+
 def create_app(settings: Settings, engine: Engine | None = None) -> web.Application:
     """The whole service as an aiohttp app. With no `engine`, the app starts and stops
     its own (in `cleanup_ctx`); tests may pass one they manage."""
@@ -828,10 +903,18 @@ def create_app(settings: Settings, engine: Engine | None = None) -> web.Applicat
     console.setup(app)
 
     async def engine_context(app: web.Application):
+        starting = None
         if own_engine:
-            await engine.start()
+            if settings.engine.standby:
+                # A standby serves /health and /ready (503) while it waits for the lock.
+                starting = asyncio.create_task(_start_in_background(engine), name="alluse-standby")
+            else:
+                await engine.start()
         yield
         if own_engine:
+            if starting is not None and not starting.done():
+                starting.cancel()
+                await asyncio.gather(starting, return_exceptions=True)
             await engine.stop()
 
     app.cleanup_ctx.append(engine_context)

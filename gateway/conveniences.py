@@ -9,11 +9,11 @@ from actors import lookups
 from engine import limits
 from engine.errors import NotFound
 from engine.model import GrowthOperation, Transfer
-from gateway.app import Route, _engine, json_response, query_int, scoped_owner
+from gateway.app import Route, _engine, json_response, owner_filter, query_int, scoped_owner
 
 
 async def list_portfolios(request: web.Request) -> web.Response:
-    owner, scope = request.query.get("owner"), scoped_owner(request)
+    owner, scope = owner_filter(request), scoped_owner(request)
     if scope is not None:
         if owner is not None and owner != scope:
             return json_response(lookups.PortfolioPage(items=[], next_cursor=None))

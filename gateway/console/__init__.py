@@ -92,6 +92,11 @@ def guarded(handler, route: tuple[str, str]):
     permission = permissions.PERMISSIONS[route]
 
     async def page(request: web.Request) -> web.StreamResponse:
+        from gateway.app import ENGINE
+
+        refusal = request.app[ENGINE].availability.refusal
+        if refusal is not None:   # a standby: nothing to show but that
+            return await pages.problem(request, None, None, 503, "Not available here", refusal.message)
         session, principal = current(request)
         if session is None:
             if request.method == "GET" and not request.path.endswith("/stream"):

@@ -17,6 +17,7 @@ from actors import lookups
 from engine import limits
 from engine.audit import AuditContext, Principal
 from engine.errors import EngineError, NotFound
+from engine.requests import normalized_owner
 from gateway import permissions
 from gateway.console import drawing
 from gateway.console.sessions import see_other
@@ -137,6 +138,10 @@ def _audit_context(request: web.Request, principal: Principal, route: str) -> Au
 # -- portfolios ------------------------------------------------------------------------
 async def portfolios(request: web.Request, session, principal) -> web.Response:
     owner = (request.query.get("owner") or "").strip() or None
+    try:
+        owner = normalized_owner(owner)   # as owners are stored ("ａｎｎ" finds ann)
+    except ValueError:
+        pass                               # no owner has such a name: the list stays empty
     if principal.owner is not None:
         owner = principal.owner
     cursor = request.query.get("cursor") or None
