@@ -26,8 +26,10 @@ encode_json = msgspec.json.Encoder().encode
 
 ENTRY_COLUMNS = ("id", "account_id", "sequence", "kind", "direction", "amount", "balance_after",
                  "counterparty_account_id", "memo", "correlation_id", "effective_date", "created_at")
-EVENT_COLUMNS = ("type", "account_id", "portfolio_id", "correlation_id", "payload", "created_at")
-KEY_COLUMNS = ("key", "fingerprint", "response")
+EVENT_COLUMNS = ("seq", "type", "account_id", "portfolio_id", "correlation_id", "payload", "created_at")
+# A key's answer is `response`, or the payload of the event numbered `event_seq` when the
+# answer is that payload (migration 0008).
+KEY_COLUMNS = ("key", "fingerprint", "response", "event_seq")
 AUDIT_COLUMNS = ("seq", "at", "token_id", "role", "owner_scope", "action", "target", "request_id", "client",
                  "outcome", "details", "prev_hash", "hash")
 TOKEN_ROW = ("id", "name", "role", "owner", "secret_hash", "created_by", "created_at")

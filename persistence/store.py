@@ -36,8 +36,11 @@ SELECT_ENTRY = f"SELECT {ENTRY_COLUMNS} FROM entries WHERE id = $1"
 SELECT_ENTRIES_PAGE = (f"SELECT {ENTRY_COLUMNS} FROM entries WHERE account_id = $1 AND sequence < $2 "
                        "ORDER BY sequence DESC LIMIT $3")
 SELECT_ENTRIES_BY_CORRELATION = f"SELECT {ENTRY_COLUMNS} FROM entries WHERE correlation_id = $1 ORDER BY direction DESC"
-SELECT_IDEMPOTENCY = "SELECT fingerprint, response FROM idempotency_keys WHERE key = $1"
-SELECT_IDEMPOTENCY_MANY = "SELECT key, fingerprint, response FROM idempotency_keys WHERE key = ANY($1::text[])"
+# A key's stored answer: its own copy, or its event's payload (json keeps the text as sent).
+_KEY_ANSWER = ("SELECT k.key, k.fingerprint, COALESCE(k.response, convert_to(e.payload::text, 'UTF8')) AS response "
+               "FROM idempotency_keys k LEFT JOIN events e ON e.seq = k.event_seq ")
+SELECT_IDEMPOTENCY = _KEY_ANSWER + "WHERE k.key = $1"
+SELECT_IDEMPOTENCY_MANY = _KEY_ANSWER + "WHERE k.key = ANY($1::text[])"
 # Expired keys go in bounded chunks (the writer runs this between batches).
 PURGE_IDEMPOTENCY = """DELETE FROM idempotency_keys WHERE ctid = ANY(ARRAY(
     SELECT ctid FROM idempotency_keys WHERE created_at < $1 LIMIT $2))"""
@@ -115,6 +118,8 @@ SELECT alluse_batch_guard(0, 0, 0, 0, (SELECT count(*) FROM merged_portfolios), 
                           (SELECT count(*) FROM revoked_tokens), $8)"""
 
 SELECT_AUDIT_HEAD = "SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1"
+# The writer numbers events itself, in commit order (it is the only writer).
+SELECT_EVENT_HEAD = "SELECT COALESCE(max(seq), 0) FROM events"
 AUDIT_COLUMNS = ("seq, at, token_id, role, owner_scope, action, target, request_id, client, outcome, details, "
                  "prev_hash, hash")
 SELECT_AUDIT_PAGE = f"SELECT {AUDIT_COLUMNS} FROM audit_log WHERE seq > $1 ORDER BY seq LIMIT $2"
@@ -155,8 +160,10 @@ async def set_risk_flag(connection: asyncpg.Connection, account_id: str, portfol
         else:
             await connection.execute("DELETE FROM risk_flags WHERE account_id = $1 AND flag = 'drawdown_breach'",
                                      account_id)
-        await connection.execute("INSERT INTO events (type, account_id, portfolio_id, payload, created_at) "
-                                 "VALUES ($1, $2, $3, $4::json, $5)",
+        # Numbered after the last event, as the writer numbers a batch's (the writer
+        # re-reads its head after a flag).
+        await connection.execute("INSERT INTO events (seq, type, account_id, portfolio_id, payload, created_at) "
+                                 "SELECT COALESCE(max(seq), 0) + 1, $1, $2, $3, $4::json, $5 FROM events",
                                  "account.drawdown_breach" if active else "account.drawdown_recovered",
                                  account_id, portfolio_id, payload, at)
 

@@ -187,6 +187,8 @@ class Writer:
         # The audit chain's head (last sequence number and hash); None = read it again
         # before the next batch (after a write whose outcome is unknown).
         self._audit_head: tuple[int, str] | None = None
+        # The number of the last committed event (the writer numbers events itself).
+        self._event_head: int | None = None
         # Operations taken but not yet sent, and the statement in flight.
         self._waiting: collections.deque[WriteOp] = collections.deque()
         self._inflight: asyncio.Future | None = None
@@ -370,6 +372,7 @@ class Writer:
     async def _flag(self, op: FlagOp) -> None:
         try:
             connection = await self._connected()
+            self._event_head = None   # the flag's event is numbered by the statement: read it again
             await sql.set_risk_flag(connection, op.account_id, op.portfolio_id, active=op.active,
                                     drawdown=op.drawdown, limit=op.limit, at=op.at)
         except EngineError as error:
@@ -398,6 +401,7 @@ class Writer:
 
     def _drop_connection(self) -> None:
         self._audit_head = None
+        self._event_head = None
         if self.connection is not None:
             self.connection.terminate()
             self.connection = None
@@ -420,7 +424,10 @@ class Writer:
             connection = await self._connected()
             async with translated_errors():
                 head = self._audit_head or await self._read_audit_head(connection)
-            batch = _Batch.of(ops, head)
+                event_head = self._event_head
+                if event_head is None:
+                    event_head = self._event_head = await connection.fetchval(sql.SELECT_EVENT_HEAD)
+            batch = _Batch.of(ops, head, event_head)
             await sql.write_batch(connection, batch.write)
         except KeyConflict as conflict:
             if not replaying:
@@ -484,6 +491,7 @@ class Writer:
 
     def _committed(self, batch: "_Batch", elapsed_s: float) -> None:
         self._audit_head = batch.head
+        self._event_head = batch.event_head
         ops = batch.ops
         for op in ops:
             if op.audit is not None:
@@ -541,6 +549,7 @@ class _Batch:
 
     ops: list[WriteOp]
     head: tuple[int, str]
+    event_head: int
     write: BatchWrite
     inserts: dict[str, Account]
     updates: dict[str, Account]
@@ -548,9 +557,11 @@ class _Batch:
     merges: int = 0
 
     @classmethod
-    def of(cls, ops: list[WriteOp], head: tuple[int, str]) -> "_Batch":
+    def of(cls, ops: list[WriteOp], head: tuple[int, str], event_head: int) -> "_Batch":
         """Coalesces the operations' decided rows: each account's last state (one update
-        per account however many operations touch it), every row in commit order."""
+        per account however many operations touch it), every row in commit order, events
+        numbered after `event_head`. A key whose answer is an event's payload refers to
+        that event instead of storing the same bytes again."""
         inserts: dict[str, Account] = {}
         updates: dict[str, Account] = {}
         before: dict[str, int] = {}
@@ -558,9 +569,10 @@ class _Batch:
         events: list[tuple] = []
         keys: list[tuple] = []
         rare = RareRows()
+        seq = event_head
         for op in ops:
             decided = op.rows
-            response = None
+            answered_by = None
             if decided is not None:
                 op_before = decided.before
                 for account_id, state in decided.states.items():
@@ -572,13 +584,11 @@ class _Batch:
                             before[account_id] = op_before[account_id]
                 transactions += decided.transactions
                 for row in decided.outbox:
-                    if row.payload is op.result:   # encoded once, for the event and the key
-                        response = response or encode_json(op.result)
-                        payload = response.decode()
-                    else:
-                        payload = encode_json(row.payload).decode()
-                    events.append((row.type, row.account_id, row.portfolio_id, row.correlation_id, payload,
-                                   row.created_at))
+                    seq += 1
+                    if answered_by is None and row.payload is op.result:
+                        answered_by = seq
+                    events.append((seq, row.type, row.account_id, row.portfolio_id, row.correlation_id,
+                                   encode_json(row.payload).decode(), row.created_at))
                 if decided.portfolios:
                     rare.portfolios += decided.portfolios
                 if decided.merged:
@@ -591,12 +601,15 @@ class _Batch:
                 rare.revocations += op.revocations
             claim = op.idempotency
             if claim is not None:
-                keys.append((claim.key, claim.fingerprint, response or encode_json(op.result)))
+                if answered_by is None:
+                    keys.append((claim.key, claim.fingerprint, encode_json(op.result), None))
+                else:
+                    keys.append((claim.key, claim.fingerprint, None, answered_by))
         rare.accounts = list(inserts.values())
         write = BatchWrite(entries=entry_rows(transactions), events=events, keys=keys,
                            rare=rare_args(rare) if rare else None)
         write.updates, write.updates_expected = account_updates(updates, before)
-        batch = cls(ops=ops, head=head, write=write, inserts=inserts, updates=updates,
+        batch = cls(ops=ops, head=head, event_head=seq, write=write, inserts=inserts, updates=updates,
                     forks=sum(1 for p in rare.portfolios if p.is_unit), merges=len(rare.merged))
         batch.head = _chain_audit(ops, write.audit, head)
         return batch

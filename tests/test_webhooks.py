@@ -355,7 +355,13 @@ async def test_webhook_management_over_http_is_audited_and_never_shows_the_secre
     assert_error(await api.get(webhook), 404, "not_found")
     assert_error(await api.call("DELETE", webhook), 404, "not_found")
 
-    log = (await api.ok("/v1/audit?limit=1000"))["items"]
+    async def webhook_records():
+        # A refusal's audit record is queued, not awaited by its reply (decision 76):
+        # wait for the last one before reading the log.
+        items = (await api.ok("/v1/audit?limit=1000"))["items"]
+        return items if sum("webhook" in r["action"] for r in items) >= 7 else None
+
+    log = await eventually(webhook_records, "the webhook routes' audit records", timeout_s=5)
     actions = [(r["action"], r["outcome"]) for r in log if "webhook" in r["action"]]
     assert actions == [("create_webhook", "committed"), ("update_webhook", "committed"),
                        ("rotate_webhook_secret", "committed"), ("redeliver_webhook", "committed"),
