@@ -204,3 +204,10 @@ async def test_a_risk_flag_and_its_event_are_written_together(store):
     assert await store.risk_flags() == {}
     assert [e.type for e in await store.events_after(0, 10)] == ["account.drawdown_breach",
                                                                  "account.drawdown_recovered"]
+
+
+async def test_the_embedded_server_does_not_zero_fill_new_wal_segments(store):
+    """The engine's settings for the server it runs (`persistence/embedded.py`) apply to a
+    brand-new data directory at once (a reload), not from its second start."""
+    rows = await store.fetch("SHOW wal_init_zero")
+    assert rows[0]["wal_init_zero"] == "off"
