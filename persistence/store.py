@@ -290,8 +290,17 @@ class Store:
             # whole table on every batch as it grew (15 ms a batch at 60,000 accounts),
             # until the next ANALYZE. Nested loops over the primary key cost the same at
             # any size.
-            return await asyncpg.connect(self.url, command_timeout=self.command_timeout_s,
-                                         server_settings=WRITER_SETTINGS)
+            connection = await asyncpg.connect(self.url, command_timeout=self.command_timeout_s,
+                                               server_settings=WRITER_SETTINGS)
+            # New WAL segments this session opens are not zero-filled first (as the
+            # embedded server is configured, `persistence/embedded.py`): where the role may
+            # set it (a superuser, or PostgreSQL 15's GRANT SET ON PARAMETER); otherwise
+            # the server's own setting stands (docs/operations.md recommends it).
+            try:
+                await connection.execute("SET wal_init_zero = off")
+            except (asyncpg.InsufficientPrivilegeError, asyncpg.UndefinedObjectError):
+                pass  # not allowed, or a server before PostgreSQL 12
+            return connection
 
     async def migrate(self) -> list[str]:
         """Applies the versioned SQL files in `persistence/migrations` that are not yet

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 from datetime import date, datetime, timezone
+from urllib.parse import urlsplit, urlunsplit
 
 import itertools
 
@@ -211,3 +212,27 @@ async def test_the_embedded_server_does_not_zero_fill_new_wal_segments(store):
     brand-new data directory at once (a reload), not from its second start."""
     rows = await store.fetch("SHOW wal_init_zero")
     assert rows[0]["wal_init_zero"] == "off"
+
+
+async def test_the_writer_session_looks_rows_up_by_key_whatever_its_role_may_set(store, database_url):
+    """The writer's connection plans nested loops over keys (no scans, no hash or merge
+    joins) and asks for WAL segments without zero-fill; a role that may not set the
+    latter still connects, with the server's own setting."""
+    writer = await store.connect()
+    try:
+        settings = {name: await writer.fetchval(f"SHOW {name}")
+                    for name in ("enable_seqscan", "enable_hashjoin", "enable_mergejoin", "wal_init_zero")}
+        assert settings == {"enable_seqscan": "off", "enable_hashjoin": "off", "enable_mergejoin": "off",
+                            "wal_init_zero": "off"}
+        await writer.execute("DROP ROLE IF EXISTS contract_plain; CREATE ROLE contract_plain LOGIN")
+    finally:
+        await writer.close()
+    parts = urlsplit(database_url)
+    plain = Store(urlunsplit(parts._replace(netloc="contract_plain@" + parts.netloc.rsplit("@", 1)[-1])),
+                  pool_size=1, command_timeout_s=5.0)
+    connection = await plain.connect()
+    try:
+        assert await connection.fetchval("SELECT current_user") == "contract_plain"
+        assert await connection.fetchval("SHOW enable_hashjoin") == "off"
+    finally:
+        await connection.close()
