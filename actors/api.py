@@ -992,7 +992,8 @@ class Engine:
                     self._drawdown_flags.pop(account_id, None)
                 self._signal_commit()
         except EngineError as error:
-            log.warning("drawdown check of %s failed: %s", account_id, error.message)
+            log.warning("drawdown check of %s failed: %s (the account's next loss or fee checks it again)",
+                        account_id, error.message)
 
     def drawdown_breaches(self) -> dict[str, float]:
         """Accounts whose drawdown_breach flag is set, with the drawdown that set it."""
