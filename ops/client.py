@@ -14,6 +14,8 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+from actors.settings import admin_token_file
+
 TIMEOUT_S = 30.0
 DEFAULT_URL = "http://127.0.0.1:8080"
 
@@ -31,7 +33,7 @@ def read_token(token_file: str | None, data_dir: str) -> str:
     path = token_file or None
     if path is None and os.environ.get("ALLUSE_TOKEN"):
         return os.environ["ALLUSE_TOKEN"].strip()
-    path = path or os.environ.get("ALLUSE_TOKEN_FILE") or str(Path(data_dir).expanduser() / "admin-token")
+    path = path or os.environ.get("ALLUSE_TOKEN_FILE") or str(admin_token_file(data_dir))
     try:
         token = Path(path).read_text().strip()
     except OSError as error:
