@@ -234,6 +234,12 @@ def load_settings(environ: dict | None = None, overrides: dict | None = None) ->
     return settings
 
 
+def admin_token_file(data_dir: str) -> Path:
+    """Where the bootstrap admin token generated at first start is kept: the service
+    writes it, the console's sign-in page names it, `alluse` and doctor read it."""
+    return Path(data_dir).expanduser().resolve() / "admin-token"
+
+
 def _check_database_tls(database: DatabaseSettings) -> None:
     """With `require_verified_tls`, only a DATABASE_URL that checks the server's
     certificate against a CA and its host name is accepted (libpq's and asyncpg's

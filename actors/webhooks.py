@@ -49,7 +49,7 @@ from standardwebhooks.webhooks import Webhook
 from engine import limits
 from engine.audit import EMBEDDED, AuditContext
 from engine.errors import EngineError, NotFound, Refused, ValidationFailed
-from engine.webhooks import check_target, is_public_address, retry_delay_s, wants
+from engine.webhooks import check_event_types, check_target, is_public_address, retry_delay_s, wants
 from actors.ids import new_id
 from persistence.webhooks_store import WebhookStore
 from actors.webhook_views import (
@@ -623,6 +623,7 @@ class Webhooks:
         request = _convert(CreateWebhookRequest, url=url, event_types=event_types, description=description,
                            owner=owner)
         check_target(request.url, allow_private=self.settings.allow_private_targets)
+        check_event_types(request.event_types)
         if len(self.endpoints) >= self.settings.endpoints_max:
             raise Refused("too many webhook endpoints", {"endpoints_max": self.settings.endpoints_max},
                           code="webhook_limit_reached")
@@ -666,6 +667,7 @@ class Webhooks:
         endpoint = self._owned(endpoint_id, scope)
         if request.url is not None:
             check_target(request.url, allow_private=self.settings.allow_private_targets)
+        check_event_types(request.event_types)
         changes = {name: getattr(request, name) for name in ("url", "description", "event_types", "enabled")
                    if getattr(request, name) is not None}
         if "event_types" in changes:

@@ -22,6 +22,11 @@ from engine.rules import mutate, transition
 # Legs of these kinds belong to an operation on several accounts: its one event carries
 # them, instead of one `transaction.posted` per leg.
 MULTI_LEG_KINDS = frozenset({"transfer", "fork", "merge"})
+# Every type of event the outbox holds: what this module writes, and the drawdown flags
+# `persistence.store` writes. Webhook endpoints subscribe to these (`engine.webhooks`).
+EVENT_TYPES = ("account.opened", "transaction.posted", "transfer.posted", "account.status_changed",
+               "portfolio.opened", "portfolio.forked", "portfolio.merged", "account.reinvested",
+               "account.drawdown_breach", "account.drawdown_recovered")
 
 
 class OutboxRow(msgspec.Struct, gc=False):

@@ -11,6 +11,7 @@ from msgspec import Meta, Struct
 
 from engine import limits
 from engine.errors import ValidationFailed
+from engine.ledger import EVENT_TYPES
 from engine.model import NO_NUL, Memo, Owner
 from engine.requests import normalize_names
 
@@ -92,6 +93,17 @@ def wants(event_types: list[str] | None, event_type: str) -> bool:
         return True
     family = event_type.split(".", 1)[0] + ".*"
     return any(pattern in ("*", event_type, family) for pattern in event_types)
+
+
+def check_event_types(patterns: list[str] | None) -> list[str] | None:
+    """The patterns if each matches an event type the engine emits, else
+    `ValidationFailed` on `event_types` naming the first that matches none: a typo would
+    otherwise subscribe an endpoint to nothing, silently."""
+    for pattern in patterns or ():
+        if not any(wants([pattern], event_type) for event_type in EVENT_TYPES):
+            message = f"event type {pattern!r} matches no event the engine emits ({', '.join(EVENT_TYPES)})"
+            raise ValidationFailed(message, {"field": "event_types", "value": pattern, "reason": message})
+    return patterns
 
 
 def retry_delay_s(schedule_s: tuple[float, ...], failures: int, jitter_ratio: float, unit_random: float) -> float | None:

@@ -9,14 +9,13 @@ import secrets
 import socket
 import ssl
 import sys
-from pathlib import Path
 
 import msgspec
 import uvloop
 from aiohttp import web
 
 from actors.availability import AnotherEngine
-from actors.settings import ConfigError, load_settings
+from actors.settings import ConfigError, admin_token_file, load_settings
 from gateway import logs
 from gateway.app import create_app, server_options
 
@@ -24,7 +23,7 @@ from gateway.app import create_app, server_options
 def _admin_token(data_dir: str) -> tuple[str, bool]:
     """ALLUSE_ADMIN_TOKEN when set; otherwise one generated at first start and kept in
     `<data_dir>/admin-token` (mode 0600) so restarts keep working with it."""
-    path = Path(data_dir).expanduser() / "admin-token"
+    path = admin_token_file(data_dir)
     if path.exists():
         return path.read_text().strip(), False
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -104,10 +103,10 @@ def main() -> int:
         print(f"ALL-USE Account Engine listening on {scheme}://{server.host}:{listener.getsockname()[1]} "
               f"(console at /, API reference at /docs)", flush=True)
         if generated:
-            print(f"admin token (generated, kept in {settings.database.data_dir}/admin-token): "
+            print(f"admin token (generated, kept in {admin_token_file(settings.database.data_dir)}): "
                   f"{server.admin_token}", flush=True)
         elif not os.environ.get("ALLUSE_ADMIN_TOKEN"):
-            print(f"admin token: in {settings.database.data_dir}/admin-token", flush=True)
+            print(f"admin token: in {admin_token_file(settings.database.data_dir)}", flush=True)
 
     # on_startup runs after the engine started (cleanup_ctx) and the socket is already
     # bound and listening, so "listening" is true when it is printed.

@@ -104,7 +104,8 @@ DOCS: dict[str, Doc] = {
     "openapi": Doc("This document. Public: it holds no secrets."),
     # Webhooks (docs/webhooks.md): admin only.
     "create_webhook": Doc("Registers an HTTPS endpoint for the event feed. The signing secret (`whsec_...`) is shown "
-                          "only in this reply; deliveries are signed the Standard Webhooks way.",
+                          "only in this reply; deliveries are signed the Standard Webhooks way. Each `event_types` "
+                          "entry (a type, `family.*` or `*`) must match a type the engine emits (docs/webhooks.md).",
                           {"url": "https://hooks.example.com/alluse", "event_types": ["portfolio.forked"]}),
     "list_webhooks": Doc("Every webhook endpoint, without secrets."),
     "get_webhook": Doc("One webhook endpoint, its state and counters."),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import typing
+from http import HTTPStatus
 
 import msgspec
 
@@ -120,7 +121,7 @@ def document() -> dict:
             if doc.example is not None:
                 media["example"] = doc.example
             operation["requestBody"] = {"required": True, "content": {"application/json": media}}
-        success: dict = {"description": "OK"}
+        success: dict = {"description": HTTPStatus(route.status).phrase}  # 201 Created, 202 Accepted
         if route.response is not None:
             success["content"] = {"application/json": {"schema": refs[route.response]}}
         elif route.path == "/metrics":

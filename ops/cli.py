@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from actors.settings import ConfigError, Settings, load_settings
+from engine.limits import PAGE_SIZE_MAX
 from ops.client import DEFAULT_URL, Client, CommandError, read_token
 
 app = typer.Typer(help=__doc__.split("\n\n")[0], no_args_is_help=True, add_completion=False, rich_markup_mode=None,
@@ -74,10 +75,18 @@ def _emit(context: typer.Context, value: Any, table: Table | str | None) -> None
         console.print(table)
 
 
+def _emit_list(context: typer.Context, page: dict, table: Table) -> None:
+    """A list is the API's page object with --json; a table says when the API has more
+    (a list never ends silently at its --limit)."""
+    _emit(context, page, table)
+    if page["next_cursor"] and not _options(context).json:
+        console.print(f"more: --cursor {page['next_cursor']}")
+
+
 def _table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
     table = Table(title=title, title_justify="left")
     for column in columns:
-        numeric = column in ("balance", "amount", "total value", "income", "balance after")
+        numeric = column in ("balance", "deployable", "amount", "total value", "income", "balance after")
         table.add_column(column, justify="right" if numeric else "left",
                          no_wrap=column in ("id", "portfolio", "parent", "leg", "account"))
     for row in rows:
@@ -285,11 +294,14 @@ def _account_row(account: dict) -> list:
 @accounts_app.command("list")
 def accounts_list(context: typer.Context, owner: Optional[str] = None, type: Optional[str] = None,
                   status: Optional[str] = None, portfolio: Optional[str] = None,
-                  limit: int = typer.Option(100, min=1, max=LIST_ITEMS_MAX, help="Most accounts shown.")) -> None:
+                  limit: int = typer.Option(100, min=1, max=LIST_ITEMS_MAX, help="Most accounts shown."),
+                  cursor: Optional[str] = typer.Option(None, help="Continue after an earlier list's last account "
+                                                       "(its `more: --cursor`).")) -> None:
     """Accounts, filtered by owner, type, status or portfolio."""
-    items = _client(context).pages("/v1/accounts", limit_total=limit, owner=owner, type=type, status=status,
-                                   portfolio_id=portfolio, limit=min(limit, 500))
-    _emit(context, items, _table(f"{len(items)} accounts", ACCOUNT_COLUMNS, [_account_row(a) for a in items]))
+    page = _client(context).pages("/v1/accounts", limit_total=limit, page_max=PAGE_SIZE_MAX, cursor=cursor,
+                                  owner=owner, type=type, status=status, portfolio_id=portfolio)
+    items = page["items"]
+    _emit_list(context, page, _table(f"{len(items)} accounts", ACCOUNT_COLUMNS, [_account_row(a) for a in items]))
 
 
 @accounts_app.command("show")
@@ -312,24 +324,17 @@ def accounts_show(context: typer.Context, account_id: str) -> None:
 
 @portfolios_app.command("list")
 def portfolios_list(context: typer.Context, owner: Optional[str] = None,
-                    limit: int = typer.Option(1000, min=1, max=LIST_ITEMS_MAX,
-                                              help="Most accounts read to find portfolios.")) -> None:
-    """Portfolios (root and forked units), found from their accounts."""
-    items = _client(context).pages("/v1/accounts", limit_total=limit, owner=owner, limit=500)
-    portfolios: dict[str, dict] = {}
-    for account in items:
-        if account.get("portfolio_id"):
-            entry = portfolios.setdefault(account["portfolio_id"], {"id": account["portfolio_id"],
-                                                                    "owner": account["owner"], "accounts": 0,
-                                                                    "total": 0, "status": set()})
-            entry["accounts"] += 1
-            entry["total"] += account["balance"]
-            entry["status"].add(account["status"])
-    rows = sorted(portfolios.values(), key=lambda p: p["id"])
-    for row in rows:
-        row["status"] = ",".join(sorted(row["status"]))
-    _emit(context, rows, _table(f"{len(rows)} portfolios", ["id", "owner", "accounts", "balance", "status"],
-                                [[p["id"], p["owner"], p["accounts"], _money(p["total"]), p["status"]] for p in rows]))
+                    limit: int = typer.Option(100, min=1, max=LIST_ITEMS_MAX, help="Most portfolios shown."),
+                    cursor: Optional[str] = typer.Option(None, help="Continue after an earlier list's last "
+                                                         "portfolio (its `more: --cursor`).")) -> None:
+    """Root portfolios, each with the totals of its whole fork tree and its active units."""
+    page = _client(context).pages("/v1/portfolios", limit_total=limit, page_max=PAGE_SIZE_MAX, cursor=cursor,
+                                  owner=owner)
+    items = page["items"]
+    rows = [[p["id"], p["name"], p["owner"], p["status"], p["opened_on"], p["units_active"],
+             _money(p["totals"]["balance"]), _money(p["totals"]["deployable"])] for p in items]
+    _emit_list(context, page, _table(f"{len(items)} portfolios", ["id", "name", "owner", "status", "opened",
+                                                                  "active units", "balance", "deployable"], rows))
 
 
 @portfolios_app.command("tree")

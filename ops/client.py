@@ -14,6 +14,8 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+from actors.settings import admin_token_file
+
 TIMEOUT_S = 30.0
 DEFAULT_URL = "http://127.0.0.1:8080"
 
@@ -31,7 +33,7 @@ def read_token(token_file: str | None, data_dir: str) -> str:
     path = token_file or None
     if path is None and os.environ.get("ALLUSE_TOKEN"):
         return os.environ["ALLUSE_TOKEN"].strip()
-    path = path or os.environ.get("ALLUSE_TOKEN_FILE") or str(Path(data_dir).expanduser() / "admin-token")
+    path = path or os.environ.get("ALLUSE_TOKEN_FILE") or str(admin_token_file(data_dir))
     try:
         token = Path(path).read_text().strip()
     except OSError as error:
@@ -79,18 +81,17 @@ class Client:
     def get(self, path: str, **query):
         return self.request("GET", path, query=query or None)
 
-    def pages(self, path: str, *, limit_total: int, **query) -> list:
-        """Follows `next_cursor` until `limit_total` items (a bound: never unbounded)."""
+    def pages(self, path: str, *, limit_total: int, page_max: int, cursor: str | None = None, **query) -> dict:
+        """Follows `next_cursor` until `limit_total` items (a bound: never unbounded), as one
+        page of the API's shape: its `next_cursor` is where the items shown end, so the
+        caller can say there is more and continue from there."""
         items: list = []
-        cursor = None
-        while len(items) < limit_total:
-            page = self.get(path, **query, cursor=cursor) if cursor else self.get(path, **query)
+        while True:
+            page = self.get(path, **query, limit=min(limit_total - len(items), page_max), cursor=cursor)
             items.extend(page.get("items", []))
             cursor = page.get("next_cursor")
-            if not cursor:
-                break
-        return items[:limit_total]
-
+            if not cursor or len(items) >= limit_total:
+                return {"items": items, "next_cursor": cursor}
 
 def _decode(raw: bytes):
     if not raw:

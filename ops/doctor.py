@@ -14,7 +14,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 
-from actors.settings import Settings
+from actors.settings import Settings, admin_token_file
 from engine.audit import ChainCheck
 from persistence import backup
 from persistence.embedded import EmbeddedServer
@@ -43,7 +43,7 @@ class Check:
 def _admin_token(settings: Settings) -> str:
     if settings.server.admin_token:
         return settings.server.admin_token
-    path = Path(settings.database.data_dir).expanduser() / "admin-token"
+    path = admin_token_file(settings.database.data_dir)
     return path.read_text().strip() if path.exists() else ""
 
 

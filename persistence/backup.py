@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 import tempfile
@@ -33,6 +34,9 @@ BASE = "base"
 DUMP = "database.pgdump"
 COMMAND_TIMEOUT_S = 3600
 RECOVERY_TIMEOUT_S = 600
+# PostgreSQL's WAL segment size unless the server was initialised with another.
+STANDARD_SEGMENT_BYTES = 16 * 1024 * 1024
+SEGMENT_NAME = re.compile(r"[0-9A-F]{24}")
 STATE_SQL = {
     "server_version": "SHOW server_version",
     "audit_seq": "SELECT coalesce(max(seq), 0) FROM audit_log",
@@ -169,6 +173,45 @@ def verify(source: Path) -> dict:
     return manifest
 
 
+def _segment_bytes(base: Path) -> int:
+    """The WAL segment size of the server the backup came from, as its pg_control
+    records it; PostgreSQL's standard if that cannot be read."""
+    try:
+        control = run("pg_controldata", ["-D", str(base)])
+    except BackupError:
+        return STANDARD_SEGMENT_BYTES
+    found = re.search(r"^Bytes per WAL segment:\s*(\d+)$", control, re.MULTILINE)
+    return int(found.group(1)) if found else STANDARD_SEGMENT_BYTES
+
+
+def _segments_used(base: Path, archive: Path | None) -> list[Path]:
+    """The WAL segment files a restore reads: the backup's own, and the archive's from the
+    backup's first segment on (older ones come before the backup and are never read)."""
+    used = [path for path in (base / "pg_wal").iterdir() if SEGMENT_NAME.fullmatch(path.name)]
+    if archive is not None:
+        try:
+            label = (base / "backup_label").read_text()
+        except OSError:
+            label = ""
+        start = re.search(r"^START WAL LOCATION: .*\(file ([0-9A-F]{24})\)$", label, re.MULTILINE)
+        # Compared without the timeline: a later timeline's segments are read too.
+        first = start.group(1)[8:] if start else ""
+        used += [path for path in archive.iterdir() if SEGMENT_NAME.fullmatch(path.name) and path.name[8:] >= first]
+    return sorted(used)
+
+
+def check_segments(base: Path, archive: Path | None) -> None:
+    """Refuses a restore that would read a WAL segment of the wrong size: pg_verifybackup
+    reads the backup's WAL only up to the backup's end, and PostgreSQL may take a short
+    segment past that point for the end of the WAL and stop there, silently."""
+    size = _segment_bytes(base)
+    for path in _segments_used(base, archive):
+        actual = path.stat().st_size
+        if actual != size:
+            raise BackupError(f"WAL segment {path} has {actual:,} bytes, not the server's {size:,}: it is "
+                              "truncated or damaged; restore from another backup or archive")
+
+
 def _target_pgdata(data_dir: str) -> Path:
     pgdata = Path(data_dir).expanduser().resolve() / "pg"
     if pgdata.exists() and any(pgdata.iterdir()):
@@ -267,6 +310,7 @@ def restore_embedded(source: Path, data_dir: str, *, wal_archive_dir: str = "", 
                               f"({manifest['finished_at']}); use an older backup")
     if archive is not None and not archive.is_dir():
         raise BackupError(f"WAL archive {archive} does not exist")
+    check_segments(source / BASE, archive)
     pgdata = _target_pgdata(data_dir)
     _copy_base(source, pgdata)
     if archive is not None:

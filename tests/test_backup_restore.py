@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -213,6 +214,42 @@ async def test_a_corrupted_or_truncated_backup_is_refused(place):
     (backup_dir / "base" / "backup_manifest").unlink()
     assert "incomplete" in refused(backup_dir, place / "r5")
     assert "is not a backup" in refused(place / "nowhere", place / "r6")
+
+
+def wal_segments(directory: Path) -> list[Path]:
+    return sorted(path for path in directory.iterdir() if re.fullmatch(r"[0-9A-F]{24}", path.name))
+
+
+async def test_a_wal_segment_of_the_wrong_size_is_refused(place):
+    """Past the backup's end, where pg_verifybackup reads no WAL, a short segment would
+    pass its check and recovery could take it for the end of the WAL."""
+    archive = place / "archive"
+    async with Engine(settings_for(place / "live", archive)) as engine:
+        account = await engine.create_account(name="A", type="revenue", owner="ops")
+        await engine.deposit(account.id, 5_000)
+        result = await asyncio.to_thread(alluse, "backup", str(place / "backup"),
+                                         env=clean_env(ALLUSE_DATA_DIR=str(place / "live"),
+                                                       ALLUSE_WAL_ARCHIVE_DIR=str(archive)))
+        assert result.returncode == 0, result
+        await engine.deposit(account.id, 1_000)
+        await archive_everything(engine.database_url)
+    backup = place / "backup"
+    for segment, data_dir in ((wal_segments(backup / "base" / "pg_wal")[-1], place / "r1"),
+                              (wal_segments(archive)[-1], place / "r2")):
+        whole = segment.read_bytes()
+        assert len(whole) == 16 * 1024 * 1024
+        segment.write_bytes(whole[:1_000_000])
+        result = alluse("restore", str(backup), "--wal-archive", str(archive),
+                        env=clean_env(ALLUSE_DATA_DIR=str(data_dir)))
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 1 and len(lines) == 1, result
+        assert lines[0] == (f"alluse: error: WAL segment {segment} has 1,000,000 bytes, not the server's "
+                            "16,777,216: it is truncated or damaged; restore from another backup or archive"), lines
+        assert not (data_dir / "pg").exists(), "nothing is written from a bad backup"
+        segment.write_bytes(whole)
+    result = alluse("restore", str(backup), "--wal-archive", str(archive),
+                    env=clean_env(ALLUSE_DATA_DIR=str(place / "whole")))
+    assert result.returncode == 0, result
 
 
 async def test_a_database_url_server_is_backed_up_with_pg_dump_and_restored_into_an_empty_database(

@@ -8,8 +8,10 @@ a temporary directory; `make screenshots` (ALLUSE_CONSOLE_SCREENSHOTS=docs/conso
 the ones checked in under docs/console/."""
 from __future__ import annotations
 
+import asyncio
 import os
 import re
+import urllib.request
 import uuid
 from datetime import date, timedelta
 from pathlib import Path
@@ -506,6 +508,52 @@ async def test_the_webhooks_page_shows_circuits_attempts_and_dead_letters_to_adm
             assert (await page.goto(f"/console/webhooks/{down['id']}")).status == 404
         finally:
             await context.close()
+
+
+async def test_audit_details_who_breadcrumbs_and_forecasts_read_as_words_not_python(browser, server):
+    cleo = api(server, "POST", "/v1/portfolios", {"name": "Cleo Income", "owner": "cleo",
+                                                  "initial_capital": 250_000_00})
+    revenue = next(a["id"] for a in cleo["accounts"] if a["type"] == "revenue")
+    api(server, "POST", "/v1/webhooks", {"url": "http://127.0.0.1:9/hook", "event_types": ["portfolio.*"]})
+    assert server.call("GET", "/v1/accounts", token=None)[0] == 401
+    context, page = await sign_in(browser, server, ADMIN_TOKEN)
+    try:
+        await page.goto("/console/audit")
+        rows = page.locator("table[data-table=audit] tbody tr")
+        details = await rows.filter(has_text="create_webhook").locator("[data-details]").inner_text()
+        assert 'event_types ["portfolio.*"]' in details and "owner null" in details, details
+        anonymous = rows.filter(has_text="401 unauthorized").first
+        assert (await anonymous.locator("[data-who]").inner_text()).strip() == "anonymous"
+        assert "['" not in await page.inner_text("table[data-table=audit]")
+
+        await page.goto(f"/console/accounts/{revenue}")
+        assert await page.inner_text("[data-crumb=portfolio]") == "Cleo Income"
+        await page.goto(f"/console/portfolios/{cleo['id']}")
+        forecast = await page.inner_text("[data-value=next-fork-merge]")
+        assert "—" in forecast and "— wk" not in forecast, forecast  # a root never merges
+    finally:
+        await context.close()
+
+
+def sign_in_text(settings) -> str:
+    """The sign-in page of a server started with `settings`."""
+    with LiveServer(settings) as live:
+        with urllib.request.urlopen(f"{live.url}/console/sign-in", timeout=10) as response:
+            return response.read().decode()
+
+
+async def test_the_sign_in_page_names_the_admin_token_file_of_the_running_engine(database_url, tmp_path):
+    """Where the token really is (ALLUSE_DATA_DIR's), not the default `.alluse`."""
+    secret = "console-kept-admin-token-0123456789abcdef"
+    (tmp_path / "admin-token").write_text(secret + "\n")
+    kept = await asyncio.to_thread(sign_in_text, load_settings({}, {
+        "database": {"url": database_url, "data_dir": str(tmp_path)}, "server": {"admin_token": secret}}))
+    assert f"<code data-value=\"token-file\">{tmp_path / 'admin-token'}</code>" in kept, kept
+    assert ".alluse/admin-token" not in kept
+    # A token the service was configured with (ALLUSE_ADMIN_TOKEN) is in no file.
+    configured = await asyncio.to_thread(sign_in_text, load_settings({}, {
+        "database": {"url": database_url, "data_dir": str(tmp_path)}, "server": {"admin_token": ADMIN_TOKEN}}))
+    assert "ALLUSE_ADMIN_TOKEN" in configured and "token-file" not in configured, configured
 
 
 def test_screenshots_are_checked_in_for_every_page():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import asyncpg
 
@@ -14,6 +15,27 @@ from tests.conftest import engine_settings
 from tests.ops_helpers import alluse, alluse_json, clean_env, database_name
 
 GOOD_TOKEN = "doctor-admin-token-0123456789abcdef0123456789"
+
+
+def documented() -> dict[str, dict[str, str]]:
+    """docs/operations.md's doctor table: for each check, what it passes, warns and
+    fails on ("—": never)."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "operations.md").read_text()
+    table = text[text.index("| check | pass | warn | fail |"):].split("\n\n", 1)[0].splitlines()[2:]
+    rows = {}
+    for line in table:
+        names, *cells = [cell.strip() for cell in line.strip("|").split(" | ")]
+        for name in names.split(", "):
+            rows[name] = dict(zip(("pass", "warn", "fail"), cells))
+    return rows
+
+
+def assert_documented(checks: dict[str, dict]) -> None:
+    """Every check the command printed, with a status the table says it can have."""
+    table = documented()
+    for name, check in checks.items():
+        assert name in table, f"check {name!r} is not in docs/operations.md"
+        assert table[name][check["status"]] != "—", f"docs/operations.md says {name!r} never {check['status']}s"
 
 
 def doctor(env: dict) -> tuple[int, dict[str, dict], str]:
@@ -46,6 +68,7 @@ async def test_doctor_passes_a_healthy_setup(database_url, tmp_path):
     assert "PostgreSQL 18" in checks["database"]["reason"]
     assert "admin 1" in checks["tokens"]["reason"]
     assert checks["https"]["status"] == "warn" and checks["wal archiving"]["status"] == "warn"
+    assert_documented(checks)
     table = await asyncio.to_thread(alluse, "doctor", env=env)
     assert table.returncode == 0 and "synchronous_commit" in table.stdout and "pass" in table.stdout
 
@@ -74,6 +97,7 @@ async def test_doctor_fails_a_misconfigured_setup_and_says_why(database_url, pos
     assert "acknowledged changes can be lost" in checks["synchronous_commit"]["reason"]
     assert "5 characters" in checks["admin token"]["reason"]
     assert "record 2" in checks["audit chain"]["reason"]
+    assert_documented(checks)
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0] == ("alluse: error: doctor: 3 check(s) failed: synchronous_commit, "
                                             "audit chain, admin token"), lines

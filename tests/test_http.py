@@ -665,6 +665,8 @@ async def test_health_ready_metrics_and_openapi_need_no_token(api, world):
     for route in ROUTES:
         assert route.path in document.body["paths"], route.path
         assert route.method.lower() in document.body["paths"][route.path], (route.method, route.path)
+        success = document.body["paths"][route.path][route.method.lower()]["responses"][str(route.status)]
+        assert success["description"] == {200: "OK", 201: "Created", 202: "Accepted"}[route.status], route.path
 
 
 async def test_the_request_id_is_echoed(api):

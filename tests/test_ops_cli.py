@@ -61,7 +61,7 @@ def test_remote_commands_show_accounts_move_money_and_manage_tokens(service, cli
     target = make_account(service, "ann", "Rev-Acc B")
 
     listed = alluse_json("accounts", "list", "--owner", "ann", env=cli_env)
-    assert {a["id"] for a in listed} >= {source["id"], target["id"]}
+    assert {a["id"] for a in listed["items"]} >= {source["id"], target["id"]} and listed["next_cursor"] is None
     table = alluse("accounts", "list", "--owner", "ann", env=cli_env)
     assert table.returncode == 0 and source["id"] in table.stdout and "$1,000.00" in table.stdout, table
 
@@ -77,15 +77,30 @@ def test_remote_commands_show_accounts_move_money_and_manage_tokens(service, cli
     status, portfolio, _ = service.request("POST", "/v1/portfolios", token=ADMIN_TOKEN,
                                            body={"name": "Ann", "owner": "ann-p", "initial_capital": 300_000_00})
     assert status == 201, portfolio
+    generation = next(a["id"] for a in portfolio["accounts"] if a["type"] == "generation")
+    status, premium, _ = service.request("POST", f"/v1/accounts/{generation}/trades", token=ADMIN_TOKEN,
+                                         body={"kind": "premium", "amount": 10_000_00},
+                                         headers={"Idempotency-Key": str(uuid.uuid4())})
+    assert status == 201, premium
+    status, fork, _ = service.request("POST", f"/v1/accounts/{generation}/fork", token=ADMIN_TOKEN,
+                                      body={"amount": 10_000_00}, headers={"Idempotency-Key": str(uuid.uuid4())})
+    assert status == 201, fork
+    # Roots only, by name, with the whole tree's totals (the unit's money included).
     portfolios = alluse_json("portfolios", "list", "--owner", "ann-p", env=cli_env)
-    assert [p["id"] for p in portfolios] == [portfolio["id"]] and portfolios[0]["total"] == 300_000_00
+    [listed_portfolio] = portfolios["items"]
+    assert listed_portfolio["id"] == portfolio["id"] and listed_portfolio["name"] == "Ann"
+    assert listed_portfolio["totals"]["balance"] == 310_000_00 and listed_portfolio["units_active"] == 1
+    assert portfolios["next_cursor"] is None
+    shown = alluse("portfolios", "list", "--owner", "ann-p", env=cli_env)
+    assert shown.returncode == 0 and "Ann" in shown.stdout and "$310,000.00" in shown.stdout, shown
+    assert fork["portfolio_id"] not in shown.stdout and "more:" not in shown.stdout, shown
     tree = alluse("portfolios", "tree", portfolio["id"], env=cli_env)
-    assert tree.returncode == 0 and portfolio["id"] in tree.stdout and "$300,000.00" in tree.stdout, tree
+    assert tree.returncode == 0 and portfolio["id"] in tree.stdout and fork["portfolio_id"] in tree.stdout, tree
 
     created = alluse_json("tokens", "create", "ann dashboard", "--role", "viewer", "--owner", "ann", env=cli_env)
     assert created["token"].startswith("alu_") and created["role"] == "viewer"
     as_viewer = clean_env(ALLUSE_URL=service.url, ALLUSE_TOKEN=created["token"])
-    assert {a["owner"] for a in alluse_json("accounts", "list", env=as_viewer)} == {"ann"}
+    assert {a["owner"] for a in alluse_json("accounts", "list", env=as_viewer)["items"]} == {"ann"}
     assert created["id"] in {t["id"] for t in alluse_json("tokens", "list", env=cli_env)}
     revoked = alluse_json("tokens", "revoke", created["id"], env=cli_env)
     assert revoked["revoked_at"] is not None
@@ -97,6 +112,28 @@ def test_remote_commands_show_accounts_move_money_and_manage_tokens(service, cli
     status_table = alluse("status", env=cli_env)
     assert status_table.returncode == 0 and "database healthy" in status_table.stdout, status_table
     assert alluse_json("status", env=cli_env)["supervisor"]["database_healthy"] is True
+
+
+def test_a_list_cut_by_its_limit_says_how_to_get_the_rest(service, cli_env):
+    made = [make_account(service, "pager", f"Rev-Acc {index}")["id"] for index in range(3)]
+    for index in range(3):
+        status, created, _ = service.request("POST", "/v1/portfolios", token=ADMIN_TOKEN,
+                                             body={"name": f"Pager {index}", "owner": "pager-p",
+                                                   "initial_capital": 1_000_00})
+        assert status == 201, created
+    # Three of each: accounts of "pager" (alone), root portfolios of "pager-p".
+    for command, owner in (("accounts", "pager"), ("portfolios", "pager-p")):
+        first = alluse(command, "list", "--owner", owner, "--limit", "2", env=cli_env)
+        assert first.returncode == 0, first
+        last_line = first.stdout.strip().splitlines()[-1]
+        assert re.fullmatch(r"more: --cursor \S+", last_line), (command, first.stdout)
+        cursor = last_line.split()[-1]
+        page = alluse_json(command, "list", "--owner", owner, "--limit", "2", env=cli_env)
+        assert len(page["items"]) == 2 and page["next_cursor"] == cursor, (command, page)
+        rest = alluse_json(command, "list", "--owner", owner, "--cursor", cursor, env=cli_env)
+        assert len(rest["items"]) == 1 and rest["next_cursor"] is None, (command, rest)
+        assert "more:" not in alluse(command, "list", "--owner", owner, "--cursor", cursor, env=cli_env).stdout
+    assert [a["id"] for a in alluse_json("accounts", "list", "--owner", "pager", env=cli_env)["items"]] == made
 
 
 def test_a_failing_command_prints_one_error_line_and_exits_non_zero(service, cli_env):

@@ -5,12 +5,15 @@ dead letters and redelivery, secret rotation, owner scope, refused targets, the 
 records of management, and the HTTP routes. Real engine, real PostgreSQL."""
 from __future__ import annotations
 
+import ast
 import asyncio
 import json
 import logging
+import re
 import time
 from contextlib import asynccontextmanager
 from datetime import timedelta
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -21,8 +24,9 @@ from actors.api import Engine
 from actors.settings import load_settings
 from actors.webhooks import GuardedResolver, RefusedTarget
 from engine.errors import Refused, ValidationFailed
+from engine.ledger import EVENT_TYPES
 from engine.rules import quarter_of
-from engine.webhooks import check_target, retry_delay_s, wants
+from engine.webhooks import check_event_types, check_target, retry_delay_s, wants
 from tests.conftest import eventually
 from tests.test_analytics_engine import open_portfolio, weekly_premiums
 from tests.test_http import TOKEN, assert_error
@@ -105,6 +109,32 @@ async def test_event_type_patterns_and_the_retry_schedule():
     assert retry_delay_s(schedule, 1, 0.0, 0.5) == 5.0 and retry_delay_s(schedule, 2, 0.2, 0.0) == 240.0
     assert retry_delay_s(schedule, 2, 0.2, 0.999999) == pytest.approx(360.0)
     assert retry_delay_s(schedule, 3, 0.2, 0.5) is None
+
+
+async def test_event_type_patterns_must_match_an_event_type_the_engine_emits():
+    for patterns in (["*"], ["portfolio.*"], ["account.drawdown_breach", "transfer.posted"], list(EVENT_TYPES), None):
+        assert check_event_types(patterns) == patterns
+    for patterns, bad in ((["bogus.type"], "bogus.type"), (["portfolio.forked", "portfolio.frked"], "portfolio.frked"),
+                          (["nothing.*"], "nothing.*"), (["transfer.*", "transfers.posted"], "transfers.posted")):
+        with pytest.raises(ValidationFailed) as refused:
+            check_event_types(patterns)
+        assert refused.value.details["field"] == "event_types" and refused.value.details["value"] == bad
+        assert repr(bad) in str(refused.value), str(refused.value)
+
+
+async def test_the_list_of_event_types_is_every_type_the_engine_writes():
+    """EVENT_TYPES is kept by hand next to the code that writes events: every event type
+    named where the outbox is written is in it, and it names nothing else."""
+    root = Path(__file__).resolve().parent.parent
+    written = set()
+    for source in ("engine/ledger.py", "persistence/store.py"):
+        tree = ast.parse((root / source).read_text())
+        written |= {node.value for node in ast.walk(tree) if isinstance(node, ast.Constant)
+                    and isinstance(node.value, str)
+                    and re.fullmatch(r"(account|transaction|transfer|portfolio)\.[a-z_]+", node.value)}
+    assert written == set(EVENT_TYPES)
+    listed = (root / "docs" / "webhooks.md").read_text()
+    assert all(f"`{event_type}`" in listed for event_type in EVENT_TYPES)
 
 
 async def test_a_name_that_resolves_to_a_private_address_is_refused_when_connecting():
@@ -384,7 +414,16 @@ async def test_refused_webhook_urls_answer_422_in_the_error_shape(database_url):
                      "validation_failed")
         assert_error(await api.post("/v1/webhooks", {"url": "https://x.example", "secret": "mine"}), 422,
                      "validation_failed")
+        # A pattern that matches no event type the engine emits would receive nothing.
+        typo = await api.post("/v1/webhooks", {"url": "https://h.example/x", "event_types": ["bogus.type"]})
+        assert_error(typo, 422, "validation_failed", "event_types")
+        assert typo.body["error"]["details"]["value"] == "bogus.type" and "bogus.type" in typo.body["error"]["message"]
         assert (await api.ok("/v1/webhooks"))["items"] == []
+        created = await api.created("/v1/webhooks", {"url": "https://h.example/x", "event_types": ["portfolio.*"]})
+        changed = await api.call("PATCH", f"/v1/webhooks/{created['id']}",
+                                 json_body={"event_types": ["*", "account.opend"]})
+        assert_error(changed, 422, "validation_failed", "event_types")
+        assert (await api.ok(f"/v1/webhooks/{created['id']}"))["event_types"] == ["portfolio.*"]
 
 
 async def test_supervisor_status_and_metrics_show_each_endpoint(api, receiver):
@@ -428,7 +467,11 @@ async def test_the_horizon_waits_at_a_missing_sequence_number_then_passes_it():
 async def test_the_endpoint_limit_refuses_with_409_and_deleting_a_busy_endpoint_is_clean(database_url, receiver):
     receiver.behaviour = lambda n: (500, 0.0)
     async with running(database_url, endpoints_max=2) as engine:
+        with pytest.raises(ValidationFailed):
+            await engine.webhooks.create(url=receiver.url, event_types=["portfolio.forkd"])
         first = await engine.webhooks.create(url=receiver.url)
+        with pytest.raises(ValidationFailed):
+            await engine.webhooks.update(first.id, event_types=["bogus.*"])
         await engine.webhooks.create(url=receiver.url)
         with pytest.raises(Refused) as refused:
             await engine.webhooks.create(url=receiver.url)

@@ -7,12 +7,14 @@ Every asset is local: nothing is fetched from a CDN."""
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from pathlib import Path
 
 import jinja2
 from aiohttp import web
 
+from actors.settings import Settings, admin_token_file
 from engine.errors import EngineError, NotFound
 from gateway import permissions
 from gateway.cors import CORS_ORIGINS
@@ -24,6 +26,7 @@ HERE = Path(__file__).parent
 SESSIONS = web.AppKey("console_sessions", Sessions)
 TEMPLATES = web.AppKey("console_templates", jinja2.Environment)
 STOPPING = web.AppKey("console_stopping", asyncio.Event)
+TOKEN_FILE = web.AppKey("console_admin_token_file", str)
 # Pages and scripts from this origin only; inline SVG and style attributes are allowed.
 CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; script-src 'self'; "
        "connect-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'")
@@ -31,9 +34,10 @@ CSRF_COOKIE_AGE_S = 3600
 
 
 def setup(app: web.Application) -> None:
-    from gateway.app import SETTINGS
+    from gateway.app import ADMIN_TOKEN, SETTINGS
 
     settings = app[SETTINGS]
+    app[TOKEN_FILE] = _token_file(settings, app[ADMIN_TOKEN])
     app[SESSIONS] = Sessions(settings.server.console_session_s)
     app[TEMPLATES] = pages.environment(HERE / "templates")
     app[STOPPING] = asyncio.Event()
@@ -128,6 +132,17 @@ async def home(request: web.Request) -> web.StreamResponse:
     return see_other("/console/portfolios" if session is not None else "/console/sign-in")
 
 
+def _token_file(settings: Settings, token: str) -> str:
+    """The file this engine's bootstrap admin token is kept in, for the sign-in page to
+    name; empty when the token was configured (ALLUSE_ADMIN_TOKEN) instead."""
+    path = admin_token_file(settings.database.data_dir)
+    try:
+        kept = path.read_bytes().strip()
+    except OSError:
+        return ""
+    return str(path) if secrets.compare_digest(kept, token.encode()) else ""
+
+
 def _safe_next(target: str | None) -> str:
     """Only a path of this console: never an absolute URL (no open redirect)."""
     if target and target.startswith("/console/") and not target.startswith("//") and "\\" not in target:
@@ -138,7 +153,7 @@ def _safe_next(target: str | None) -> str:
 async def sign_in_page(request: web.Request, error: str | None = None, status: int = 200) -> web.Response:
     csrf = request.cookies.get(CSRF_COOKIE) or pages.new_csrf()
     response = pages.render(request, "sign_in.html", None, None, status=status, csrf=csrf, error=error,
-                            next=_safe_next(request.query.get("next")))
+                            next=_safe_next(request.query.get("next")), token_file=request.app[TOKEN_FILE])
     set_cookie(response, request, CSRF_COOKIE, csrf, CSRF_COOKIE_AGE_S)
     return secure_headers(response)
 

@@ -191,10 +191,13 @@ async def account(request: web.Request, session, principal) -> web.Response:
     history = [(drawing.chart_moment(t.effective_date, t.created_at), t.balance_after) for t in reversed(recent.items)]
     chart = drawing.balance_chart(history)
     analytics = await _or_none(engine.account_analytics(account_id))
+    # The breadcrumb names the account's portfolio (same owner: the scope check above holds).
+    portfolio_name = (await engine.portfolio_record(found.portfolio_id)).name if found.portfolio_id else ""
     from gateway.views import account_view
 
     return render(request, "account.html", session, principal, active="portfolios",
                   account=account_view(found, engine.rules), page=page, chart=chart, analytics=analytics,
+                  portfolio_name=portfolio_name,
                   chart_partial=len(recent.items) == CHART_ENTRIES_MAX and recent.next_cursor is not None,
                   first_page=cursor is None)
 
@@ -328,6 +331,17 @@ async def release(request: web.Request, session, principal) -> web.StreamRespons
 
 
 # -- audit -----------------------------------------------------------------------------
+def detail_text(value) -> str:
+    """An audit detail as the log holds it: strings as they are, an object as its
+    `key: value` pairs, anything else as JSON (null, ["portfolio.*"], 12) - never a
+    Python repr."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        return ", ".join(f"{key}: {detail_text(item)}" for key, item in value.items())
+    return json.dumps(value, ensure_ascii=False)
+
+
 async def _audit_rows(request: web.Request):
     engine = _engine(request)
     rows = await engine.store.fetch("SELECT coalesce(max(seq), 0) AS seq FROM audit_log")
@@ -343,7 +357,8 @@ async def _audit_rows(request: web.Request):
             details = msgspec.json.decode(record.details)
         except msgspec.DecodeError:
             details = {}
-        shown.append({"record": record, "details": details if isinstance(details, dict) else {"value": details}})
+        pairs = details if isinstance(details, dict) else {"value": details}
+        shown.append({"record": record, "details": {key: detail_text(value) for key, value in pairs.items()}})
     return shown, head, (start + 1 if start > 0 else None)
 
 
