@@ -203,7 +203,13 @@ class Availability:
         return True
 
     def describe(self) -> dict[str, Any]:
-        return {"state": self.state.value, "reason": self.reason,
+        reason = self.reason
+        if self.state is State.AVAILABLE and not self.writable():
+            # Between the first failed write or missed probe and the state's change.
+            writer = self._writer
+            reason = ("writer_reconnecting" if writer is None or writer.refusal is not None or not writer.healthy
+                      else "no_recent_answer")
+        return {"state": self.state.value, "reason": reason,
                 "outage_s": round(time.monotonic() - self.outage_started, 1) if self.outage_started else 0.0,
                 "database_restarts": self.restarts, "last_recovery_s": self.last_recovery_s}
 

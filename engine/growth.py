@@ -5,9 +5,8 @@ from __future__ import annotations
 from datetime import date, datetime
 from typing import Callable
 
-from engine.errors import refuse
 from engine.model import Account, Event, Leg, LegPosted, MergeIn, MergeOut, Portfolio, PortfolioOpened
-from engine.rules import DEFAULT_RULES, Rules
+from engine.rules import DEFAULT_RULES, Rules, checked_opened_on
 
 ROOT_ACCOUNT_NAMES = {"generation": "Gen-Acc", "revenue": "Rev-Acc", "compounding": "Com-Acc"}
 
@@ -24,9 +23,7 @@ def open_portfolio(*, name: str, owner: str, capital: int, now: datetime, new_id
                    opened_on: date | None = None, rules: Rules = DEFAULT_RULES) -> list[Event]:
     """A root portfolio with its three accounts, funded by opening deposits dated
     `opened_on`. The Gen-Acc's baseline is its opening balance."""
-    opened = opened_on or now.date()
-    if opened > now.date():
-        raise refuse("validation_failed", "opened_on may not be in the future", field="opened_on")
+    opened = checked_opened_on(opened_on, now.date())
     split = capital_split(capital, rules)
     portfolio_id = new_id("prt")
     ids = {account_type: new_id("acc") for account_type in ("generation", "revenue", "compounding")}

@@ -1,5 +1,6 @@
 """Every limit of the system, in one place, with the relations between them asserted at
 import. Configuration may lower the operational limits; these are the hard bounds."""
+from datetime import date as _date
 
 AMOUNT_MIN_CENTS = 1
 AMOUNT_MAX_CENTS = 10**15
@@ -20,6 +21,10 @@ PAGE_SIZE_DEFAULT = 50
 PAGE_SIZE_MAX = 500
 
 ANALYTICS_WEEKS_MAX = 520
+# The earliest day an account or portfolio may say it opened (so every effective date,
+# never before its account's opening, is too): older dates are typing mistakes, and
+# year 1 made the analytics overflow PostgreSQL's date arithmetic.
+OPENED_ON_MIN = _date(1970, 1, 1)
 
 BATCH_SIZE_MAX = 4096
 WRITE_QUEUE_MAX = 65536

@@ -72,11 +72,20 @@ TERMINAL_STATUSES = frozenset({"closed", "merged"})
 TRADE_DIRECTIONS = {"premium": "credit", "loss": "debit", "fee": "debit"}
 
 
+def checked_opened_on(opened_on: date | None, today: date) -> date:
+    """The opening day asked for (today if none), between `limits.OPENED_ON_MIN` and today."""
+    opened = opened_on or today
+    if opened > today:
+        raise refuse("validation_failed", "opened_on may not be in the future", field="opened_on")
+    if opened < limits.OPENED_ON_MIN:
+        raise refuse("validation_failed", f"opened_on may not be before {limits.OPENED_ON_MIN.isoformat()}",
+                     field="opened_on")
+    return opened
+
+
 def open_account(*, account_id: str, name: str, account_type: str, owner: str, now: datetime,
                  opened_on: date | None = None, portfolio_id: str | None = None) -> Account:
-    opened = opened_on or now.date()
-    if opened > now.date():
-        raise refuse("validation_failed", "opened_on may not be in the future", field="opened_on")
+    opened = checked_opened_on(opened_on, now.date())
     return Account(id=account_id, name=name, type=account_type, owner=owner, portfolio_id=portfolio_id,
                    opened_on=opened, created_at=now, updated_at=now)
 

@@ -28,7 +28,8 @@ import unicodedata
 _CONTROL = "\\x00-\\x1f\\x7f-\\x9f"
 _BIDI = "\\u202a-\\u202e\\u2066-\\u2069"
 # A msgspec `Meta(pattern=...)` for names and memos (checked in C, on decode).
-TEXT_PATTERN = f"^[^{_CONTROL}{_BIDI}]*$"
+# `\Z`, not `$`: `$` also matches before a final newline, which let "ann\n" through.
+TEXT_PATTERN = f"^[^{_CONTROL}{_BIDI}]*\\Z"
 
 # Unicode categories an identifier may not contain: controls, format characters,
 # surrogates, private use, unassigned, line and paragraph separators.
@@ -50,12 +51,15 @@ def _width_mapped(value: str) -> str:
 
 def identifier(value: str, field: str, length_max: int) -> str:
     """The normalized form of an identifier (an owner), or `ValueError`."""
-    normalized = unicodedata.normalize("NFC", _width_mapped(value)).strip()
+    mapped = unicodedata.normalize("NFC", _width_mapped(value))
+    normalized = mapped.strip(" ")
     if not normalized:
         raise _refuse(field, "must not be empty or only white space")
     if len(normalized) > length_max:
         raise _refuse(field, f"must be at most {length_max} characters")
-    for character in normalized:
+    # Checked before trimming anything but spaces: a line separator or a no-break space
+    # at either end is refused like one inside, not trimmed away.
+    for character in mapped:
         if unicodedata.category(character) in _REFUSED_IN_IDENTIFIERS or (
                 character.isspace() and character != " "):
             raise _refuse(field, f"must not contain invisible, control or bidi characters "

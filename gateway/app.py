@@ -358,6 +358,11 @@ def idempotency_key(request: web.Request) -> str | None:
     key = request.headers.get("Idempotency-Key")
     if key is None:
         return None
+    if len(request.headers.getall("Idempotency-Key")) > 1:
+        # Two keys in one request: using either would make a retry carrying the other a
+        # second operation (as a repeated JSON member is refused, so is this).
+        raise HttpError(422, "validation_failed", "send one Idempotency-Key header, not several",
+                        {"field": "Idempotency-Key"})
     # An empty or blank key is a mistake, not "no key" (two such deposits would both post);
     # a key is printable ASCII, so that it is the same key in every client, log and store.
     if not (key.isascii() and key.isprintable()) or not key.strip() or len(key) > limits.IDEMPOTENCY_KEY_LENGTH_MAX:
@@ -646,7 +651,7 @@ async def ready(request: web.Request) -> web.Response:
 
 READY_REFUSALS = {
     "starting": "the engine is starting",
-    "available": "the database has not answered lately",
+    "available": "the database has not answered lately, or the writer is reconnecting",
     "standby": "this engine is a standby: another engine writes",
     "database_unavailable": "the database is unavailable; the engine is bringing it back",
     "storage_full": "the database's disk is full; writes resume by themselves once space is freed",

@@ -103,6 +103,16 @@ async def test_an_idempotency_key_outside_printable_ascii_is_refused(api, world,
     assert_error(reply, 422, "validation_failed", field="Idempotency-Key")
 
 
+async def test_two_idempotency_key_headers_are_refused_and_nothing_is_booked(api, world):
+    before = (await api.ok(f"/v1/accounts/{world.revenue['id']}"))["balance"]
+    head = (b"POST /v1/accounts/%s/deposits HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+            b"Content-Type: application/json\r\nIdempotency-Key: first-%s\r\nIdempotency-Key: second-%s"
+            % (world.revenue["id"].encode(), TOKEN.encode(), new_key().encode(), new_key().encode()))
+    status, body = await raw_request(api, head, b'{"amount": 5}')
+    assert status == 422 and body["error"]["details"]["field"] == "Idempotency-Key", body
+    assert (await api.ok(f"/v1/accounts/{world.revenue['id']}"))["balance"] == before
+
+
 async def test_a_printable_ascii_key_with_spaces_and_punctuation_works(api, world):
     key = f"order 42/{new_key()}:~!"
     first = await api.post(f"/v1/accounts/{world.revenue['id']}/deposits", {"amount": 5}, key=key)
@@ -112,9 +122,10 @@ async def test_a_printable_ascii_key_with_spaces_and_punctuation_works(api, worl
 
 # -- owners, names, memos -------------------------------------------------------------
 @pytest.mark.parametrize("owner", ["ann\u200b", "\u202eann", "ann\u2066", "   ", "\u00ad", "ann\u00a0lee",
-                                   "ann\nlee", "\ufeffann"],
+                                   "ann\nlee", "\ufeffann", "ann\n", "ann\u2028", "\u2029ann", "ann\u00a0"],
                          ids=["zero-width-space", "bidi-override", "bidi-isolate", "blank", "soft-hyphen-only",
-                              "no-break-space", "newline", "byte-order-mark"])
+                              "no-break-space", "newline", "byte-order-mark", "final-newline",
+                              "final-line-separator", "leading-paragraph-separator", "final-no-break-space"])
 async def test_an_owner_with_invisible_control_or_bidi_characters_is_refused(api, owner):
     reply = await api.post("/v1/accounts", {"name": "n", "type": "revenue", "owner": owner}, key=new_key())
     assert_error(reply, 422, "validation_failed", field="owner")
@@ -140,7 +151,7 @@ async def test_names_keep_unicode_but_are_normalized_and_refuse_control_characte
     account = await api.created("/v1/accounts", {"name": "  Cafe\u0301 👩\u200d💻 ", "type": "revenue",
                                                  "owner": "ann"})
     assert account["name"] == "Café 👩\u200d💻"
-    for bad in ("tab\there", "bell\x07", "\u202eevil", "   "):
+    for bad in ("tab\there", "bell\x07", "\u202eevil", "   ", "final newline\n"):
         assert_error(await api.post("/v1/accounts", {"name": bad, "type": "revenue", "owner": "ann"}, key=new_key()),
                      422, "validation_failed", field="name")
         assert_error(await api.call("PATCH", f"/v1/accounts/{account['id']}", {"name": bad}), 422,
@@ -150,9 +161,24 @@ async def test_names_keep_unicode_but_are_normalized_and_refuse_control_characte
 async def test_memos_keep_unicode_and_refuse_control_characters(api, world):
     done = await api.created(f"/v1/accounts/{world.revenue['id']}/deposits", {"amount": 1, "memo": "für 👩\u200d💻"})
     assert done["memo"] == "für 👩\u200d💻"
-    for bad in ("line\nbreak", "\x1b[31mred", "\u2067isolate"):
+    for bad in ("line\nbreak", "\x1b[31mred", "\u2067isolate", "final newline\n"):
         assert_error(await api.post(f"/v1/accounts/{world.revenue['id']}/deposits", {"amount": 1, "memo": bad},
                                     key=new_key()), 422, "validation_failed", field="memo")
+
+
+async def test_an_opening_day_before_1970_is_refused(api):
+    """Year 1 was accepted and made the portfolio's analytics overflow PostgreSQL's date
+    arithmetic (a 503 that told the client to retry)."""
+    for day in ("0001-01-01", "1969-12-31"):
+        assert_error(await api.post("/v1/portfolios", {"name": "p", "owner": "ann", "initial_capital": 100,
+                                                       "opened_on": day}, key=new_key()),
+                     422, "validation_failed", field="opened_on")
+        assert_error(await api.post("/v1/accounts", {"name": "a", "type": "revenue", "owner": "ann",
+                                                     "opened_on": day}, key=new_key()),
+                     422, "validation_failed", field="opened_on")
+    opened = await api.created("/v1/portfolios", {"name": "p", "owner": "ann", "initial_capital": 100,
+                                                  "opened_on": "1970-01-01"})
+    assert (await api.get(f"/v1/portfolios/{opened['id']}/analytics")).status == 200
 
 
 async def test_the_embedding_api_normalizes_owners_the_same_way(engine):
