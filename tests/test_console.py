@@ -556,7 +556,7 @@ async def test_the_sign_in_page_names_the_admin_token_file_of_the_running_engine
     assert "ALLUSE_ADMIN_TOKEN" in configured and "token-file" not in configured, configured
 
 
-def test_screenshots_are_checked_in_for_every_page():
+async def test_screenshots_are_checked_in_for_every_page():  # async: the module's mark is asyncio
     directory = Path(__file__).resolve().parent.parent / "docs" / "console"
     for name in ("sign-in", "portfolios", "portfolio", "account", "account-analytics", "events", "supervision",
                  "audit", "webhooks", "webhook", "docs"):
