@@ -583,12 +583,18 @@ class _Batch:
                         if account_id not in before:
                             before[account_id] = op_before[account_id]
                 transactions += decided.transactions
+                result_text = None
                 for row in decided.outbox:
                     seq += 1
-                    if answered_by is None and row.payload is op.result:
-                        answered_by = seq
-                    events.append((seq, row.type, row.account_id, row.portfolio_id, row.correlation_id,
-                                   encode_json(row.payload).decode(), row.created_at))
+                    if row.payload is op.result:   # encoded once, for each owner's event
+                        if result_text is None:
+                            result_text = encode_json(op.result).decode()
+                            answered_by = seq
+                        payload = result_text
+                    else:
+                        payload = encode_json(row.payload).decode()
+                    events.append((seq, row.type, row.account_id, row.portfolio_id, row.correlation_id, payload,
+                                   row.created_at))
                 if decided.portfolios:
                     rare.portfolios += decided.portfolios
                 if decided.merged:
