@@ -226,6 +226,7 @@ class Engine:
                              notify=self._notify_resolved, metrics=self.metrics,
                              batch_wait_s=settings.batch_wait_ms / 1000, on_commit=self._signal_commit)
         self.availability.attach(self.writer, writer_connection)
+        self.writer.in_flight = lambda: self._in_flight
         await self.writer.start()
         self._pool = ActorPool(self._loop, name="account")
         self.registry = Registry(load=self.store.load_account, spawn=self._spawn,

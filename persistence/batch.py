@@ -1,16 +1,18 @@
 """One batch of the writer, in the shape the database takes it: the decided rows of every
 operation in it, coalesced per table and laid out for PostgreSQL's cheapest bulk paths.
 
-- Ledger entries, outbox events, idempotency keys and audit records (the rows every
-  operation writes) are tuples in their tables' column order, for binary `COPY`.
+- Ledger entries, outbox events, audit records and account updates travel as one JSON
+  document per table, each row an array in its table's column order (msgspec encodes
+  them in C; asyncpg would check every element of typed arrays against
+  collections.abc on the event loop, ~25 µs per operation). Events' payloads go beside
+  their rows as a list of texts, each encoded once; idempotency keys as objects, a key's
+  own answer as raw JSON (its exact bytes are what a retry gets).
 - Each account the batch changes is updated once, however many of its operations touch
-  it, guarded by the version the batch found, from one jsonb document (msgspec encodes
-  it in C; asyncpg would check every element of typed arrays against collections.abc).
+  it, guarded by the version the batch found.
 - What few operations write (new accounts and portfolios, merges, reinvestments,
-  tokens) travels as one jsonb document per table in one statement, sent only when the
-  batch has any.
+  tokens) has a document too, "[]" when the batch has none.
 
-Pure: no I/O. `persistence.store.write_batch` writes a `BatchWrite` in one transaction."""
+Pure: no I/O. `persistence.store.write_batch` writes a `BatchWrite` in one statement."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -24,18 +26,50 @@ from engine.model import Account, Portfolio, Reinvested
 
 encode_json = msgspec.json.Encoder().encode
 
-ENTRY_COLUMNS = ("id", "account_id", "sequence", "kind", "direction", "amount", "balance_after",
-                 "counterparty_account_id", "memo", "correlation_id", "effective_date", "created_at")
-EVENT_COLUMNS = ("seq", "type", "account_id", "portfolio_id", "correlation_id", "payload", "created_at")
-# A key's answer is `response`, or the payload of the event numbered `event_seq` when the
-# answer is that payload (migration 0008).
-KEY_COLUMNS = ("key", "fingerprint", "response", "event_seq")
-AUDIT_COLUMNS = ("seq", "at", "token_id", "role", "owner_scope", "action", "target", "request_id", "client",
-                 "outcome", "details", "prev_hash", "hash")
 TOKEN_ROW = ("id", "name", "role", "owner", "secret_hash", "created_by", "created_at")
 
 
-class AccountUpdate(msgspec.Struct, gc=False):
+class EventRow(msgspec.Struct, gc=False, array_like=True):
+    """One outbox event as the `events` table takes it, but its payload (encoded JSON, in
+    `BatchWrite.payloads` at the same position)."""
+
+    seq: int
+    type: str
+    account_id: str | None
+    portfolio_id: str | None
+    correlation_id: str | None
+    created_at: datetime
+
+
+class KeyRow(msgspec.Struct, gc=False):
+    """One idempotency key: its answer is `response` (encoded JSON), or the payload of the
+    event numbered `event_seq` when the answer is that payload (migration 0008)."""
+
+    key: str
+    fingerprint: str
+    response: msgspec.Raw | None = None
+    event_seq: int | None = None
+
+
+class AuditRow(msgspec.Struct, gc=False, array_like=True):
+    """One audit record, linked into the chain (`hash` covers `prev_hash`)."""
+
+    seq: int
+    at: datetime
+    token_id: str | None
+    role: str | None
+    owner_scope: str | None
+    action: str
+    target: str | None
+    request_id: str | None
+    client: str | None
+    outcome: str
+    details: str
+    prev_hash: str
+    hash: str
+
+
+class AccountUpdate(msgspec.Struct, gc=False, array_like=True):
     """The columns a batch changes on an existing account, with the version it found."""
 
     id: str
@@ -54,16 +88,25 @@ class AccountUpdate(msgspec.Struct, gc=False):
 
 @dataclass(slots=True)
 class BatchWrite:
-    """Everything one batch writes. `updates` is the jsonb document of `UPDATE_ACCOUNTS`;
-    `rare` the parameters of `WRITE_RARE`, or None."""
+    """Everything one batch writes. `entries` are the decided ledger entries; `updates` is
+    the document of the accounts' guarded update; `rare` the documents of what few
+    operations write (`rare_args`), or None. `args()` are the parameters of
+    `persistence.store.WRITE_BATCH`."""
 
     entries: list[tuple] = field(default_factory=list)
-    events: list[tuple] = field(default_factory=list)
-    keys: list[tuple] = field(default_factory=list)
-    audit: list[tuple] = field(default_factory=list)
+    events: list[EventRow] = field(default_factory=list)
+    payloads: list[str] = field(default_factory=list)
+    keys: list[KeyRow] = field(default_factory=list)
+    audit: list[AuditRow] = field(default_factory=list)
     updates: str = "[]"
     updates_expected: int = 0
     rare: tuple | None = None
+
+    def args(self) -> tuple:
+        rare = self.rare or NO_RARE_ROWS
+        return (self.updates, _json(self.keys), _json(self.entries), _json(self.events), self.payloads,
+                _json(self.audit),
+                *rare[:6], self.updates_expected, rare[6], rare[7])
 
 
 @dataclass(slots=True)
@@ -81,6 +124,7 @@ class RareRows:
 
 
 def entry_rows(transactions) -> list[tuple]:
+    """The decided entries as rows in `entries`' column order."""
     return [(t.id, t.account_id, t.sequence, t.kind, t.direction, t.amount, t.balance_after,
              t.counterparty_account_id, t.memo, t.correlation_id, t.effective_date, t.created_at)
             for t in transactions]
@@ -106,7 +150,7 @@ def rare_args(rare: RareRows) -> tuple:
             len(rare.merged), len(rare.revocations))
 
 
-def audit_row(seq: int, at: datetime, at_text: str, entry: Any, details: dict, prev_hash: str) -> tuple:
+def audit_row(seq: int, at: datetime, at_text: str, entry: Any, details: dict, prev_hash: str) -> AuditRow:
     """One audit record as a row, linked after `prev_hash` (its hash as
     `engine.audit.record_hash` computes it; `at_text` is `at` in canonical form)."""
     context = entry.context
@@ -115,9 +159,12 @@ def audit_row(seq: int, at: datetime, at_text: str, entry: Any, details: dict, p
     record_hash = audit.hash_fields(seq, at_text, principal.token_id, principal.role, principal.owner,
                                     entry.action, entry.target, context.request_id, context.client,
                                     entry.outcome, details_text, prev_hash)
-    return (seq, at, principal.token_id, principal.role, principal.owner, entry.action, entry.target,
-            context.request_id, context.client, entry.outcome, details_text, prev_hash, record_hash)
+    return AuditRow(seq, at, principal.token_id, principal.role, principal.owner, entry.action, entry.target,
+                    context.request_id, context.client, entry.outcome, details_text, prev_hash, record_hash)
 
 
 def _json(items) -> str:
     return encode_json(items).decode() if items else "[]"
+
+
+NO_RARE_ROWS = ("[]", "[]", "[]", "[]", "[]", "[]", 0, 0)

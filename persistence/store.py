@@ -16,8 +16,7 @@ from datetime import datetime
 import msgspec
 
 from engine.model import Account, Allocations, Portfolio, Transaction
-from persistence.batch import AUDIT_COLUMNS as AUDIT_FIELDS, ENTRY_COLUMNS as ENTRY_FIELDS, \
-    EVENT_COLUMNS as EVENT_FIELDS, KEY_COLUMNS, BatchWrite
+from persistence.batch import BatchWrite
 from persistence.ledger_weeks import LedgerWeeks
 
 log = logging.getLogger("alluse.store")
@@ -55,67 +54,83 @@ SELECT_OWNER_EVENTS_AFTER = (
     "WHERE e.seq > $1 AND coalesce(a.owner, p.owner) = $3 ORDER BY e.seq LIMIT $2")
 
 
-# One batch is one transaction (`write_batch`): the rows every operation writes go in by
-# binary COPY (`persistence.batch`), each changed account is updated once, guarded by the
-# version the batch found, from one jsonb document (typed arrays would cost the driver an
-# ABC isinstance check per element on the event loop), and what few operations write (new
-# accounts and portfolios, merges, reinvestments, tokens) goes in one statement of jsonb
-# documents, sent only when the batch has any. A guard that trips raises, which rolls the
-# whole transaction back.
-UPDATE_ACCOUNTS = """
-UPDATE accounts AS a
-SET name = u.name, status = u.status, balance = u.balance, version = u.version,
-    latest_effective_date = u.latest_effective_date, updated_at = u.updated_at,
-    allocation_contracts = u.allocation_contracts, allocation_leaps = u.allocation_leaps,
-    trade_income_cents = u.trade_income_cents, last_reinvested_quarter = u.last_reinvested_quarter
-FROM jsonb_to_recordset($1::jsonb) AS u(
-    id text, name text, status text, balance bigint, version bigint, previous_version bigint,
-    latest_effective_date date, updated_at timestamptz, allocation_contracts bigint, allocation_leaps bigint,
-    trade_income_cents bigint, last_reinvested_quarter text)
-WHERE a.id = u.id AND a.version = u.previous_version"""
-
-WRITE_RARE = f"""
-WITH new_portfolios AS (
+# One batch is one statement (`write_batch`): one round trip, one implicit transaction,
+# one fsync for many operations. The rows every operation writes travel as one jsonb
+# document per table, each row an array in the column order of `persistence.batch`
+# (msgspec encodes them in C; PostgreSQL parses each document once and reads the fields by
+# position); events' payloads travel beside them as a text[] (stored as sent, checked
+# once), and keys as a json document of objects (a key's own answer must stay the exact
+# bytes that were sent, which jsonb would not keep). Each changed account is updated once,
+# guarded by the version the batch found; a guard that trips raises in
+# `alluse_batch_guard`, and a key committed before raises in its unique index: either way
+# nothing of the batch commits. Rare rows (new accounts and portfolios, merges,
+# reinvestments, tokens) have documents too, "[]" when the batch has none.
+WRITE_BATCH = f"""
+WITH changed AS (
+    UPDATE accounts AS a
+    SET name = u->>1, status = u->>2, balance = (u->>3)::bigint, version = (u->>4)::bigint,
+        latest_effective_date = (u->>6)::date, updated_at = (u->>7)::timestamptz,
+        allocation_contracts = (u->>8)::bigint, allocation_leaps = (u->>9)::bigint,
+        trade_income_cents = (u->>10)::bigint, last_reinvested_quarter = u->>11
+    FROM jsonb_array_elements($1::jsonb) AS u
+    WHERE a.id = u->>0 AND a.version = (u->>5)::bigint
+    RETURNING 1
+), new_keys AS (
+    INSERT INTO idempotency_keys (key, fingerprint, response, event_seq)
+    SELECT key, fingerprint, convert_to(response::text, 'UTF8'), event_seq
+    FROM json_to_recordset($2::json) AS r(key text, fingerprint text, response json, event_seq bigint)
+), new_entries AS (
+    INSERT INTO entries ({ENTRY_COLUMNS})
+    SELECT e->>0, e->>1, (e->>2)::bigint, e->>3, e->>4, (e->>5)::bigint, (e->>6)::bigint, e->>7, e->>8, e->>9,
+           (e->>10)::date, (e->>11)::timestamptz
+    FROM jsonb_array_elements($3::jsonb) AS e
+), new_events AS (
+    INSERT INTO events ({EVENT_COLUMNS})
+    SELECT (e->>0)::bigint, e->>1, e->>2, e->>3, e->>4, payload::json, (e->>5)::timestamptz
+    FROM ROWS FROM (jsonb_array_elements($4::jsonb), unnest($5::text[])) AS r(e, payload)
+), new_audit AS (
+    INSERT INTO audit_log (seq, at, token_id, role, owner_scope, action, target, request_id, client, outcome,
+                           details, prev_hash, hash)
+    SELECT (e->>0)::bigint, (e->>1)::timestamptz, e->>2, e->>3, e->>4, e->>5, e->>6, e->>7, e->>8, e->>9,
+           e->>10, e->>11, e->>12
+    FROM jsonb_array_elements($6::jsonb) AS e
+), new_portfolios AS (
     INSERT INTO portfolios ({PORTFOLIO_COLUMNS})
-    SELECT {PORTFOLIO_COLUMNS} FROM jsonb_to_recordset($1::jsonb) AS r(
+    SELECT {PORTFOLIO_COLUMNS} FROM json_to_recordset($7::json) AS r(
         id text, name text, owner text, parent_id text, root_id text, depth integer, status text,
         generation_account_id text, revenue_account_id text, compounding_account_id text, opened_on date,
         created_at timestamptz, merged_at timestamptz)
-    RETURNING 1
 ), new_accounts AS (
     INSERT INTO accounts ({ACCOUNT_COLUMNS})
     SELECT id, name, type, status, owner, portfolio_id, balance, baseline, (allocations->>'contracts')::bigint,
            (allocations->>'leaps')::bigint, version, opened_on, latest_effective_date, created_at, updated_at,
            root_portfolio_id, portfolio_depth, trade_income_cents, last_reinvested_quarter
-    FROM jsonb_to_recordset($2::jsonb) AS r(
+    FROM json_to_recordset($8::json) AS r(
         id text, name text, type text, status text, owner text, portfolio_id text, balance bigint, baseline bigint,
-        allocations jsonb, version bigint, opened_on date, latest_effective_date date, created_at timestamptz,
+        allocations json, version bigint, opened_on date, latest_effective_date date, created_at timestamptz,
         updated_at timestamptz, root_portfolio_id text, portfolio_depth integer, trade_income_cents bigint,
         last_reinvested_quarter text)
-    RETURNING 1
 ), merged_portfolios AS (
     UPDATE portfolios AS p SET status = 'merged', merged_at = u.merged_at
-    FROM jsonb_to_recordset($3::jsonb) AS u(id text, merged_at timestamptz)
+    FROM json_to_recordset($9::json) AS u(id text, merged_at timestamptz)
     WHERE p.id = u.id AND p.status = 'active'
     RETURNING 1
 ), new_reinvestments AS (
     INSERT INTO reinvestments (account_id, quarter, net_income, contracts, leaps, created_at)
-    SELECT account_id, quarter, net_income, contracts, leaps, at FROM jsonb_to_recordset($4::jsonb) AS r(
+    SELECT account_id, quarter, net_income, contracts, leaps, at FROM json_to_recordset($10::json) AS r(
         account_id text, quarter text, net_income bigint, contracts bigint, leaps bigint, at timestamptz)
-    RETURNING 1
 ), new_tokens AS (
     INSERT INTO api_tokens (id, name, role, owner, secret_hash, created_by, created_at)
-    SELECT id, name, role, owner, secret_hash, created_by, created_at FROM jsonb_to_recordset($5::jsonb) AS r(
+    SELECT id, name, role, owner, secret_hash, created_by, created_at FROM json_to_recordset($11::json) AS r(
         id text, name text, role text, owner text, secret_hash text, created_by text, created_at timestamptz)
-    RETURNING 1
 ), revoked_tokens AS (
     UPDATE api_tokens AS t SET revoked_at = u.revoked_at
-    FROM jsonb_to_recordset($6::jsonb) AS u(id text, revoked_at timestamptz)
+    FROM json_to_recordset($12::json) AS u(id text, revoked_at timestamptz)
     WHERE t.id = u.id AND t.revoked_at IS NULL
     RETURNING 1
 )
-SELECT alluse_batch_guard(0, 0, 0, 0, (SELECT count(*) FROM merged_portfolios), $7,
-                          (SELECT count(*) FROM revoked_tokens), $8)"""
+SELECT alluse_batch_guard(0, 0, (SELECT count(*) FROM changed), $13, (SELECT count(*) FROM merged_portfolios), $14,
+                          (SELECT count(*) FROM revoked_tokens), $15)"""
 
 # The writer's session (`Store.connect`).
 WRITER_SETTINGS = {"timezone": "UTC", "enable_seqscan": "off", "enable_hashjoin": "off", "enable_mergejoin": "off"}
@@ -172,28 +187,11 @@ async def set_risk_flag(connection: asyncpg.Connection, account_id: str, portfol
 
 
 async def write_batch(connection: asyncpg.Connection, batch: "BatchWrite") -> None:
-    """Writes one batch (`persistence.batch.BatchWrite`) in one transaction on the
-    writer's connection: what few operations write first, then every changed account
-    (guarded), the idempotency keys (a key committed before fails the batch early), the
-    entries, the outbox events and the audit records. Raises `KeyConflict`,
+    """Writes one batch (`persistence.batch.BatchWrite`) in one statement on the writer's
+    connection: one round trip and one implicit transaction. Raises `KeyConflict`,
     `StatementRejected` (nothing committed) or `DatabaseUnavailable` (outcome unknown)."""
     async with translated_errors(rejections=True):
-        async with connection.transaction():
-            if batch.rare is not None:
-                await connection.fetchval(WRITE_RARE, *batch.rare)
-            if batch.updates_expected:
-                status = await connection.execute(UPDATE_ACCOUNTS, batch.updates)
-                changed = int(status.rsplit(" ", 1)[-1])
-                if changed != batch.updates_expected:
-                    raise StatementRejected(f"batch guard: {changed} of {batch.updates_expected} accounts")
-            if batch.keys:
-                await connection.copy_records_to_table("idempotency_keys", records=batch.keys, columns=KEY_COLUMNS)
-            if batch.entries:
-                await connection.copy_records_to_table("entries", records=batch.entries, columns=ENTRY_FIELDS)
-            if batch.events:
-                await connection.copy_records_to_table("events", records=batch.events, columns=EVENT_FIELDS)
-            if batch.audit:
-                await connection.copy_records_to_table("audit_log", records=batch.audit, columns=AUDIT_FIELDS)
+        await connection.fetchval(WRITE_BATCH, *batch.args())
 
 
 def account_from_row(row) -> Account:

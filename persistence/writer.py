@@ -28,18 +28,21 @@ from datetime import datetime, timezone
 from typing import Any, Callable
 
 import msgspec
+from msgspec import Raw
 
 from engine import audit
 from engine.errors import DatabaseUnavailable, EngineError, KeyCommitted, Overloaded, Unavailable
 from engine.ledger import Rows
 from engine.model import Account
 from persistence import store as sql
-from persistence.batch import BatchWrite, RareRows, account_updates, audit_row, encode_json, entry_rows, rare_args
+from persistence.batch import BatchWrite, EventRow, KeyRow, RareRows, account_updates, audit_row, encode_json, \
+    entry_rows, rare_args
 from persistence.store import KeyConflict, StatementRejected, Store, account_from_row, translated_errors
 
 log = logging.getLogger("alluse.writer")
 
 RECONNECT_INTERVAL_S = 0.5
+COHORT_MIN = 16
 # Expired idempotency keys deleted per statement, and statements per purge (the rest
 # waits for the next purge, so one purge never holds the writer for long).
 PURGE_CHUNK_ROWS = 5_000
@@ -192,6 +195,8 @@ class Writer:
         # Operations taken but not yet sent, and the statement in flight.
         self._waiting: collections.deque[WriteOp] = collections.deque()
         self._inflight: asyncio.Future | None = None
+        # Committed batches whose actors and callers are answered on the next loop turn.
+        self._deliveries: collections.deque = collections.deque()
         # The database supervisor's hooks (actors.availability): `on_connect(connection)`
         # runs on every new connection before its first use (it takes the writer's lock,
         # or raises an EngineError and the connection is not used); `on_error(error, n)`
@@ -200,6 +205,7 @@ class Writer:
         self.on_connect: Callable[[Any], Any] | None = None
         self.on_error: Callable[[EngineError, int], None] | None = None
         self.refusal: EngineError | None = None
+        self.in_flight: Callable[[], int] | None = None
 
     # -- lifecycle -------------------------------------------------------------------
     async def start(self) -> None:
@@ -291,9 +297,17 @@ class Writer:
     def _advance(self) -> None:
         """Sends the next batch if nothing is in flight."""
         if self._inflight is None and self._waiting:
-            waiting = self._waiting
-            ops = [waiting.popleft() for _ in range(min(len(waiting), self.batch_size_max))]
-            self._inflight = asyncio.ensure_future(self._commit_in_flight(ops))
+            self._inflight = asyncio.ensure_future(self._commit_in_flight(self._take()))
+
+    def _take(self) -> list[WriteOp]:
+        """The next batch: up to `batch_size_max` operations, and at most half of those in
+        flight in the engine (`in_flight`) so that two cohorts form: one is decided while
+        the other commits."""
+        waiting = self._waiting
+        limit = self.batch_size_max
+        if self.in_flight is not None:
+            limit = min(limit, max(COHORT_MIN, (self.in_flight() + 1) // 2))
+        return [waiting.popleft() for _ in range(min(len(waiting), limit))]
 
     async def _flush(self) -> None:
         """Sends everything taken so far and waits until it has committed (or failed)."""
@@ -304,8 +318,15 @@ class Writer:
                 self._advance()
 
     async def _commit_in_flight(self, ops: list[WriteOp]) -> None:
+        """Commits `ops`, then whatever is waiting, batch after batch: each next batch goes
+        out in the same step as its predecessor's outcome arrives, before that one's
+        callers are answered (`_committed` defers them by one loop turn)."""
         try:
-            await self._commit(ops)
+            while True:
+                await self._commit(ops)
+                if not self._waiting:
+                    break
+                ops = self._take()
         finally:
             self._inflight = None
             self.queue.put_nowait(_WAKE)
@@ -506,7 +527,8 @@ class Writer:
                 self.metrics.merges.inc(batch.merges)
         # Actors learn first (one message per account per batch, carrying the state the
         # whole batch left), callers second: a caller that reads after its reply is
-        # queued behind the news in the account's mailbox.
+        # queued behind the news in the account's mailbox. Both wait one loop turn, so
+        # that the next batch is sent before this one's callers run.
         resolutions: dict[str, Resolution] = defaultdict(Resolution)
         states = batch.updates
         for op in ops:
@@ -514,17 +536,27 @@ class Writer:
                 resolution = resolutions[account_id]
                 resolution.committed_op_ids.append(op.op_id)
                 resolution.state = states.get(account_id) or batch.inserts.get(account_id)
-        if resolutions:
-            self.notify(resolutions)
-        if self.on_commit is not None:
-            self.on_commit()
-        for op in ops:
-            op.done(op.result, None)
+        self._deliveries.append((resolutions, ops))
+        if len(self._deliveries) == 1:
+            self._loop.call_soon(self._deliver)
+
+    def _deliver(self) -> None:
+        """Answers the committed batches in commit order."""
+        deliveries = self._deliveries
+        while deliveries:
+            resolutions, ops = deliveries.popleft()
+            if resolutions:
+                self.notify(resolutions)
+            if self.on_commit is not None:
+                self.on_commit()
+            for op in ops:
+                op.done(op.result, None)
 
     def _fail(self, ops: list[WriteOp], error: BaseException | None, *, poison: bool = False,
               errors: list[BaseException] | None = None) -> None:
         if not ops:
             return
+        self._deliver()   # what committed before this is answered before it
         resolutions: dict[str, Resolution] = defaultdict(Resolution)
         for op in ops:
             for account_id in op.accounts:
@@ -566,8 +598,9 @@ class _Batch:
         updates: dict[str, Account] = {}
         before: dict[str, int] = {}
         transactions: list = []
-        events: list[tuple] = []
-        keys: list[tuple] = []
+        events: list[EventRow] = []
+        payloads: list[str] = []
+        keys: list[KeyRow] = []
         rare = RareRows()
         seq = event_head
         for op in ops:
@@ -590,11 +623,11 @@ class _Batch:
                         if result_text is None:
                             result_text = encode_json(op.result).decode()
                             answered_by = seq
-                        payload = result_text
+                        payloads.append(result_text)
                     else:
-                        payload = encode_json(row.payload).decode()
-                    events.append((seq, row.type, row.account_id, row.portfolio_id, row.correlation_id, payload,
-                                   row.created_at))
+                        payloads.append(encode_json(row.payload).decode())
+                    events.append(EventRow(seq, row.type, row.account_id, row.portfolio_id, row.correlation_id,
+                                           row.created_at))
                 if decided.portfolios:
                     rare.portfolios += decided.portfolios
                 if decided.merged:
@@ -608,11 +641,11 @@ class _Batch:
             claim = op.idempotency
             if claim is not None:
                 if answered_by is None:
-                    keys.append((claim.key, claim.fingerprint, encode_json(op.result), None))
+                    keys.append(KeyRow(claim.key, claim.fingerprint, Raw(encode_json(op.result))))
                 else:
-                    keys.append((claim.key, claim.fingerprint, None, answered_by))
+                    keys.append(KeyRow(claim.key, claim.fingerprint, None, answered_by))
         rare.accounts = list(inserts.values())
-        write = BatchWrite(entries=entry_rows(transactions), events=events, keys=keys,
+        write = BatchWrite(entries=entry_rows(transactions), events=events, payloads=payloads, keys=keys,
                            rare=rare_args(rare) if rare else None)
         write.updates, write.updates_expected = account_updates(updates, before)
         batch = cls(ops=ops, head=head, event_head=seq, write=write, inserts=inserts, updates=updates,
@@ -621,7 +654,7 @@ class _Batch:
         return batch
 
 
-def _chain_audit(ops: list[WriteOp], rows: list[tuple], head: tuple[int, str]) -> tuple[int, str]:
+def _chain_audit(ops: list[WriteOp], rows: list, head: tuple[int, str]) -> tuple[int, str]:
     """Links an audit record for every operation that carries one, in commit order,
     after the chain's head; returns the new head (kept once the batch commits)."""
     seq, prev_hash = head
@@ -643,5 +676,5 @@ def _chain_audit(ops: list[WriteOp], rows: list[tuple], head: tuple[int, str]) -
         seq += 1
         row = audit_row(seq, now, now_text, entry, details, prev_hash)
         rows.append(row)
-        prev_hash = row[-1]
+        prev_hash = row.hash
     return seq, prev_hash

@@ -18,6 +18,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import itertools
 
+import msgspec
+
 import asyncpg
 
 import pytest
@@ -26,7 +28,7 @@ import pytest_asyncio
 from engine.errors import DatabaseUnavailable
 from engine.model import Account, Transaction
 from persistence import store as sql
-from persistence.batch import BatchWrite, RareRows, account_updates, entry_rows, rare_args
+from persistence.batch import BatchWrite, EventRow, KeyRow, RareRows, account_updates, entry_rows, rare_args
 from persistence.store import KeyConflict, StatementRejected, Store
 
 NOW = datetime(2026, 12, 7, 12, 0, tzinfo=timezone.utc)
@@ -118,11 +120,12 @@ EVENT_SEQ = itertools.count(1)
 
 
 def _batch(*, opened: list[Account] = (), changed: dict[str, Account] | None = None,
-           before: dict[str, int] | None = None, entries: list[Transaction] = (), keys: list[tuple] = ()) -> BatchWrite:
+           before: dict[str, int] | None = None, entries: list[Transaction] = (), keys: list[KeyRow] = ()) -> BatchWrite:
     rare = RareRows(accounts=list(opened))
     write = BatchWrite(entries=entry_rows(entries),
-                       events=[(next(EVENT_SEQ), "transaction.posted", e.account_id, None, e.correlation_id,
-                                '{"id":"%s"}' % e.id, e.created_at) for e in entries],
+                       events=[EventRow(next(EVENT_SEQ), "transaction.posted", e.account_id, None, e.correlation_id,
+                                        e.created_at) for e in entries],
+                       payloads=['{"id":"%s"}' % e.id for e in entries],
                        keys=list(keys), rare=rare_args(rare) if rare else None)
     write.updates, write.updates_expected = account_updates(changed or {}, before or {})
     return write
@@ -140,7 +143,7 @@ async def test_a_batch_commits_whole_and_reads_back(store):
     await _write(store, _batch(opened=[_account("acc_a", 0, 0)]))
     deposit = _entry("txn_1", "acc_a", 1, "credit", 500, 500)
     await _write(store, _batch(changed={"acc_a": _account("acc_a", 500, 1)}, before={"acc_a": 0},
-                               entries=[deposit], keys=[("key-1", "f" * 64, b'{"id":"txn_1"}', None)]))
+                               entries=[deposit], keys=[KeyRow("key-1", "f" * 64, msgspec.Raw(b'{"id":"txn_1"}'))]))
     assert (await store.load_account("acc_a")).balance == 500
     assert await store.get_transaction("txn_1") == deposit
     assert await store.idempotent_response("key-1") == ("f" * 64, b'{"id":"txn_1"}')
@@ -154,13 +157,13 @@ async def test_a_key_answered_by_its_event_replays_the_event_payload(store):
     await _write(store, _batch(opened=[_account("acc_e", 0, 0)]))
     deposit = _entry("txn_e", "acc_e", 1, "credit", 70, 70)
     write = _batch(changed={"acc_e": _account("acc_e", 70, 1)}, before={"acc_e": 0}, entries=[deposit])
-    seq = write.events[0][0]
-    write.keys = [("key-e", "e" * 64, None, seq)]
+    seq = write.events[0].seq
+    write.keys = [KeyRow("key-e", "e" * 64, None, seq)]
     await _write(store, write)
     assert await store.idempotent_response("key-e") == ("e" * 64, b'{"id":"txn_e"}')
     again = _entry("txn_f", "acc_e", 2, "credit", 5, 75)
     bad = _batch(changed={"acc_e": _account("acc_e", 75, 2)}, before={"acc_e": 1}, entries=[again])
-    bad.keys = [("key-f", "f" * 64, None, None)]
+    bad.keys = [KeyRow("key-f", "f" * 64)]
     with pytest.raises(StatementRejected):
         await _write(store, bad)
     assert (await store.load_account("acc_e")).balance == 70
@@ -171,11 +174,11 @@ async def test_a_batch_with_a_committed_key_is_a_key_conflict_and_leaves_nothing
     await _write(store, _batch(opened=[_account("acc_b", 0, 0)]))
     first = _entry("txn_2", "acc_b", 1, "credit", 100, 100)
     await _write(store, _batch(changed={"acc_b": _account("acc_b", 100, 1)}, before={"acc_b": 0},
-                               entries=[first], keys=[("key-2", "a" * 64, b"{}", None)]))
+                               entries=[first], keys=[KeyRow("key-2", "a" * 64, msgspec.Raw(b"{}"))]))
     again = _entry("txn_3", "acc_b", 2, "credit", 100, 200)
     with pytest.raises(KeyConflict):
         await _write(store, _batch(changed={"acc_b": _account("acc_b", 200, 2)}, before={"acc_b": 1},
-                                   entries=[again], keys=[("key-2", "a" * 64, b"{}", None)]))
+                                   entries=[again], keys=[KeyRow("key-2", "a" * 64, msgspec.Raw(b"{}"))]))
     assert (await store.load_account("acc_b")).balance == 100
     assert await store.get_transaction("txn_3") is None
     assert len(await store.events_after(0, 10)) == 1
@@ -186,7 +189,7 @@ async def test_a_batch_whose_version_guard_trips_is_rejected_and_leaves_nothing(
     stale = _entry("txn_4", "acc_c", 1, "credit", 100, 100)
     with pytest.raises(StatementRejected) as rejected:
         await _write(store, _batch(changed={"acc_c": _account("acc_c", 100, 1)}, before={"acc_c": 7},
-                                   entries=[stale], keys=[("key-4", "b" * 64, b"{}", None)]))
+                                   entries=[stale], keys=[KeyRow("key-4", "b" * 64, msgspec.Raw(b"{}"))]))
     assert not isinstance(rejected.value, KeyConflict)
     assert (await store.load_account("acc_c")).balance == 0
     assert await store.get_transaction("txn_4") is None
