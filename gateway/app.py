@@ -10,8 +10,8 @@ import logging
 import re
 import secrets
 import signal
+import random
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
@@ -116,10 +116,15 @@ def _validation_details(error: msgspec.ValidationError) -> dict:
     return {"field": ".".join(parts), "reason": message}
 
 
+# Request ids must be unique, not secret: the Mersenne Twister (seeded from the OS) costs
+# a fraction of uuid4's read of os.urandom per request.
+_request_id_bits = random.Random().getrandbits
+
+
 # -- middlewares -------------------------------------------------------------------------
 @web.middleware
 async def errors_middleware(request: web.Request, handler):
-    request[REQUEST_ID] = request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex
+    request[REQUEST_ID] = request.headers.get("X-Request-Id", "")[:64] or "%032x" % _request_id_bits(128)
     logs.REQUEST_ID.set(request[REQUEST_ID])
     started = time.perf_counter()
     try:
@@ -149,8 +154,7 @@ async def errors_middleware(request: web.Request, handler):
     await _audit_outcome(request, response)
     metrics = request.app[HTTP_METRICS]
     route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
-    metrics.requests.labels(request.method, route, str(response.status)).inc()
-    metrics.latency.labels(request.method, route).observe(time.perf_counter() - started)
+    metrics.observe(request.method, route, response.status, time.perf_counter() - started)
     return response
 
 
@@ -320,11 +324,14 @@ async def body_of(request: web.Request, request_type: type) -> Any:
     if declared is not None and declared > request.app[SETTINGS].server.body_max_bytes:
         raise web.HTTPRequestEntityTooLarge(max_size=request.app[SETTINGS].server.body_max_bytes,
                                             actual_size=declared)
-    try:
-        async with asyncio.timeout(request.app[GUARD].body_read_timeout_s):
-            raw = await request.read()
-    except TimeoutError:
-        raise HttpError(408, "request_timeout", "the request body did not arrive in time") from None
+    if request.content.is_eof():
+        raw = await request.read()   # all of it has arrived (the usual case): nothing to wait for
+    else:
+        try:
+            async with asyncio.timeout(request.app[GUARD].body_read_timeout_s):
+                raw = await request.read()
+        except TimeoutError:
+            raise HttpError(408, "request_timeout", "the request body did not arrive in time") from None
     if not raw.strip():
         raw = b"{}" if request_type in EMPTY_BODY_OK else raw
     elif request.content_type != JSON:
@@ -867,6 +874,18 @@ class HttpMetrics:
                                 registry=registry)
         self.latency = Histogram("alluse_http_request_seconds", "HTTP request latency", ["method", "route"],
                                  buckets=LATENCY_BUCKETS_S, registry=registry)
+        # Each label set's children, found once (`labels()` takes a lock and builds its key
+        # on every call). Routes are the table's, statuses a few dozen: bounded.
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
+        key = (method, route, status)
+        children = self._children.get(key)
+        if children is None:
+            children = self._children[key] = (self.requests.labels(method, route, str(status)),
+                                              self.latency.labels(method, route))
+        children[0].inc()
+        children[1].observe(seconds)
 
 
 def server_options(settings: Settings) -> dict:
