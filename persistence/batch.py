@@ -10,7 +10,7 @@ operation in it, coalesced per table and laid out for PostgreSQL's cheapest bulk
 - Each account the batch changes is updated once, however many of its operations touch
   it, guarded by the version the batch found.
 - What few operations write (new accounts and portfolios, merges, reinvestments,
-  tokens) has a document too, "[]" when the batch has none.
+  tokens) has documents too, sent only when the batch has any.
 
 Pure: no I/O. `persistence.store.write_batch` writes a `BatchWrite` in one statement."""
 from __future__ import annotations
@@ -103,10 +103,10 @@ class BatchWrite:
     rare: tuple | None = None
 
     def args(self) -> tuple:
-        rare = self.rare or NO_RARE_ROWS
-        return (self.updates, _json(self.keys), _json(self.entries), _json(self.events), self.payloads,
-                _json(self.audit),
-                *rare[:6], self.updates_expected, rare[6], rare[7])
+        """The parameters of `WRITE_BATCH`, or of `WRITE_BATCH_RARE` when `rare` is set."""
+        common = (self.updates, _json(self.keys), _json(self.entries), _json(self.events), self.payloads,
+                  _json(self.audit), self.updates_expected)
+        return common if self.rare is None else (*common, *self.rare)
 
 
 @dataclass(slots=True)
@@ -131,7 +131,8 @@ def entry_rows(transactions) -> list[tuple]:
 
 
 def account_updates(updates: dict[str, Account], before: dict[str, int]) -> tuple[str, int]:
-    """The document of `UPDATE_ACCOUNTS` for every account whose version moved, and their count."""
+    """The document of the batch's guarded account update (every account whose version
+    moved), and their count."""
     rows = [AccountUpdate(s.id, s.name, s.status, s.balance, s.version, before[account_id], s.latest_effective_date,
                           s.updated_at, s.allocations.contracts, s.allocations.leaps, s.trade_income_cents,
                           s.last_reinvested_quarter)
@@ -140,8 +141,8 @@ def account_updates(updates: dict[str, Account], before: dict[str, int]) -> tupl
 
 
 def rare_args(rare: RareRows) -> tuple:
-    """The parameters of `WRITE_RARE`: one JSON document per table plus the expected
-    counts of merges and revocations (its guard)."""
+    """The rare rows' parameters of `WRITE_BATCH_RARE` ($8 to $15): one JSON document per
+    table plus the expected counts of merges and revocations (its guard)."""
     tokens = [{name: getattr(token, name) for name in TOKEN_ROW} for token in rare.tokens]
     return (_json(rare.portfolios), _json(rare.accounts),
             _json([{"id": portfolio_id, "merged_at": at} for portfolio_id, at in rare.merged]),
@@ -166,5 +167,3 @@ def audit_row(seq: int, at: datetime, at_text: str, entry: Any, details: dict, p
 def _json(items) -> str:
     return encode_json(items).decode() if items else "[]"
 
-
-NO_RARE_ROWS = ("[]", "[]", "[]", "[]", "[]", "[]", 0, 0)
