@@ -208,6 +208,7 @@ class Writer:
         self._inflight: asyncio.Future | None = None
         # Committed batches whose actors and callers are answered on the next loop turn.
         self._deliveries: collections.deque = collections.deque()
+        self._deliver_pending = False
         # The database supervisor's hooks (actors.availability): `on_connect(connection)`
         # runs on every new connection before its first use (it takes the writer's lock,
         # or raises an EngineError and the connection is not used); `on_error(error, n)`
@@ -548,20 +549,29 @@ class Writer:
                 resolution.committed_op_ids.append(op.op_id)
                 resolution.state = states.get(account_id) or batch.inserts.get(account_id)
         self._deliveries.append((resolutions, ops))
-        if len(self._deliveries) == 1:
+        if not self._deliver_pending:
+            self._deliver_pending = True
             self._loop.call_soon(self._deliver)
 
     def _deliver(self) -> None:
-        """Answers the committed batches in commit order."""
+        """Answers the committed batches in commit order. A failing continuation is
+        logged and skipped: it must not strand the answers queued behind it."""
+        self._deliver_pending = False
         deliveries = self._deliveries
         while deliveries:
             resolutions, ops = deliveries.popleft()
-            if resolutions:
-                self.notify(resolutions)
-            if self.on_commit is not None:
-                self.on_commit()
+            try:
+                if resolutions:
+                    self.notify(resolutions)
+                if self.on_commit is not None:
+                    self.on_commit()
+            except Exception:  # noqa: BLE001 - a bug upstream; the callers still get their answers
+                log.exception("telling the actors of a committed batch failed")
             for op in ops:
-                op.done(op.result, None)
+                try:
+                    op.done(op.result, None)
+                except Exception:  # noqa: BLE001
+                    log.exception("answering operation %s failed", op.op_id)
 
     def _fail(self, ops: list[WriteOp], error: BaseException | None, *, poison: bool = False,
               errors: list[BaseException] | None = None) -> None:
