@@ -78,6 +78,8 @@ RECENT_KEYS_MAX = 100_000
 NO_SKIP: frozenset[str] = frozenset()
 REINVEST_SKIPS = frozenset({"already_reinvested", "account_not_active", "quarter_before_opening"})
 SHUTDOWN_DRAIN_S = 10.0
+# Tasks checking queued drawdown flags at once (`Engine._queue_drawdown_check`).
+DRAWDOWN_CHECKERS = 2
 DATABASE_START_WAIT_S = 30.0
 
 
@@ -189,6 +191,10 @@ class Engine:
         self._drawdown_flags: dict[str, float] = {}
         self._portfolios: collections.OrderedDict[str, Portfolio] = collections.OrderedDict()
         self._flag_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        # Accounts whose drawdown flag is to be checked (an ordered set), and the tasks
+        # checking them (`_queue_drawdown_check`).
+        self._drawdown_due: dict[str, None] = {}
+        self._drawdown_checkers = 0
         # Tokens and the audit log (`engine.security.create_token(...)`, `.verify_audit()`).
         self.security = Security(self)
         # Webhook endpoints and their delivery (`engine.webhooks.create(url=...)`).
@@ -664,7 +670,7 @@ class Engine:
         result = await self._single_leg("trade", account_id, request, command, idempotency_key)
         if request.kind != "premium" or account_id in self._drawdown_flags:
             # Only a loss or a fee can deepen a drawdown; a premium can end a breach.
-            self._in_background(self._check_drawdown(account_id))
+            self._queue_drawdown_check(account_id)
         return result
 
     async def _single_leg(self, operation: str, account_id: str, request, command, idempotency_key) -> Transaction:
@@ -835,7 +841,7 @@ class Engine:
                 self._portfolios.pop(unit.id, None)
         for account_id in unit.account_ids:
             if account_id in self._drawdown_flags:  # a merged account's flag goes
-                self._in_background(self._check_drawdown(account_id))
+                self._queue_drawdown_check(account_id)
         return result
 
     async def _run_merge(self, unit: Portfolio, root: Portfolio, idempotency) -> GrowthOperation:
@@ -963,6 +969,28 @@ class Engine:
             analytics.portfolio_analytics, root, portfolios, accounts, ledger, today=self.clock().date(),
             weeks=weeks, rules=self.rules, risk_free_rate=self.settings.analytics.risk_free_rate,
             required_return=self.settings.analytics.required_return, moved=moved)
+
+    def _queue_drawdown_check(self, account_id: str) -> None:
+        """Checks the account's drawdown flag soon, after what has been booked so far.
+        Queued accounts are checked by at most DRAWDOWN_CHECKERS tasks, each account once
+        however many losses and fees it took meanwhile (a check reads the whole committed
+        ledger): a task per trade let the checks' ledger reads crowd the connection pool
+        and PostgreSQL while the strategy engine booked at full speed, and operators'
+        reads waited behind them (the ALL-USE week: p99 of portfolio reads over HTTP ~1 s)."""
+        self._drawdown_due[account_id] = None
+        if self._drawdown_checkers < DRAWDOWN_CHECKERS:
+            self._drawdown_checkers += 1
+            self._in_background(self._drawdown_checker())
+
+    async def _drawdown_checker(self) -> None:
+        try:
+            due = self._drawdown_due
+            while due:
+                account_id = next(iter(due))
+                del due[account_id]
+                await self._check_drawdown(account_id)
+        finally:
+            self._drawdown_checkers -= 1
 
     async def _check_drawdown(self, account_id: str) -> None:
         """Keeps the live `drawdown_breach` flag of one account: set (with one event) when

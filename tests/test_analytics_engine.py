@@ -24,7 +24,7 @@ import pytest
 import pytest_asyncio
 from aiohttp.test_utils import TestClient, TestServer
 
-from actors.api import Engine
+from actors.api import DRAWDOWN_CHECKERS, Engine
 from actors.settings import load_settings
 from engine import analytics
 from engine.analytics import Entry
@@ -372,6 +372,50 @@ async def test_a_twelve_percent_loss_on_a_rev_acc_raises_one_breach_and_recovery
     assert (await api.ok(f"/v1/accounts/{rev}/analytics"))["risk"]["flags"] == []
     await settled(engine)
     assert len(await drawdown_events(engine)) == 2
+
+
+async def test_drawdown_checks_are_queued_coalesced_and_bounded(service):
+    """Losses on many accounts at once: at most DRAWDOWN_CHECKERS checks run together
+    (they read the ledger over the connection pool operators read through too), every
+    breached account still gets its flag, and an account queued again before its check
+    ran is checked once."""
+    engine, _ = service
+    revs = []
+    for _ in range(4):
+        _, opened, ids = await open_portfolio(engine)
+        balance = await weekly_premiums(engine, ids["revenue"], opened, range(1, 3), 100)
+        revs.append((ids["revenue"], balance, opened))
+    await settled(engine)
+    running = peak = 0
+    checked: list[str] = []
+    original = engine._check_drawdown
+
+    async def counting(account_id: str) -> None:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        checked.append(account_id)
+        try:
+            await original(account_id)
+        finally:
+            running -= 1
+
+    engine._check_drawdown = counting
+    await asyncio.gather(*(engine.book_trade(rev, kind="loss", amount=balance * 12 // 100,
+                                             effective_date=opened + timedelta(weeks=3))
+                           for rev, balance, opened in revs))
+    for rev, _, _ in revs:
+        await wait_for_drawdown_events(engine, rev, 1)
+    await settled(engine)
+    assert set(engine.drawdown_breaches()) == {rev for rev, _, _ in revs}
+    assert sorted(checked) == sorted(rev for rev, _, _ in revs)
+    assert 1 <= peak <= DRAWDOWN_CHECKERS
+    checked.clear()
+    for _ in range(5):
+        engine._queue_drawdown_check(revs[0][0])
+    await settled(engine)
+    assert checked == [revs[0][0]]
+    assert len(await drawdown_events(engine, revs[0][0])) == 1   # still breached: no new event
 
 
 async def test_the_flag_survives_a_restart_of_the_engine(database_url):
