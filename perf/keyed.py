@@ -1,0 +1,91 @@
+"""One keyed-transfer run, printed as one line: the quickest A/B of the operation path.
+
+    .venv/bin/python -m perf.keyed [--seconds 10] [--callers 64] [--no-database]
+
+A fresh embedded PostgreSQL, an in-process `Engine`, 1,000 funded accounts, then
+`--callers` closed-loop callers each sending `Engine.transfer` with its own uuid
+idempotency key for `--seconds`. It prints transfers/s, p50/p99 latency, CPU µs per
+transfer of this process and of PostgreSQL (from /proc, like
+`../shared/contract/operation_budget.py`), WAL bytes per transfer and the mean batch.
+
+`--no-database` replaces the batch's statement by a 1 ms sleep once the accounts are
+funded: what the engine's own path costs, and the rate at which it alone saturates the
+event loop. Run it from two checkouts alternately (same machine, same hour) to compare.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import time
+import uuid
+
+from perf.common import Database, cpu_sample, run_async
+
+ACCOUNTS = 1_000
+FUNDS = 10 ** 9
+
+
+async def run(url: str, pgdata: str, seconds: float, callers: int, no_database: bool) -> dict:
+    from actors.api import Engine
+    from actors.settings import load_settings
+    from persistence import store
+
+    settings = load_settings({}, {"database": {"url": url}, "engine": {"reinvest_schedule": False}})
+    async with Engine(settings) as engine:
+        ids = [(await engine.create_account(name=f"k{i}", type="revenue", owner="keyed")).id
+               for i in range(ACCOUNTS)]
+        for start in range(0, ACCOUNTS, 100):
+            await asyncio.gather(*(engine.deposit(i, FUNDS, idempotency_key=uuid.uuid4().hex)
+                                   for i in ids[start:start + 100]))
+        if no_database:
+            async def sleep_instead(_connection, batch) -> None:
+                batch.args()
+                await asyncio.sleep(0.001)
+            store.write_batch = sleep_instead
+        rng, latencies = random.Random(7), []
+        wal_before = await engine.store.pool.fetchval("SELECT pg_current_wal_lsn()")
+        batches_before, ops_before = engine.writer.batches, engine.writer.operations
+        before = cpu_sample(own="engine", pgdata=pgdata)
+        end = time.perf_counter() + seconds
+
+        async def caller() -> None:
+            while time.perf_counter() < end:
+                a, b = rng.sample(ids, 2)
+                started = time.perf_counter()
+                await engine.transfer(a, b, rng.randint(1, 100), idempotency_key=uuid.uuid4().hex)
+                latencies.append(time.perf_counter() - started)
+
+        await asyncio.gather(*(caller() for _ in range(callers)))
+        after = cpu_sample(own="engine", pgdata=pgdata)
+        wal = await engine.store.pool.fetchval("SELECT pg_current_wal_lsn() - $1::pg_lsn", wal_before)
+        done = len(latencies)
+        latencies.sort()
+        return {"transfers_per_s": round(done / seconds), "p50_ms": round(latencies[done // 2] * 1e3, 2),
+                "p99_ms": round(latencies[int(done * 0.99)] * 1e3, 2),
+                "engine_us": round((after["engine"] - before["engine"]) / done * 1e6, 1),
+                "pg_us": round((after.get("postgres", 0) - before.get("postgres", 0)) / done * 1e6, 1),
+                "wal_bytes": round(float(wal) / done) if not no_database else 0,
+                "avg_batch": round((engine.writer.operations - ops_before)
+                                   / max(1, engine.writer.batches - batches_before), 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--callers", type=int, default=64)
+    parser.add_argument("--no-database", action="store_true", help="a 1 ms sleep instead of each batch's statement")
+    args = parser.parse_args()
+    database = Database()
+    try:
+        database.start()
+        url = database.create("keyed")
+        result = run_async(run(url, database.pgdata, args.seconds, args.callers, args.no_database))
+    finally:
+        database.close()
+    print(" ".join(f"{key} {value}" for key, value in result.items()), flush=True)
+
+
+if __name__ == "__main__":
+    main()
