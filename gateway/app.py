@@ -116,6 +116,10 @@ def _validation_details(error: msgspec.ValidationError) -> dict:
     return {"field": ".".join(parts), "reason": message}
 
 
+# HTTP methods named in metrics as themselves; any other method aiohttp's parser accepts
+# (WebDAV's and a few dozen more) is "OTHER": no route has them.
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
 # Request ids must be unique, not secret: the Mersenne Twister (seeded from the OS) costs
 # a fraction of uuid4's read of os.urandom per request.
 _request_id_bits = random.Random().getrandbits
@@ -154,7 +158,8 @@ async def errors_middleware(request: web.Request, handler):
     await _audit_outcome(request, response)
     metrics = request.app[HTTP_METRICS]
     route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
-    metrics.observe(request.method, route, response.status, time.perf_counter() - started)
+    method = request.method if request.method in KNOWN_METHODS else "OTHER"   # bounded label values
+    metrics.observe(method, route, response.status, time.perf_counter() - started)
     return response
 
 

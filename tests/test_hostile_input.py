@@ -209,3 +209,17 @@ async def test_ids_that_are_not_ascii_are_not_found(api, path):
 async def test_malformed_query_parameters_are_client_errors(api, query):
     reply = await api.get(f"/v1/accounts?{query}")
     assert reply.status < 500, (query, reply.status, reply.body)
+
+
+async def test_made_up_http_methods_share_one_metrics_series(api, world):
+    """Methods the engine never routes (aiohttp's parser accepts WebDAV's and others) are
+    counted as "OTHER": dashboards see the methods the API has, and a client cannot add
+    series by trying methods."""
+    for method in (b"PROPFIND", b"TRACE", b"MKCOL"):
+        status, body = await raw_request(api, method + b" /v1/accounts HTTP/1.1\r\nHost: x")
+        assert status in (401, 404, 405), (method, status, body)
+    metrics = (await api.get("/metrics", token=None)).body
+    assert "PROPFIND" not in metrics and "TRACE" not in metrics and "MKCOL" not in metrics
+    other = [line for line in metrics.splitlines()
+             if line.startswith("alluse_http_requests_total{") and 'method="OTHER"' in line]
+    assert other and sum(float(line.rsplit(" ", 1)[1]) for line in other) >= 3
