@@ -6,7 +6,8 @@ A fresh embedded PostgreSQL, an in-process `Engine`, 1,000 funded accounts, then
 `--callers` closed-loop callers each sending `Engine.transfer` with its own uuid
 idempotency key for `--seconds`. It prints transfers/s, p50/p99 latency, CPU µs per
 transfer of this process and of PostgreSQL (from /proc, like
-`../shared/contract/operation_budget.py`), WAL bytes per transfer and the mean batch.
+`../shared/contract/operation_budget.py`), WAL bytes per transfer, the mean batch and the
+mean time from a batch's start to its commit.
 
 `--no-database` replaces the batch's statement by a 1 ms sleep once the accounts are
 funded: what the engine's own path costs, and the rate at which it alone saturates the
@@ -47,6 +48,7 @@ async def run(url: str, pgdata: str, seconds: float, callers: int, no_database: 
         rng, latencies = random.Random(7), []
         wal_before = await engine.store.pool.fetchval("SELECT pg_current_wal_lsn()")
         batches_before, ops_before = engine.writer.batches, engine.writer.operations
+        commit_s_before = _commit_seconds(engine)
         before = cpu_sample(own="engine", pgdata=pgdata)
         end = time.perf_counter() + seconds
 
@@ -68,7 +70,15 @@ async def run(url: str, pgdata: str, seconds: float, callers: int, no_database: 
                 "pg_us": round((after.get("postgres", 0) - before.get("postgres", 0)) / done * 1e6, 1),
                 "wal_bytes": round(float(wal) / done) if not no_database else 0,
                 "avg_batch": round((engine.writer.operations - ops_before)
-                                   / max(1, engine.writer.batches - batches_before), 1)}
+                                   / max(1, engine.writer.batches - batches_before), 1),
+                "avg_commit_ms": round((_commit_seconds(engine) - commit_s_before) * 1e3
+                                       / max(1, engine.writer.batches - batches_before), 2)}
+
+
+def _commit_seconds(engine) -> float:
+    """Seconds spent committing batches so far (the writer's commit-latency histogram)."""
+    return next(sample.value for metric in engine.metrics.commit_latency.collect() for sample in metric.samples
+                if sample.name.endswith("_sum"))
 
 
 def main() -> None:
