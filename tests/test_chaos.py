@@ -468,7 +468,10 @@ def fill(directory: str) -> str:
 
 @pytest.mark.parametrize("threshold_mb", [64, 0] if FULL else [64], ids=["refused-before-full", "postgres-panics"][
     :2 if FULL else 1])
-def test_a_full_disk_refuses_writes_and_the_engine_resumes_by_itself(workspace, small_file_system, threshold_mb):
+def test_a_full_disk_refuses_writes_and_the_engine_resumes_by_itself(small_file_system, workspace, threshold_mb):
+    # `small_file_system` first, so that it is torn down last: `workspace` stops the
+    # engine and its PostgreSQL while the tmpfs is still there (unmounted first, the
+    # data directory's postmaster.pid was gone and PostgreSQL was left running).
     config = os.path.join(workspace.root, "storage.toml")
     Path(config).write_text(f"[database]\nstorage_free_min_mb = {threshold_mb}\n")
     data = os.path.join(small_file_system, "data")
