@@ -167,14 +167,15 @@ class KeyConflict(StatementRejected):
 
 
 KEY_CONFLICT_SQLSTATE = "AL001"
-# The key table's unique index, which the COPY of a batch's keys meets.
+# The key table's unique index, which the insert of a batch's keys meets.
 KEY_INDEX = "idempotency_keys_pkey"
 
 
 async def set_risk_flag(connection: asyncpg.Connection, account_id: str, portfolio_id: str | None, *,
-                        active: bool, drawdown: float, limit: float, at: datetime) -> None:
-    """Sets or clears the account's drawdown_breach flag and writes its event, in one
-    transaction, on the writer's connection (between batches)."""
+                        seq: int, active: bool, drawdown: float, limit: float, at: datetime) -> None:
+    """Sets or clears the account's drawdown_breach flag and writes its event, numbered
+    `seq` (the writer numbers every event, in commit order), in one transaction, on the
+    writer's connection (between batches)."""
     # `drawdown_limit` and `flags` as the analytics' `risk` names them (`limit` stays).
     payload = msgspec.json.encode({"account_id": account_id, "drawdown": drawdown, "limit": limit,
                                    "drawdown_limit": limit, "flags": ["drawdown_breach"] if active else []}).decode()
@@ -185,12 +186,10 @@ async def set_risk_flag(connection: asyncpg.Connection, account_id: str, portfol
         else:
             await connection.execute("DELETE FROM risk_flags WHERE account_id = $1 AND flag = 'drawdown_breach'",
                                      account_id)
-        # Numbered after the last event, as the writer numbers a batch's (the writer
-        # re-reads its head after a flag).
         await connection.execute("INSERT INTO events (seq, type, account_id, portfolio_id, payload, created_at) "
-                                 "SELECT COALESCE(max(seq), 0) + 1, $1, $2, $3, $4::json, $5 FROM events",
+                                 "VALUES ($6, $1, $2, $3, $4::json, $5)",
                                  "account.drawdown_breach" if active else "account.drawdown_recovered",
-                                 account_id, portfolio_id, payload, at)
+                                 account_id, portfolio_id, payload, at, seq)
 
 
 async def write_batch(connection: asyncpg.Connection, batch: "BatchWrite") -> None:

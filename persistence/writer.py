@@ -405,13 +405,17 @@ class Writer:
     async def _flag(self, op: FlagOp) -> None:
         try:
             connection = await self._connected()
-            self._event_head = None   # the flag's event is numbered by the statement: read it again
-            await sql.set_risk_flag(connection, op.account_id, op.portfolio_id, active=op.active,
+            async with translated_errors():
+                head = self._event_head
+                if head is None:
+                    head = self._event_head = await connection.fetchval(sql.SELECT_EVENT_HEAD)
+            await sql.set_risk_flag(connection, op.account_id, op.portfolio_id, seq=head + 1, active=op.active,
                                     drawdown=op.drawdown, limit=op.limit, at=op.at)
         except EngineError as error:
-            self._drop_connection()
+            self._drop_connection()   # forgets the heads: an unknown outcome is read again
             op.done(None, error)
             return
+        self._event_head = head + 1
         op.done(None, None)
 
     async def _purge_keys(self, op: PurgeKeysOp) -> None:

@@ -200,14 +200,14 @@ async def test_a_risk_flag_and_its_event_are_written_together(store):
     await _write(store, _batch(opened=[_account("acc_d", 0, 0)]))
     connection = await store.connect()
     try:
-        await sql.set_risk_flag(connection, "acc_d", None, active=True, drawdown=0.2, limit=0.1, at=NOW)
+        await sql.set_risk_flag(connection, "acc_d", None, seq=1, active=True, drawdown=0.2, limit=0.1, at=NOW)
         assert await store.risk_flags() == {"acc_d": 0.2}
-        await sql.set_risk_flag(connection, "acc_d", None, active=False, drawdown=0.05, limit=0.1, at=NOW)
+        await sql.set_risk_flag(connection, "acc_d", None, seq=2, active=False, drawdown=0.05, limit=0.1, at=NOW)
     finally:
         await connection.close()
     assert await store.risk_flags() == {}
-    assert [e.type for e in await store.events_after(0, 10)] == ["account.drawdown_breach",
-                                                                 "account.drawdown_recovered"]
+    assert [(e.seq, e.type) for e in await store.events_after(0, 10)] == [(1, "account.drawdown_breach"),
+                                                                          (2, "account.drawdown_recovered")]
 
 
 async def test_the_embedded_server_does_not_zero_fill_new_wal_segments(store):
