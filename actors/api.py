@@ -988,7 +988,10 @@ class Engine:
             while due:
                 account_id = next(iter(due))
                 del due[account_id]
-                await self._check_drawdown(account_id)
+                try:
+                    await self._check_drawdown(account_id)
+                except Exception:  # noqa: BLE001 - a bug in one check must not strand the queue
+                    log.exception("drawdown check of %s failed", account_id)
         finally:
             self._drawdown_checkers -= 1
 

@@ -209,6 +209,7 @@ class Writer:
         # Committed batches whose actors and callers are answered on the next loop turn.
         self._deliveries: collections.deque = collections.deque()
         self._deliver_pending = False
+        self._delivering = False
         # The database supervisor's hooks (actors.availability): `on_connect(connection)`
         # runs on every new connection before its first use (it takes the writer's lock,
         # or raises an EngineError and the connection is not used); `on_error(error, n)`
@@ -559,8 +560,19 @@ class Writer:
 
     def _deliver(self) -> None:
         """Answers the committed batches in commit order. A failing continuation is
-        logged and skipped: it must not strand the answers queued behind it."""
+        logged and skipped: it must not strand the answers queued behind it. Not
+        re-entrant: an answer can make an actor submit, and a refused submission calls
+        `_fail`, which must not answer later batches before the rest of this one."""
         self._deliver_pending = False
+        if self._delivering:
+            return
+        self._delivering = True
+        try:
+            self._deliver_all()
+        finally:
+            self._delivering = False
+
+    def _deliver_all(self) -> None:
         deliveries = self._deliveries
         while deliveries:
             resolutions, ops = deliveries.popleft()

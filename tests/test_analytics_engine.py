@@ -418,6 +418,23 @@ async def test_drawdown_checks_are_queued_coalesced_and_bounded(service):
     assert len(await drawdown_events(engine, revs[0][0])) == 1   # still breached: no new event
 
 
+async def test_a_drawdown_check_that_fails_unexpectedly_does_not_strand_the_queue(service):
+    engine, _ = service
+    checked: list[str] = []
+
+    async def flaky(account_id: str) -> None:
+        checked.append(account_id)
+        if account_id != "acc_third":   # both checkers meet a failing check first
+            raise RuntimeError("a bug in a check")
+
+    engine._check_drawdown = flaky
+    for account_id in ("acc_first", "acc_second", "acc_third"):
+        engine._queue_drawdown_check(account_id)
+    await settled(engine)
+    assert checked == ["acc_first", "acc_second", "acc_third"]
+    assert engine._drawdown_checkers == 0 and not engine._drawdown_due
+
+
 async def test_the_flag_survives_a_restart_of_the_engine(database_url):
     async with serving(database_url) as (engine, api):
         _, opened, ids = await open_portfolio(engine)
