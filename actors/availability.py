@@ -58,6 +58,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("alluse.availability")
 
 TICK_S = 0.25
+# How long `stop()` waits for the supervisor's task (a tick, a probe, and its end).
+STOP_WAIT_S = 5.0
 PROBE_TIMEOUT_S = 1.0
 # /ready is 503 once the last answer of the server is older than this.
 READY_ANSWER_AGE_MAX_S = 1.5
@@ -287,7 +289,9 @@ class Availability:
         self._set_state(State.STOPPED, "stopping")
         if self._task is not None:
             self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await asyncio.wait([self._task], timeout=STOP_WAIT_S)
+            if not self._task.done():
+                log.warning("the database supervisor did not stop within %.1f s", STOP_WAIT_S)
             self._task = None
         if self._probe_connection is not None:
             self._probe_connection.terminate()
@@ -322,7 +326,10 @@ class Availability:
 
     # -- the supervisor -----------------------------------------------------------------
     async def _run(self) -> None:
-        while True:
+        # Ends on STOPPED as well as on cancellation: Python 3.11's `asyncio.wait_for`
+        # can swallow a cancellation that arrives as its inner wait completes, and a
+        # `while True` supervisor then ticked on forever while `stop()` waited for it.
+        while self.state is not State.STOPPED:
             await asyncio.sleep(TICK_S)
             try:
                 await self._tick()

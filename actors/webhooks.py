@@ -68,6 +68,8 @@ FEED_PAGE_SIZE = limits.PAGE_SIZE_MAX
 REDELIVERIES_PER_ROUND = 50
 PROGRESS_FLUSH_S = 0.1
 IDLE_WAIT_S = 1.0
+# How long `stop()` waits for the feed reader and the endpoint workers to end.
+STOP_WAIT_S = 5.0
 AHEAD_WAIT_S = 0.1
 ERROR_PAUSE_S = 1.0
 PRUNE_INTERVAL_S = 60.0
@@ -222,7 +224,13 @@ class Webhooks:
         workers = [e.task for e in self.endpoints.values() if e.task is not None]
         for task in self._tasks + workers:
             task.cancel()
-        await asyncio.gather(*self._tasks, *workers, return_exceptions=True)
+        if self._changed is not None:   # a loop that missed its cancellation sees `_running` now
+            self._changed.set()
+        tasks = [*self._tasks, *workers]
+        if tasks:
+            await asyncio.wait(tasks, timeout=STOP_WAIT_S)
+            if not all(task.done() for task in tasks):
+                log.warning("webhook delivery did not stop within %.1f s", STOP_WAIT_S)
         self._tasks = []
         for endpoint in self.endpoints.values():
             endpoint.task = None
@@ -281,7 +289,7 @@ class Webhooks:
         loop = asyncio.get_running_loop()
         gap: tuple[int, float] | None = None
         last_prune = loop.time()
-        while True:
+        while self._running:   # not only cancellation: 3.11's wait_for can swallow one
             try:
                 active = [e for e in self.endpoints.values() if e.task is not None]
                 if not active:

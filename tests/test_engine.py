@@ -668,3 +668,24 @@ async def test_an_operation_stuck_behind_a_blocked_writer_times_out_and_the_engi
 
 async def _balance_is(engine: Engine, account_id: str, balance: int) -> bool:
     return (await engine.get_account(account_id)).balance == balance
+
+
+async def test_stop_ends_even_when_a_supervisor_loop_misses_its_cancellation(database_url):
+    """Python 3.11's `asyncio.wait_for` can swallow a cancellation that arrives as its
+    inner wait completes. The database supervisor and the webhook feed reader loop until
+    stopped, so `stop()` must not depend on the cancellation reaching them (a full test
+    run once hung here for good)."""
+    engine = Engine(engine_settings(database_url))
+    await engine.start()
+    swallowed = asyncio.Event()
+
+    async def tick_that_swallows_a_cancellation() -> None:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            swallowed.set()   # as wait_for does when its inner wait wins the race
+
+    engine.availability._tick = tick_that_swallows_a_cancellation
+    await asyncio.sleep(0.6)   # the supervisor's next tick is now in the patched call
+    await asyncio.wait_for(engine.stop(), timeout=8)
+    assert swallowed.is_set()
