@@ -230,9 +230,9 @@ class Engine:
         self._commit_signal = asyncio.Event()
         self.writer = Writer(self.store, batch_size_max=settings.batch_size_max, queue_max=settings.write_queue_max,
                              notify=self._notify_resolved, metrics=self.metrics,
-                             batch_wait_s=settings.batch_wait_ms / 1000, on_commit=self._signal_commit)
+                             batch_wait_s=settings.batch_wait_ms / 1000, on_commit=self._signal_commit,
+                             in_flight=lambda: self._in_flight)
         self.availability.attach(self.writer, writer_connection)
-        self.writer.in_flight = lambda: self._in_flight
         await self.writer.start()
         self._pool = ActorPool(self._loop, name="account")
         self.registry = Registry(load=self.store.load_account, spawn=self._spawn,

@@ -15,3 +15,8 @@ def new_id(prefix: str, _time=time.time, _bits=_random.getrandbits) -> str:
 
 def next_op_id() -> int:
     return next(_op_ids)
+
+
+def new_request_id(_bits=_random.getrandbits) -> str:
+    """A request id (32 hex digits, like a uuid's) where the client sent none."""
+    return "%032x" % _bits(128)

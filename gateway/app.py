@@ -10,7 +10,6 @@ import logging
 import re
 import secrets
 import signal
-import random
 import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
@@ -32,6 +31,7 @@ from engine.projection import Projection
 from engine.analytics import AccountAnalytics, PortfolioAnalytics
 from engine.reports import PortfolioTree, PortfolioView, Reinvestment
 from actors.api import AUDIT_CONTEXT, Engine
+from actors.ids import new_request_id
 from actors.security import BOOTSTRAP, AuditVerification, CreatedToken, TokenInfo
 from actors import webhook_views
 from engine.webhooks import CreateWebhookRequest, UpdateWebhookRequest
@@ -120,15 +120,10 @@ def _validation_details(error: msgspec.ValidationError) -> dict:
 # (WebDAV's and a few dozen more) is "OTHER": no route has them.
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
-# Request ids must be unique, not secret: the Mersenne Twister (seeded from the OS) costs
-# a fraction of uuid4's read of os.urandom per request.
-_request_id_bits = random.Random().getrandbits
-
-
 # -- middlewares -------------------------------------------------------------------------
 @web.middleware
 async def errors_middleware(request: web.Request, handler):
-    request[REQUEST_ID] = request.headers.get("X-Request-Id", "")[:64] or "%032x" % _request_id_bits(128)
+    request[REQUEST_ID] = request.headers.get("X-Request-Id", "")[:64] or new_request_id()
     logs.REQUEST_ID.set(request[REQUEST_ID])
     started = time.perf_counter()
     try:

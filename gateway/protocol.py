@@ -7,10 +7,11 @@ the bytes received, and log only the status and the kind of error."""
 from __future__ import annotations
 
 import logging
-import uuid
 
 import msgspec
 from aiohttp import web, web_protocol
+
+from actors.ids import new_request_id
 
 log = logging.getLogger("alluse.gateway")
 
@@ -24,7 +25,7 @@ def _handle_error(self, request, status: int = 500, exc: BaseException | None = 
                 type(exc).__name__ if exc is not None else "")
     if request.writer.output_size > 0:
         raise ConnectionError("Response is sent already, cannot send another response with the error message")
-    request_id = uuid.uuid4().hex
+    request_id = new_request_id()
     body = {"error": {"code": _CODES.get(status, "bad_request"),
                       "message": "internal error; quote the request id" if status >= 500
                       else "the request is malformed or its headers are too large",

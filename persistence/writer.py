@@ -178,7 +178,7 @@ class WriteQueue:
 class Writer:
     def __init__(self, store: Store, *, batch_size_max: int, queue_max: int,
                  notify: Callable[[dict[str, Resolution]], None], metrics=None, batch_wait_s: float = 0.0,
-                 on_commit: Callable[[], None] | None = None):
+                 on_commit: Callable[[], None] | None = None, in_flight: Callable[[], int] | None = None):
         self.store = store
         self.batch_size_max = batch_size_max
         self.batch_wait_s = batch_wait_s
@@ -186,6 +186,8 @@ class Writer:
         self.queue_max = queue_max
         self.notify = notify
         self.on_commit = on_commit
+        # The engine's count of operations in flight (`_take` sizes the cohorts by it).
+        self.in_flight = in_flight
         self.metrics = metrics
         self.poisoned: set[str] = set()
         self._inbox: collections.deque = collections.deque()
@@ -218,7 +220,6 @@ class Writer:
         self.on_connect: Callable[[Any], Any] | None = None
         self.on_error: Callable[[EngineError, int], None] | None = None
         self.refusal: EngineError | None = None
-        self.in_flight: Callable[[], int] | None = None
 
     # -- lifecycle -------------------------------------------------------------------
     async def start(self) -> None:
@@ -407,9 +408,7 @@ class Writer:
         try:
             connection = await self._connected()
             async with translated_errors():
-                head = self._event_head
-                if head is None:
-                    head = self._event_head = await connection.fetchval(sql.SELECT_EVENT_HEAD)
+                head = await self._known_event_head(connection)
             await sql.set_risk_flag(connection, op.account_id, op.portfolio_id, seq=head + 1, active=op.active,
                                     drawdown=op.drawdown, limit=op.limit, at=op.at)
         except EngineError as error:
@@ -462,9 +461,7 @@ class Writer:
             connection = await self._connected()
             async with translated_errors():
                 head = self._audit_head or await self._read_audit_head(connection)
-                event_head = self._event_head
-                if event_head is None:
-                    event_head = self._event_head = await connection.fetchval(sql.SELECT_EVENT_HEAD)
+                event_head = await self._known_event_head(connection)
             batch = _Batch.of(ops, head, event_head)
             await sql.write_batch(connection, batch.write)
         except KeyConflict as conflict:
@@ -502,6 +499,12 @@ class Writer:
                        poison=True)
             return
         self._committed(batch, time.perf_counter() - started)
+
+    async def _known_event_head(self, connection) -> int:
+        """The number of the last committed event: kept, or read after a reconnect."""
+        if self._event_head is None:
+            self._event_head = await connection.fetchval(sql.SELECT_EVENT_HEAD)
+        return self._event_head
 
     async def _read_audit_head(self, connection) -> tuple[int, str]:
         row = await connection.fetchrow(sql.SELECT_AUDIT_HEAD)
