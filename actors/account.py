@@ -236,8 +236,8 @@ class AccountActor(PooledActor):
                     self.stash.append(message)   # behind what already waits here
                 else:
                     self._run(message)
-            case Resolved(resolution=resolution):
-                self._resolve(resolution)
+            case Resolved():
+                self.on_resolved(message)
             case Read(reply=reply):
                 reply.send(self.committed)
             case Reloaded(state=state, error=error):
@@ -322,7 +322,10 @@ class AccountActor(PooledActor):
         operation.reply.send(operation.render(Decided([], {step.account_id: step.actor.committed}, [], [])))
 
     # -- bookkeeping -------------------------------------------------------------------
-    def _resolve(self, resolution: Resolution) -> None:
+    def on_resolved(self, message: Resolved) -> None:
+        """The writer's news after a batch (handled at once by an idle actor,
+        `PooledActor.deliver_now`)."""
+        resolution = message.resolution
         pending = self.pending
         for op_id in resolution.committed_op_ids:
             pending.discard(op_id)

@@ -371,9 +371,14 @@ class Engine:
     def _notify_resolved(self, resolutions) -> None:
         """After a batch, before its callers hear: each touched actor learns what
         committed (an idle one at once)."""
-        tell = self.registry.tell
+        registry = self.registry
+        resident = registry.resident
         for account_id, resolution in resolutions.items():
-            tell(account_id, Resolved(resolution), now=True)
+            entry = resident.get(account_id)
+            if entry is not None:
+                actor = entry.actor
+                if not actor.deliver_now(Resolved(resolution), actor.on_resolved):
+                    registry.forget(account_id, entry.ref)
 
     def _signal_commit(self) -> None:
         """Wakes every event-feed reader: something committed."""
@@ -461,29 +466,42 @@ class Engine:
                              {"operations_in_flight_max": self.settings.engine.operations_in_flight_max})
 
     async def _bounded(self, awaitable: Awaitable[T]) -> T:
-        """Waits at most `operation_timeout_s`. A keyed operation is a task that goes on
-        after the wait ends (its key stays in flight until it resolves).
+        """Waits at most `operation_timeout_s` (a keyed operation goes on after the wait
+        ends: its key stays in flight until it resolves).
 
         Like `asyncio.timeout`, but every operation has the same timeout, so deadlines
         come in order: one deque and one timer for all of them instead of a timer handle
         per operation (`_expire_deadlines` cancels the overdue ones)."""
-        task = asyncio.current_task()
-        deadline = [self._loop.time() + self.settings.engine.operation_timeout_s, task, task.cancelling(), False]
-        deadlines = self._deadlines
-        deadlines.append(deadline)
-        if self._deadline_timer is None:
-            self._deadline_timer = self._loop.call_at(deadline[0], self._expire_deadlines)
+        deadline = self._deadline_start()
         try:
             return await awaitable
         except asyncio.CancelledError:
-            if deadline[3] and task.uncancel() <= deadline[2]:
-                raise Unavailable("the operation did not finish in time; retry with the same idempotency key",
-                                  code="operation_timeout") from None
+            self._deadline_missed(deadline)
             raise
         finally:
-            deadline[1] = None
-            while deadlines and deadlines[0][1] is None:
-                deadlines.popleft()
+            self._deadline_end(deadline)
+
+    def _deadline_start(self) -> list:
+        """The deadline of the task running now: [when, task, its cancel count, expired]."""
+        task = asyncio.current_task(self._loop)   # without a loop it costs a getpid() system call
+        deadline = [self._loop.time() + self.settings.engine.operation_timeout_s, task, task.cancelling(), False]
+        self._deadlines.append(deadline)
+        if self._deadline_timer is None:
+            self._deadline_timer = self._loop.call_at(deadline[0], self._expire_deadlines)
+        return deadline
+
+    @staticmethod
+    def _deadline_missed(deadline: list) -> None:
+        """A cancellation that is the deadline's own becomes `operation_timeout`."""
+        if deadline[3] and deadline[1].uncancel() <= deadline[2]:
+            raise Unavailable("the operation did not finish in time; retry with the same idempotency key",
+                              code="operation_timeout") from None
+
+    def _deadline_end(self, deadline: list) -> None:
+        deadline[1] = None
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][1] is None:
+            deadlines.popleft()
 
     def _expire_deadlines(self) -> None:
         self._deadline_timer = None
@@ -507,11 +525,16 @@ class Engine:
         self._admit()
         reset = OPERATION.set((request[0], request[1] or getattr(request[2], "from_account", None)))
         self._in_flight += 1
+        deadline = self._deadline_start()   # `_bounded`, inline: one coroutine less per operation
         try:
             if key is None:
-                return await self._bounded(run(None))
-            return await self.keys.run(key, _fingerprint(*request), result_type, run, bounded=self._bounded)
+                return await run(None)
+            return await self.keys.run(key, _fingerprint(*request), result_type, run)
+        except asyncio.CancelledError:
+            self._deadline_missed(deadline)
+            raise
         finally:
+            self._deadline_end(deadline)
             self._in_flight -= 1
             OPERATION.reset(reset)
 
@@ -527,7 +550,8 @@ class Engine:
             raise Overloaded("too many operations in flight on this account", {"account_id": entry.account_id})
 
     async def _run_steps(self, steps: list[tuple[str, Any, frozenset[str]]], render, idempotency, *,
-                         correlation_id: str | None, transaction_id: str | None = None, outbox=None):
+                         correlation_id: str | None, transaction_id: str | None = None, outbox=None,
+                         now: datetime | None = None):
         """An operation on one or more accounts: `steps` are (account id, command or
         function of the events so far, refusal codes that skip the step). Every account
         is leased (and activated) first; the first account's actor then decides every
@@ -541,7 +565,8 @@ class Engine:
             self._check_account_load(entries[0])
             future = self._loop.create_future()
             operation = Operation(
-                op_id=next_op_id(), reply=Reply(self._loop, future, idempotency), now=self.clock(), render=render,
+                op_id=next_op_id(), reply=Reply(self._loop, future, idempotency), now=now or self.clock(),
+                render=render,
                 correlation_id=correlation_id, idempotency=idempotency, audit=audit_entry(), outbox=outbox,
                 steps=[Step(account_id=account_id, actor=entry.actor,
                             transaction_id=transaction_id if transaction_id and len(steps) == 1 else new_id("txn"),
@@ -688,9 +713,11 @@ class Engine:
                        override_reason: str | None = None, idempotency_key: str | None = None) -> Transfer:
         """Both legs commit in one database transaction or neither does. `override_reason`
         as for `withdraw`."""
-        return await self.transfer_request(
-            _validate(TransferRequest, from_account=from_account, to_account=to_account, amount=amount, memo=memo,
-                      override_reason=override_reason), idempotency_key=idempotency_key)
+        request = _validate(TransferRequest, from_account=from_account, to_account=to_account, amount=amount,
+                            memo=memo, override_reason=override_reason)
+        if override_reason is None:   # one coroutine less on the hot path
+            return await self._transfer(request, idempotency_key)
+        return await self.transfer_request(request, idempotency_key=idempotency_key)
 
     async def transfer_request(self, request: TransferRequest, *, idempotency_key: str | None = None) -> Transfer:
         with _override(request.override_reason):
@@ -716,7 +743,9 @@ class Engine:
                       TransferCredit(from_account=request.from_account, amount=request.amount, memo=request.memo),
                       NO_SKIP)]
             result = await self._run_steps(steps, render, idempotency, correlation_id=transfer_id,
-                                           outbox=ledger.transfer_events)
+                                           outbox=ledger.transfer_events, now=now)
+            if self._merge_due(request.to_account) is None:
+                return result
             return _with_merge(result, await self._after_credit(request.to_account))
 
         return await self._idempotent(idempotency_key, ("transfer", None, request), Transfer, run)
@@ -801,19 +830,26 @@ class Engine:
             idempotency_key, ("merge", portfolio_id, ForkRequest()), GrowthOperation,
             lambda idempotency: self._merge(portfolio_id, idempotency, force=True))
 
+    def _merge_due(self, account_id: str) -> str | None:
+        """The forked unit a credit to `account_id` may have to merge (None: no merge
+        check is needed, the common case, decided without a coroutine)."""
+        entry = self.registry.peek(account_id)
+        if entry is None or entry.actor.committed.portfolio_depth == 0:
+            return None
+        return entry.actor.committed.portfolio_id
+
     async def _after_credit(self, account_id: str) -> GrowthOperation | None:
         """The merge check that follows every credit to an account of a forked unit; it
         completes before the credit is answered, so a caller sees the merge it caused
         (returned, for the credit's reply)."""
-        entry = self.registry.peek(account_id)
-        if entry is None or entry.actor.committed.portfolio_depth == 0:
+        portfolio_id = self._merge_due(account_id)
+        if portfolio_id is None:
             return None
-        reset = OPERATION.set(("merge.automatic", entry.actor.committed.portfolio_id))
+        reset = OPERATION.set(("merge.automatic", portfolio_id))
         try:
-            return await self._merge(entry.actor.committed.portfolio_id, None, force=False)
+            return await self._merge(portfolio_id, None, force=False)
         except EngineError as error:
-            log.warning("merge check of %s after a credit failed: %s", entry.actor.committed.portfolio_id,
-                        error.message)
+            log.warning("merge check of %s after a credit failed: %s", portfolio_id, error.message)
             return None
         finally:
             OPERATION.reset(reset)

@@ -86,10 +86,12 @@ class IdempotencyKeys:
             recent.popitem(last=False)
 
     async def run(self, key: str, fingerprint: str, result_type: type[T],
-                  run: Callable[[KeyClaim], Awaitable[T]], *, bounded: Callable[[Awaitable[T]], Awaitable[T]]) -> T:
+                  run: Callable[[KeyClaim], Awaitable[T]]) -> T:
         """Runs `run(claim)` at most once per key: a retry while the first is in flight
         waits for its outcome; a retry after it committed gets the stored result (also
-        after a restart); the same key with another request is refused."""
+        after a restart); the same key with another request is refused. The caller bounds
+        the wait (the engine's operation deadline): a timed-out wait is a cancellation
+        here, which settles an unattached claim like any failure."""
         claim = self.in_flight.get(key)
         if claim is not None:
             if claim.fingerprint != fingerprint:
@@ -99,7 +101,7 @@ class IdempotencyKeys:
             if claim.waiters is None:
                 claim.waiters = []
             claim.waiters.append(waiter)
-            return await self._answer(key, fingerprint, result_type, bounded(waiter))
+            return await self._answer(key, fingerprint, result_type, waiter)
         if key in self.recent:
             # Most likely a retry of a committed operation: answer it from the key table
             # rather than deciding it again.
@@ -109,7 +111,7 @@ class IdempotencyKeys:
         claim = KeyClaim(self, key, fingerprint)
         self.in_flight[key] = claim
         try:
-            result = await bounded(run(claim))
+            result = await run(claim)
         except BaseException as error:
             if not claim.attached:   # no operation carries the key: nothing else settles it
                 claim.settle(None, error)

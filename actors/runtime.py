@@ -26,7 +26,7 @@ import collections
 import logging
 import sys
 import threading
-from typing import Any
+from typing import Any, Callable
 
 import pykka
 from pykka import ActorDeadError, ActorRegistry, messages
@@ -167,18 +167,26 @@ class PooledActor(pykka.Actor):
         self.actor_inbox.put(message)    # bare: `_handle_envelope` tells it from pykka's envelopes
         return True
 
-    def deliver_now(self, message: Any) -> bool:
+    def deliver_now(self, message: Any, handler: Callable[[Any], None] | None = None) -> bool:
         """`deliver`, but an idle actor (nothing in its mailbox, not running, not waiting
         its turn) handles `message` at once, on the loop, instead of going through the
         ready queue: the same one-message-at-a-time handling, minus a scheduling round.
-        The writer tells the actors what committed this way."""
+        The writer tells the actors what committed this way. `handler(message)`, if
+        given, is what `on_receive` would call for it: handled at once, the message skips
+        the dispatch (an exception still fails the actor, as from `on_receive`)."""
         inbox = self.actor_inbox
         if inbox._scheduled or inbox._items or self.stopped or self._needs_setup:
             return self.deliver(message)
         with inbox._lock:   # a message told from another thread meanwhile waits its turn
             inbox._scheduled = True
         try:
-            self._handle_envelope(message)
+            if handler is None:
+                self._handle_envelope(message)
+            else:
+                try:
+                    handler(message)
+                except Exception:
+                    self._fail_on(message)
         finally:
             if self.stopped:
                 self._teardown()
@@ -216,6 +224,14 @@ class PooledActor(pykka.Actor):
         # Fairness: let other ready actors run before this one's next slice.
         self._pool.schedule(self)
 
+    def _fail_on(self, message: Any) -> None:
+        """An exception escaped the handling of `message`: what `_handle_envelope` does."""
+        self._handle_failure(*sys.exc_info())
+        try:
+            self.on_failure(*sys.exc_info())
+        except Exception:  # noqa: BLE001
+            self._handle_failure(*sys.exc_info())
+
     def _handle_envelope(self, envelope: Any) -> None:
         """`envelope` is pykka's (from `ActorRef.tell`/`ask`) or a bare message of ours
         (`deliver`): a bare one goes straight to `on_receive`, as pykka would send it."""
@@ -232,11 +248,7 @@ class PooledActor(pykka.Actor):
             if reply_to is not None:
                 reply_to.set_exception()
             else:
-                self._handle_failure(*sys.exc_info())
-                try:
-                    self.on_failure(*sys.exc_info())
-                except Exception:  # noqa: BLE001
-                    self._handle_failure(*sys.exc_info())
+                self._fail_on(envelope)
         except BaseException:  # noqa: BLE001
             self._stop()
             ActorRegistry.stop_all()

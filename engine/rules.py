@@ -259,7 +259,17 @@ def _decide(account: Account, command: Command, *, transaction_id: str, now: dat
             memo=memo, counterparty_account_id=counterparty, correlation_id=correlation_id,
             effective_date=effective or today, created_at=now))]
 
-    match command:
+    match command:   # transfers first: the most frequent commands
+        case TransferDebit(to_account=target, amount=amount, memo=memo, override=override):
+            _require_active(account)
+            if not override:
+                _require_withdrawable(account, rules)
+            _require_funds(account, amount)
+            return leg("transfer", "debit", amount, memo, counterparty=target)
+        case TransferCredit(from_account=source, amount=amount, memo=memo):
+            _require_active(account)
+            _require_room(account, amount)
+            return leg("transfer", "credit", amount, memo, counterparty=source)
         case Deposit(amount=amount, memo=memo):
             _require_active(account)
             _require_room(account, amount)
@@ -279,16 +289,6 @@ def _decide(account: Account, command: Command, *, transaction_id: str, now: dat
             else:
                 _require_funds(account, amount)
             return leg(kind, direction, amount, memo, effective=effective)
-        case TransferDebit(to_account=target, amount=amount, memo=memo, override=override):
-            _require_active(account)
-            if not override:
-                _require_withdrawable(account, rules)
-            _require_funds(account, amount)
-            return leg("transfer", "debit", amount, memo, counterparty=target)
-        case TransferCredit(from_account=source, amount=amount, memo=memo):
-            _require_active(account)
-            _require_room(account, amount)
-            return leg("transfer", "credit", amount, memo, counterparty=source)
         case Rename(name=name):
             if account.status in TERMINAL_STATUSES:
                 raise refuse("account_not_active", f"account is {account.status}", account_id=account.id)

@@ -1,6 +1,6 @@
 """One keyed-transfer run, printed as one line: the quickest A/B of the operation path.
 
-    .venv/bin/python -m perf.keyed [--seconds 10] [--callers 64] [--no-database]
+    .venv/bin/python -m perf.keyed [--seconds 10] [--callers 64] [--no-database] [--unkeyed]
 
 A fresh embedded PostgreSQL, an in-process `Engine`, 1,000 funded accounts, then
 `--callers` closed-loop callers each sending `Engine.transfer` with its own uuid
@@ -28,7 +28,7 @@ ACCOUNTS = 1_000
 FUNDS = 10 ** 9
 
 
-async def run(url: str, pgdata: str, seconds: float, callers: int, no_database: bool) -> dict:
+async def run(url: str, pgdata: str, seconds: float, callers: int, no_database: bool, keyed: bool = True) -> dict:
     from actors.api import Engine
     from actors.settings import load_settings
     from persistence import store
@@ -56,7 +56,7 @@ async def run(url: str, pgdata: str, seconds: float, callers: int, no_database: 
             while time.perf_counter() < end:
                 a, b = rng.sample(ids, 2)
                 started = time.perf_counter()
-                await engine.transfer(a, b, rng.randint(1, 100), idempotency_key=uuid.uuid4().hex)
+                await engine.transfer(a, b, rng.randint(1, 100), idempotency_key=uuid.uuid4().hex if keyed else None)
                 latencies.append(time.perf_counter() - started)
 
         await asyncio.gather(*(caller() for _ in range(callers)))
@@ -86,12 +86,13 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--callers", type=int, default=64)
     parser.add_argument("--no-database", action="store_true", help="a 1 ms sleep instead of each batch's statement")
+    parser.add_argument("--unkeyed", action="store_true", help="transfers without an idempotency key")
     args = parser.parse_args()
     database = Database()
     try:
         database.start()
         url = database.create("keyed")
-        result = run_async(run(url, database.pgdata, args.seconds, args.callers, args.no_database))
+        result = run_async(run(url, database.pgdata, args.seconds, args.callers, args.no_database, not args.unkeyed))
     finally:
         database.close()
     print(" ".join(f"{key} {value}" for key, value in result.items()), flush=True)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -197,6 +198,7 @@ class Writer:
         self._last_connect_attempt = 0.0
         self._task: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
         self._connect_lock = asyncio.Lock()
         self.batches = 0
         self.operations = 0
@@ -224,6 +226,7 @@ class Writer:
     # -- lifecycle -------------------------------------------------------------------
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         await self.ensure_connection()
         self._task = asyncio.create_task(self._run(), name="alluse-writer")
 
@@ -240,8 +243,10 @@ class Writer:
     # -- submission ------------------------------------------------------------------
     def submit(self, op: "WriteOp | ReloadOp | PurgeKeysOp | FlagOp") -> None:
         """Hands `op` to the writer: at once from the writer's loop (where the actors run),
-        thread-safe from anywhere else (one loop wake-up moves all that arrived meanwhile)."""
-        if asyncio._get_running_loop() is self._loop:
+        thread-safe from anywhere else (one loop wake-up moves all that arrived meanwhile).
+        The loop's thread is told by its id: `asyncio._get_running_loop()` costs a
+        getpid() system call, once per operation."""
+        if threading.get_ident() == self._loop_thread:
             self.enqueue(op)
             return
         self._inbox.append(op)
@@ -549,13 +554,17 @@ class Writer:
         # whole batch left), callers second: a caller that reads after its reply is
         # queued behind the news in the account's mailbox. Both wait one loop turn, so
         # that the next batch is sent before this one's callers run.
-        resolutions: dict[str, Resolution] = defaultdict(Resolution)
-        states = batch.updates
+        resolutions: dict[str, Resolution] = {}
         for op in ops:
             for account_id in op.accounts:
-                resolution = resolutions[account_id]
-                resolution.committed_op_ids.append(op.op_id)
-                resolution.state = states.get(account_id) or batch.inserts.get(account_id)
+                resolution = resolutions.get(account_id)
+                if resolution is None:
+                    resolution = resolutions[account_id] = Resolution([op.op_id])
+                else:
+                    resolution.committed_op_ids.append(op.op_id)
+        states, inserts = batch.updates, batch.inserts
+        for account_id, resolution in resolutions.items():
+            resolution.state = states.get(account_id) or inserts.get(account_id)
         self._deliveries.append((resolutions, ops))
         if not self._deliver_pending:
             self._deliver_pending = True
