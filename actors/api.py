@@ -46,15 +46,17 @@ from actors.account import (
 )
 from actors.supervisor import STANDALONE, ChildFailed, Release, RestartPolicy, Restarted, Supervisor, \
     SupervisorHooks
+from actors.admission import Admission
 from actors.idempotency import IdempotencyKeys, KeyClaim
 from actors.ids import new_id, next_op_id
 from actors.metrics import Metrics
 from actors.registry import Registry
+from actors.risk import DrawdownFlags
 from actors.runtime import ActorPool
 from actors.settings import Settings, load_settings
 from persistence.embedded import EmbeddedServer
 from persistence.store import Store
-from persistence.writer import AuditEntry, FlagOp, PurgeKeysOp, Writer, WriteOp
+from persistence.writer import AuditEntry, PurgeKeysOp, Writer, WriteOp
 from engine.audit import EMBEDDED, SCHEDULER, AuditContext
 from actors.security import Security
 from actors.webhooks import Webhooks
@@ -78,8 +80,6 @@ RECENT_KEYS_MAX = 100_000
 NO_SKIP: frozenset[str] = frozenset()
 REINVEST_SKIPS = frozenset({"already_reinvested", "account_not_active", "quarter_before_opening"})
 SHUTDOWN_DRAIN_S = 10.0
-# Tasks checking queued drawdown flags at once (`Engine._queue_drawdown_check`).
-DRAWDOWN_CHECKERS = 2
 DATABASE_START_WAIT_S = 30.0
 
 
@@ -162,7 +162,6 @@ class Engine:
         self.clock = clock
         self.metrics = Metrics()
         self.rules = self.settings.rules
-        self.ready = False
         self.database_url: str | None = None
         self._embedded: EmbeddedServer | None = None
         self.store: Store | None = None
@@ -170,13 +169,12 @@ class Engine:
         self.registry: Registry | None = None
         self._pool: ActorPool | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._in_flight = 0
+        # Whether an operation is taken now, and how long its caller waits (`actors/admission.py`).
+        self.admission = Admission(in_flight_max=self.settings.engine.operations_in_flight_max,
+                                   timeout_s=self.settings.engine.operation_timeout_s)
         # Idempotency keys in flight and committed lately (`actors/idempotency.py`).
         self.keys = IdempotencyKeys(lookup=lambda key: self.store.idempotent_response(key), mark_replayed=_mark_replayed,
                                     recent_max=RECENT_KEYS_MAX)
-        # Operation deadlines, oldest first, and the one timer that expires them (`_bounded`).
-        self._deadlines: collections.deque[list] = collections.deque()
-        self._deadline_timer: asyncio.TimerHandle | None = None
         self._maintenance: asyncio.Task | None = None
         self._hooks: AccountActorHooks | None = None
         self.supervisors: dict[str, Any] = {}
@@ -188,19 +186,20 @@ class Engine:
         self._background: set[asyncio.Task] = set()
         self._scheduled_quarter: str | None = None
         self._gc_threshold: tuple[int, ...] | None = None
-        self._drawdown_flags: dict[str, float] = {}
         self._portfolios: collections.OrderedDict[str, Portfolio] = collections.OrderedDict()
-        self._flag_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
-        # Accounts whose drawdown flag is to be checked (an ordered set), and the tasks
-        # checking them (`_queue_drawdown_check`).
-        self._drawdown_due: dict[str, None] = {}
-        self._drawdown_checkers = 0
+        # The live drawdown_breach flags (`actors/risk.py`).
+        self.risk = DrawdownFlags(self)
         # Tokens and the audit log (`engine.security.create_token(...)`, `.verify_audit()`).
         self.security = Security(self)
         # Webhook endpoints and their delivery (`engine.webhooks.create(url=...)`).
         self.webhooks = Webhooks(self)
         # The database's supervisor and the one-writer fence (issue 14).
         self.availability = Availability(self)
+
+    @property
+    def ready(self) -> bool:
+        """Started and not stopping: operations are admitted."""
+        return self.admission.open
 
     # -- lifecycle -------------------------------------------------------------------
     async def __aenter__(self) -> "Engine":
@@ -231,7 +230,7 @@ class Engine:
         self.writer = Writer(self.store, batch_size_max=settings.batch_size_max, queue_max=settings.write_queue_max,
                              notify=self._notify_resolved, metrics=self.metrics,
                              batch_wait_s=settings.batch_wait_ms / 1000, on_commit=self._signal_commit,
-                             in_flight=lambda: self._in_flight)
+                             in_flight=lambda: self.admission.in_flight)
         self.availability.attach(self.writer, writer_connection)
         await self.writer.start()
         self._pool = ActorPool(self._loop, name="account")
@@ -248,15 +247,15 @@ class Engine:
             release=lambda account_id: self._loop.call_soon_threadsafe(self.registry.quarantined.pop, account_id,
                                                                        None))
         self.metrics.resident_actors.set_function(lambda: len(self.registry))
-        self.metrics.operations_in_flight.set_function(lambda: self._in_flight)
+        self.metrics.operations_in_flight.set_function(lambda: self.admission.in_flight)
         self.metrics.write_queue_depth.set_function(lambda: self.writer.queue.qsize())
-        self._drawdown_flags = await self.store.risk_flags()
+        await self.risk.load()
         self.keys.load(await self.store.recent_keys(RECENT_KEYS_MAX))
         await self.security.load()
-        self.metrics.drawdown_breaches.set_function(lambda: len(self._drawdown_flags))
+        self.metrics.drawdown_breaches.set_function(lambda: len(self.risk.flags))
         self._maintenance = asyncio.create_task(self._maintain(), name="alluse-maintenance")
         self._tune_gc()
-        self.ready = True
+        self.admission.start(self._loop)
         await self.webhooks.start()
         self.availability.start()
         log.info("engine ready")
@@ -296,14 +295,14 @@ class Engine:
     async def stop(self) -> None:
         """Graceful: stop admitting, let operations in flight finish (bounded), flush the
         writer, stop the actors, close the database."""
-        self.ready = False
+        self.admission.open = False
         await self.availability.stop()
         await self.webhooks.stop()
         if self._maintenance is not None:
             self._maintenance.cancel()
             self._maintenance = None
         deadline = self._loop.time() + SHUTDOWN_DRAIN_S if self._loop else 0
-        while self._in_flight and self._loop.time() < deadline:
+        while self.admission.in_flight and self._loop.time() < deadline:
             await asyncio.sleep(0.01)
         if self.writer is not None:
             await self.writer.stop()
@@ -458,62 +457,6 @@ class Engine:
                 del self.supervisors[supervisor_id]
 
     # -- admission, idempotency, timeouts --------------------------------------------
-    def _admit(self) -> None:
-        if not self.ready:
-            raise Unavailable("the engine is not running", code="not_ready")
-        if self._in_flight >= self.settings.engine.operations_in_flight_max:
-            raise Overloaded("too many operations in flight; retry shortly",
-                             {"operations_in_flight_max": self.settings.engine.operations_in_flight_max})
-
-    async def _bounded(self, awaitable: Awaitable[T]) -> T:
-        """Waits at most `operation_timeout_s` (a keyed operation goes on after the wait
-        ends: its key stays in flight until it resolves).
-
-        Like `asyncio.timeout`, but every operation has the same timeout, so deadlines
-        come in order: one deque and one timer for all of them instead of a timer handle
-        per operation (`_expire_deadlines` cancels the overdue ones)."""
-        deadline = self._deadline_start()
-        try:
-            return await awaitable
-        except asyncio.CancelledError:
-            self._deadline_missed(deadline)
-            raise
-        finally:
-            self._deadline_end(deadline)
-
-    def _deadline_start(self) -> list:
-        """The deadline of the task running now: [when, task, its cancel count, expired]."""
-        task = asyncio.current_task(self._loop)   # without a loop it costs a getpid() system call
-        deadline = [self._loop.time() + self.settings.engine.operation_timeout_s, task, task.cancelling(), False]
-        self._deadlines.append(deadline)
-        if self._deadline_timer is None:
-            self._deadline_timer = self._loop.call_at(deadline[0], self._expire_deadlines)
-        return deadline
-
-    @staticmethod
-    def _deadline_missed(deadline: list) -> None:
-        """A cancellation that is the deadline's own becomes `operation_timeout`."""
-        if deadline[3] and deadline[1].uncancel() <= deadline[2]:
-            raise Unavailable("the operation did not finish in time; retry with the same idempotency key",
-                              code="operation_timeout") from None
-
-    def _deadline_end(self, deadline: list) -> None:
-        deadline[1] = None
-        deadlines = self._deadlines
-        while deadlines and deadlines[0][1] is None:
-            deadlines.popleft()
-
-    def _expire_deadlines(self) -> None:
-        self._deadline_timer = None
-        deadlines, now = self._deadlines, self._loop.time()
-        while deadlines and (deadlines[0][1] is None or deadlines[0][0] <= now):
-            deadline = deadlines.popleft()
-            if deadline[1] is not None:
-                deadline[3] = True
-                deadline[1].cancel()
-        if deadlines:
-            self._deadline_timer = self._loop.call_at(deadlines[0][0], self._expire_deadlines)
-
     async def _idempotent(self, key: str | None, request: tuple[str, str | None, msgspec.Struct],
                           result_type: type[T], run: Callable[[KeyClaim | None], Awaitable[T]]) -> T:
         """Admits the operation and runs `run` within the operation timeout, at most once
@@ -522,20 +465,21 @@ class Engine:
         restart); the same key with another request (operation, target, body) is refused."""
         if key is not None and (not isinstance(key, str) or not 1 <= len(key) <= limits.IDEMPOTENCY_KEY_LENGTH_MAX):
             raise ValidationFailed("the idempotency key must be 1 to 200 characters", {"field": "Idempotency-Key"})
-        self._admit()
+        admission = self.admission
+        admission.admit()
         reset = OPERATION.set((request[0], request[1] or getattr(request[2], "from_account", None)))
-        self._in_flight += 1
-        deadline = self._deadline_start()   # `_bounded`, inline: one coroutine less per operation
+        admission.in_flight += 1
+        deadline = admission.deadline()   # `admission.bounded`, inline: one coroutine less per operation
         try:
             if key is None:
                 return await run(None)
             return await self.keys.run(key, _fingerprint(*request), result_type, run)
         except asyncio.CancelledError:
-            self._deadline_missed(deadline)
+            admission.missed(deadline)
             raise
         finally:
-            self._deadline_end(deadline)
-            self._in_flight -= 1
+            admission.done(deadline)
+            admission.in_flight -= 1
             OPERATION.reset(reset)
 
     async def _on_account(self, account_id: str, command, render, idempotency, *, transaction_id=None,
@@ -607,13 +551,13 @@ class Engine:
         """The committed state, from the resident actor (reads keep working while the
         database is down) or activated from the database."""
         self._check_id(account_id)
-        self._admit()
+        self.admission.admit()
         entry = await self.registry.acquire(account_id)
         try:
             future = self._loop.create_future()
             if not self.registry.tell(account_id, Read(Reply(self._loop, future))):
                 raise Unavailable("the account actor stopped; retry", code="account_restarting")
-            return await self._bounded(future)
+            return await self.admission.bounded(future)
         finally:
             self.registry.release(entry)
 
@@ -693,9 +637,7 @@ class Engine:
         command = BookTrade(kind=request.kind, amount=request.amount, memo=request.memo,
                             effective_date=request.effective_date)
         result = await self._single_leg("trade", account_id, request, command, idempotency_key)
-        if request.kind != "premium" or account_id in self._drawdown_flags:
-            # Only a loss or a fee can deepen a drawdown; a premium can end a breach.
-            self._queue_drawdown_check(account_id)
+        self.risk.after_trade(account_id, request.kind)
         return result
 
     async def _single_leg(self, operation: str, account_id: str, request, command, idempotency_key) -> Transaction:
@@ -875,9 +817,7 @@ class Engine:
             finally:
                 # Merged (or perhaps merged: a failed commit may have landed): re-read it.
                 self._portfolios.pop(unit.id, None)
-        for account_id in unit.account_ids:
-            if account_id in self._drawdown_flags:  # a merged account's flag goes
-                self._queue_drawdown_check(account_id)
+        self.risk.after_merge(unit.account_ids)
         return result
 
     async def _run_merge(self, unit: Portfolio, root: Portfolio, idempotency) -> GrowthOperation:
@@ -986,9 +926,9 @@ class Engine:
             required_return=self.settings.analytics.required_return, portfolio_balance=portfolio_balance, unit=unit,
             siblings=siblings)
         flagged = "drawdown_breach" in result.risk.flags if weeks is None else None
-        if flagged is not None and flagged != (account_id in self._drawdown_flags):
+        if flagged is not None and flagged != (account_id in self.risk.flags):
             # The live flag disagrees (history imported, or a check still queued): settle it.
-            await self._check_drawdown(account_id)
+            await self.risk.check(account_id)
         return result
 
     async def portfolio_analytics(self, portfolio_id: str, *, weeks: int | None = None) -> analytics.PortfolioAnalytics:
@@ -1006,66 +946,9 @@ class Engine:
             weeks=weeks, rules=self.rules, risk_free_rate=self.settings.analytics.risk_free_rate,
             required_return=self.settings.analytics.required_return, moved=moved)
 
-    def _queue_drawdown_check(self, account_id: str) -> None:
-        """Checks the account's drawdown flag soon, after what has been booked so far.
-        Queued accounts are checked by at most DRAWDOWN_CHECKERS tasks, each account once
-        however many losses and fees it took meanwhile (a check reads the whole committed
-        ledger): a task per trade let the checks' ledger reads crowd the connection pool
-        and PostgreSQL while the strategy engine booked at full speed, and operators'
-        reads waited behind them (the ALL-USE week: p99 of portfolio reads over HTTP ~1 s)."""
-        self._drawdown_due[account_id] = None
-        if self._drawdown_checkers < DRAWDOWN_CHECKERS:
-            self._drawdown_checkers += 1
-            self._in_background(self._drawdown_checker())
-
-    async def _drawdown_checker(self) -> None:
-        try:
-            due = self._drawdown_due
-            while due:
-                account_id = next(iter(due))
-                del due[account_id]
-                try:
-                    await self._check_drawdown(account_id)
-                except Exception:  # noqa: BLE001 - a bug in one check must not strand the queue
-                    log.exception("drawdown check of %s failed", account_id)
-        finally:
-            self._drawdown_checkers -= 1
-
-    async def _check_drawdown(self, account_id: str) -> None:
-        """Keeps the live `drawdown_breach` flag of one account: set (with one event) when
-        its current drawdown over its whole history reaches the type's limit, cleared
-        (with one event) when it is back under it or the account is closed or merged.
-        Reads the ledger inside the account's lock, so checks never act on stale data."""
-        lock = self._flag_locks.get(account_id)
-        if lock is None:
-            lock = self._flag_locks[account_id] = asyncio.Lock()
-        try:
-            async with lock:
-                account = await self.get_account(account_id)
-                ledger = await self.store.analytics_weeks([account_id])
-                drawdown = analytics.current_drawdown(ledger[account_id], self.clock().date())
-                limit = self.rules.drawdown_limit_bps.get(account.type, 0) / 10_000
-                breached = account.status not in ("closed", "merged") and analytics.breached(drawdown, limit)
-                if breached == (account_id in self._drawdown_flags):
-                    return
-                # Through the writer, the only writer: the flag and its event commit in order
-                # with the batches around them.
-                future = self._loop.create_future()
-                self.writer.submit(FlagOp(account_id, account.portfolio_id, breached, drawdown, limit, self.clock(),
-                                          Reply(self._loop, future).done_on_loop))
-                await future
-                if breached:
-                    self._drawdown_flags[account_id] = drawdown
-                else:
-                    self._drawdown_flags.pop(account_id, None)
-                self._signal_commit()
-        except EngineError as error:
-            log.warning("drawdown check of %s failed: %s (the account's next loss or fee checks it again)",
-                        account_id, error.message)
-
     def drawdown_breaches(self) -> dict[str, float]:
         """Accounts whose drawdown_breach flag is set, with the drawdown that set it."""
-        return dict(self._drawdown_flags)
+        return self.risk.breaches()
 
     # -- events ------------------------------------------------------------------------
     async def events_page(self, *, after: int = 0, limit: int = limits.PAGE_SIZE_DEFAULT,
@@ -1174,7 +1057,7 @@ class Engine:
             "database_healthy": self.writer.healthy,
             "resident_accounts": len(self.registry),
             "resident_accounts_max": self.registry.resident_max,
-            "operations_in_flight": self._in_flight,
+            "operations_in_flight": self.admission.in_flight,
             "write_queue_depth": self.writer.queue.qsize(),
             "batches_committed": self.writer.batches,
             "operations_committed": self.writer.operations,

@@ -492,7 +492,7 @@ class Availability:
         # keys to it as they commit (after this read).
         for key in await engine.store.recent_keys(keys.recent_max):
             keys.remember(key)
-        engine._drawdown_flags = await engine.store.risk_flags()
+        await engine.risk.load()
         await engine.security.load()
         log.info("re-read committed state: %d idle accounts passivated (they load again on use), %d recent "
                  "idempotency keys, tokens and drawdown flags", passivated, len(keys.recent))

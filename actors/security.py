@@ -236,7 +236,7 @@ class Security:
     async def _write(self, context: AuditContext, action: str, target: str | None, details: dict, *,
                      outcome: str = "committed", tokens: tuple = (), revocations: tuple = ()) -> None:
         engine = self.engine
-        engine._admit()
+        engine.admission.admit()
         future = engine._loop.create_future()
         entry = AuditEntry(context=context, action=action, target=target, outcome=outcome, details=details)
 
@@ -249,7 +249,7 @@ class Security:
 
         engine.writer.enqueue(WriteOp(op_id=next_op_id(), accounts=(), done=done, audit=entry, tokens=tokens,
                                       revocations=revocations))
-        await engine._bounded(future)
+        await engine.admission.bounded(future)
 
 
 def _check_text(field: str, value, length_max: int) -> None:

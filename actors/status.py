@@ -54,7 +54,7 @@ async def supervisor_tree(engine) -> dict:
         "quarantined": quarantined,
         "restarts_total": sum(sum(s["restarts"].values()) for s in snapshots),
         "mailbox_depth_max": max((e.actor.mailbox_depth() for e in engine.registry.resident.values()), default=0),
-        "operations_in_flight": engine._in_flight,
+        "operations_in_flight": engine.admission.in_flight,
         "write_queue_depth": engine.writer.queue.qsize(),
         "database_healthy": engine.writer.healthy,
         "restart_policy": {"restarts_max": engine._policy.restarts_max, "window_s": engine._policy.window_s},

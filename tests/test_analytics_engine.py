@@ -24,7 +24,8 @@ import pytest
 import pytest_asyncio
 from aiohttp.test_utils import TestClient, TestServer
 
-from actors.api import DRAWDOWN_CHECKERS, Engine
+from actors.api import Engine
+from actors.risk import CHECKERS as DRAWDOWN_CHECKERS
 from actors.settings import load_settings
 from engine import analytics
 from engine.analytics import Entry
@@ -388,7 +389,7 @@ async def test_drawdown_checks_are_queued_coalesced_and_bounded(service):
     await settled(engine)
     running = peak = 0
     checked: list[str] = []
-    original = engine._check_drawdown
+    original = engine.risk.check
 
     async def counting(account_id: str) -> None:
         nonlocal running, peak
@@ -400,7 +401,7 @@ async def test_drawdown_checks_are_queued_coalesced_and_bounded(service):
         finally:
             running -= 1
 
-    engine._check_drawdown = counting
+    engine.risk.check = counting
     await asyncio.gather(*(engine.book_trade(rev, kind="loss", amount=balance * 12 // 100,
                                              effective_date=opened + timedelta(weeks=3))
                            for rev, balance, opened in revs))
@@ -412,7 +413,7 @@ async def test_drawdown_checks_are_queued_coalesced_and_bounded(service):
     assert 1 <= peak <= DRAWDOWN_CHECKERS
     checked.clear()
     for _ in range(5):
-        engine._queue_drawdown_check(revs[0][0])
+        engine.risk.queue(revs[0][0])
     await settled(engine)
     assert checked == [revs[0][0]]
     assert len(await drawdown_events(engine, revs[0][0])) == 1   # still breached: no new event
@@ -427,12 +428,12 @@ async def test_a_drawdown_check_that_fails_unexpectedly_does_not_strand_the_queu
         if account_id != "acc_third":   # both checkers meet a failing check first
             raise RuntimeError("a bug in a check")
 
-    engine._check_drawdown = flaky
+    engine.risk.check = flaky
     for account_id in ("acc_first", "acc_second", "acc_third"):
-        engine._queue_drawdown_check(account_id)
+        engine.risk.queue(account_id)
     await settled(engine)
     assert checked == ["acc_first", "acc_second", "acc_third"]
-    assert engine._drawdown_checkers == 0 and not engine._drawdown_due
+    assert engine.risk.checkers == 0 and not engine.risk.due
 
 
 async def test_the_flag_survives_a_restart_of_the_engine(database_url):
