@@ -19,7 +19,6 @@ import hashlib
 import logging
 import threading
 import weakref
-import time
 from datetime import date, datetime, timezone
 from typing import Any, Awaitable, Callable, TypeVar
 
@@ -27,7 +26,7 @@ import msgspec
 
 from engine import limits
 from engine.errors import (
-    EngineError, IdempotencyKeyReused, KeyCommitted, NotFound, Overloaded, Refused, Unavailable, ValidationFailed,
+    EngineError, NotFound, Overloaded, Refused, Unavailable, ValidationFailed,
 )
 from engine.model import (
     Account, BookTrade, Close, Deposit, Fork, Growth, GrowthOperation, Portfolio, PortfolioOpened, Reinvest,
@@ -44,8 +43,8 @@ from actors.account import (
     AccountActor, AccountActorHooks, Decided, InjectFault, Operation, Read, ReloadIfStale, Reply, Resolved,
     Step,
 )
-from actors.supervisor import STANDALONE, ChildFailed, Release, RestartPolicy, Restarted, Supervisor, \
-    SupervisorHooks
+from actors.supervision import Supervision
+from actors.supervisor import STANDALONE
 from actors.admission import Admission
 from actors.idempotency import IdempotencyKeys, KeyClaim
 from actors.ids import new_id, next_op_id
@@ -177,9 +176,8 @@ class Engine:
                                     recent_max=RECENT_KEYS_MAX)
         self._maintenance: asyncio.Task | None = None
         self._hooks: AccountActorHooks | None = None
-        self.supervisors: dict[str, Any] = {}
-        self._supervisor_hooks: SupervisorHooks | None = None
-        self._failed_at: dict[str, float] = {}
+        # The supervisor actors and what they decide (`actors/supervision.py`).
+        self.supervision = Supervision(self)
         # One merge at a time per unit; a lock lives while someone holds or awaits it.
         self._merge_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._commit_signal: asyncio.Event | None = None
@@ -237,15 +235,9 @@ class Engine:
         self.registry = Registry(load=self.store.load_account, spawn=self._spawn,
                                  resident_max=settings.resident_accounts_max, metrics=self.metrics)
         self._hooks = AccountActorHooks(submit=self.writer.submit, is_poisoned=self.writer.poisoned.__contains__,
-                                        self_tell=self._tell_from_any_thread, on_failed=self._actor_failed,
-                                        rules=self.rules)
-        self._policy = RestartPolicy(restarts_max=self.settings.supervision.restarts_max,
-                                     window_s=self.settings.supervision.window_s)
-        self._supervisor_hooks = SupervisorHooks(
-            restart=lambda account_id, _: self._loop.call_soon_threadsafe(self._restart, account_id),
-            quarantine=lambda account_id, why: self._loop.call_soon_threadsafe(self._quarantine, account_id, why),
-            release=lambda account_id: self._loop.call_soon_threadsafe(self.registry.quarantined.pop, account_id,
-                                                                       None))
+                                        self_tell=self._tell_from_any_thread,
+                                        on_failed=self.supervision.actor_failed, rules=self.rules)
+        self.supervision.start()
         self.metrics.resident_actors.set_function(lambda: len(self.registry))
         self.metrics.operations_in_flight.set_function(lambda: self.admission.in_flight)
         self.metrics.write_queue_depth.set_function(lambda: self.writer.queue.qsize())
@@ -310,9 +302,7 @@ class Engine:
             task.cancel()
         if self.registry is not None:
             self.registry.stop_all()
-        for ref in self.supervisors.values():
-            ref.stop(block=False)
-        self.supervisors.clear()
+        self.supervision.stop()
         if self._pool is not None:
             self._pool.stop()
             self._pool = None
@@ -336,7 +326,7 @@ class Engine:
                 for account_id in list(self.writer.poisoned):
                     self.registry.tell(account_id, ReloadIfStale())
             if ticks % SUPERVISOR_SWEEP_TICKS == 0:
-                self._passivate_idle_supervisors()
+                self.supervision.passivate_idle()
             if ticks % KEY_PURGE_TICKS == 0 and self.writer.healthy:
                 self._in_background(self.purge_expired_keys())
             if self.settings.engine.reinvest_schedule:
@@ -364,7 +354,7 @@ class Engine:
 
     # -- wiring ----------------------------------------------------------------------
     def _spawn(self, account: Account, restarted: bool = False):
-        self._supervisor(account.portfolio_id or STANDALONE)
+        self.supervision.supervisor_of(account.portfolio_id or STANDALONE)
         return AccountActor.start(self._pool, account, self._hooks, restarted=restarted)
 
     def _notify_resolved(self, resolutions) -> None:
@@ -403,58 +393,6 @@ class Engine:
             self._loop.call_soon(self.registry.tell, account_id, message)
         else:
             self._loop.call_soon_threadsafe(self.registry.tell, account_id, message)
-
-    # -- supervision -----------------------------------------------------------------
-    def _supervisor(self, supervisor_id: str):
-        ref = self.supervisors.get(supervisor_id)
-        if ref is None or not ref.is_alive():
-            ref = Supervisor.start(self._pool, supervisor_id, self._policy, self._supervisor_hooks)
-            self.supervisors[supervisor_id] = ref
-        return ref
-
-    def _actor_failed(self, account_id: str, ref: Any, error: BaseException | None) -> None:
-        """From the failed actor's thread (pykka's `on_failure`)."""
-        portfolio_id = ref.actor_inbox.actor.committed.portfolio_id
-        reason = f"{type(error).__name__}: {error}"[:300] if error is not None else "unknown"
-        log.error("account actor %s failed (%s); reporting to its supervisor", account_id, reason)
-        self.metrics.actor_failures.inc()
-        self._loop.call_soon_threadsafe(self._on_actor_failed, account_id, ref, portfolio_id, reason)
-
-    def _on_actor_failed(self, account_id: str, ref: Any, portfolio_id: str | None, reason: str) -> None:
-        self.registry.forget(account_id, ref)
-        self._failed_at[account_id] = time.monotonic()
-        self._supervisor(portfolio_id or STANDALONE).tell(ChildFailed(account_id, reason))
-
-    def _restart(self, account_id: str) -> None:
-        self._in_background(self._restart_now(account_id))
-
-    async def _restart_now(self, account_id: str) -> None:
-        try:
-            entry = await self.registry.restart(account_id)
-        except EngineError as error:
-            log.warning("restart of %s deferred to its next use: %s", account_id, error.message)
-            return
-        failed_at = self._failed_at.pop(account_id, None)
-        if failed_at is not None and entry is not None:
-            latency = time.monotonic() - failed_at
-            self.metrics.restart_latency.observe(latency)
-            self.metrics.restarts.inc()
-            self._supervisor(entry.actor.committed.portfolio_id or STANDALONE).tell(Restarted(account_id, latency))
-
-    def _quarantine(self, account_id: str, why: str) -> None:
-        log.error("account %s quarantined: %s", account_id, why)
-        self.metrics.quarantines.inc()
-        self.registry.quarantined[account_id] = why
-
-    def _passivate_idle_supervisors(self) -> None:
-        """A supervisor with no resident account and nothing to remember goes too."""
-        busy = {e.actor.committed.portfolio_id or STANDALONE for e in self.registry.resident.values()}
-        busy.add(STANDALONE)
-        for supervisor_id, ref in list(self.supervisors.items()):
-            if supervisor_id not in busy and not ref.actor_inbox.actor.quarantined \
-                    and not ref.actor_inbox.actor.recent:
-                ref.stop(block=False)
-                del self.supervisors[supervisor_id]
 
     # -- admission, idempotency, timeouts --------------------------------------------
     async def _idempotent(self, key: str | None, request: tuple[str, str | None, msgspec.Struct],
@@ -774,8 +712,9 @@ class Engine:
 
     def _merge_due(self, account_id: str) -> str | None:
         """The forked unit a credit to `account_id` may have to merge (None: no merge
-        check is needed, the common case, decided without a coroutine)."""
-        entry = self.registry.peek(account_id)
+        check is needed, the common case, decided without a coroutine). The account's
+        last committed state says: a unit's accounts never leave their unit."""
+        entry = self.registry.resident.get(account_id)
         if entry is None or entry.actor.committed.portfolio_depth == 0:
             return None
         return entry.actor.committed.portfolio_id
@@ -1006,11 +945,12 @@ class Engine:
 
     def release_quarantine(self, account_id: str) -> None:
         """An operator's decision: let a quarantined account work again."""
-        if account_id not in self.registry.quarantined:
-            raise NotFound("the account is not quarantined", {"account_id": account_id})
-        for ref in self.supervisors.values():
-            ref.tell(Release(account_id))
-        self.registry.quarantined.pop(account_id, None)
+        self.supervision.release(account_id)
+
+    @property
+    def supervisors(self) -> dict[str, Any]:
+        """Supervisor id -> the supervisor actor's ref."""
+        return self.supervision.supervisors
 
     async def supervisor_status(self) -> dict:
         """The supervision tree: each supervisor's accounts (running, passivated or

@@ -57,7 +57,8 @@ async def supervisor_tree(engine) -> dict:
         "operations_in_flight": engine.admission.in_flight,
         "write_queue_depth": engine.writer.queue.qsize(),
         "database_healthy": engine.writer.healthy,
-        "restart_policy": {"restarts_max": engine._policy.restarts_max, "window_s": engine._policy.window_s},
+        "restart_policy": {"restarts_max": engine.supervision.policy.restarts_max,
+                           "window_s": engine.supervision.policy.window_s},
         "webhooks": await engine.webhooks.status(),
     }
 

@@ -348,7 +348,7 @@ async def body_of(request: web.Request, request_type: type) -> Any:
     except msgspec.ValidationError as error:
         raise HttpError(422, "validation_failed", str(error), _validation_details(error)) from None
     except msgspec.DecodeError as error:
-        raise HttpError(400, "malformed_json", f"the body is not valid JSON: {error}") from None
+        raise HttpError(400, "malformed_json", f"the body is not valid JSON: {_decode_reason(error, raw)}") from None
     except UnicodeDecodeError:
         raise HttpError(400, "malformed_json", "the body is not valid UTF-8") from None
     repeated = hardening.duplicate_name(raw)
@@ -356,6 +356,19 @@ async def body_of(request: web.Request, request_type: type) -> Any:
         raise HttpError(400, "malformed_json", "the body repeats a member name; send each once",
                         {"field": repeated[:limits.NAME_LENGTH_MAX]})
     return body
+
+
+# A `\uD800`-`\uDBFF` escape (the first half of a UTF-16 surrogate pair).
+_HIGH_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abAB][0-9a-fA-F]{2}")
+
+
+def _decode_reason(error: msgspec.DecodeError, raw: bytes) -> str:
+    """msgspec's reason, except where it misleads: a lone high surrogate escape
+    (`"\ud800"`) in a complete body is reported as "Input data was truncated"."""
+    reason = str(error)
+    if reason == "Input data was truncated" and _HIGH_SURROGATE_ESCAPE.search(raw):
+        return "a \\u escape is half of a UTF-16 surrogate pair (send the pair, or the character as UTF-8)"
+    return reason
 
 
 class NoBody(msgspec.Struct, forbid_unknown_fields=True):

@@ -11,7 +11,6 @@ import argparse
 import os
 import subprocess
 import sys
-from dataclasses import asdict, replace
 
 from perf.common import HOST, ROOT, RunConfig, Service, Session, free_port, progress
 

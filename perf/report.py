@@ -11,7 +11,7 @@ from datetime import datetime
 from pathlib import Path
 
 from perf.common import OTHER_LOAD_WARNING_CORES, RESULTS_DIR, Result, fmt, machine_description, render_rows
-from perf.workloads import TRANSFERS, WORKLOADS, ZIPF_S
+from perf.workloads import TRANSFERS, WORKLOADS
 
 OTHER_LOAD_NOTE = "other processes used"   # the start of `perf.common.summarize`'s note
 MEDIAN_FIELDS = ("seconds", "per_second", "p50_ms", "p95_ms", "p99_ms", "max_ms", "avg_batch_size", "avg_commit_ms")

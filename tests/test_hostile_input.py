@@ -41,6 +41,21 @@ async def test_invalid_utf8_in_a_body_is_a_400(api, world):
     assert_error(reply, 400, "malformed_json")
 
 
+async def test_a_lone_surrogate_escape_is_named_and_nothing_is_booked(api, world):
+    """msgspec calls a lone high surrogate escape "truncated input"; the answer names it."""
+    before = await api.ok(f"/v1/accounts/{world.revenue['id']}")
+    reply = await api.post(f"/v1/accounts/{world.revenue['id']}/deposits", data=b'{"amount": 5, "memo": "\\ud800"}',
+                           headers=JSON_HEADERS, key=new_key())
+    assert_error(reply, 400, "malformed_json")
+    message = reply.body["error"]["message"]
+    assert "surrogate" in message and "truncated" not in message, message
+    reply = await api.post(f"/v1/accounts/{world.revenue['id']}/deposits", data=b'{"amount": 5',
+                           headers=JSON_HEADERS, key=new_key())
+    assert_error(reply, 400, "malformed_json")
+    assert "truncated" in reply.body["error"]["message"]   # a cut body still says so
+    assert (await api.ok(f"/v1/accounts/{world.revenue['id']}"))["balance"] == before["balance"]
+
+
 @pytest.mark.parametrize("raw", [
     b'{"amount": 1, "amount": 777}',
     b'{"amount":1,"memo":"x","amount":777}',
