@@ -101,12 +101,16 @@ class BatchWrite:
     updates: str = "[]"
     updates_expected: int = 0
     rare: tuple | None = None
+    # `args()`, once encoded (a batch built ahead of its turn is encoded ahead too).
+    encoded: tuple | None = None
 
     def args(self) -> tuple:
         """The parameters of `WRITE_BATCH`, or of `WRITE_BATCH_RARE` when `rare` is set."""
-        common = (self.updates, _json(self.keys), _json(self.entries), _json(self.events), self.payloads,
-                  _json(self.audit), self.updates_expected)
-        return common if self.rare is None else (*common, *self.rare)
+        if self.encoded is None:
+            common = (self.updates, _json(self.keys), _json(self.entries), _json(self.events), self.payloads,
+                      _json(self.audit), self.updates_expected)
+            self.encoded = common if self.rare is None else (*common, *self.rare)
+        return self.encoded
 
 
 @dataclass(slots=True)

@@ -210,6 +210,13 @@ class Writer:
         # Operations taken but not yet sent, and the statement in flight.
         self._waiting: collections.deque[WriteOp] = collections.deque()
         self._inflight: asyncio.Future | None = None
+        # The batch whose statement is in flight, the next batch built ahead on what it
+        # leaves (`_build_ahead`), and the last batch that committed.
+        self._sending: _Batch | None = None
+        self._ahead: _Batch | None = None
+        self._last_committed: _Batch | None = None
+        self.built_ahead = 0        # batches built ahead
+        self.ahead_discarded = 0    # ... that did not fit (their operations were rebuilt)
         # Committed batches whose actors and callers are answered on the next loop turn.
         self._deliveries: collections.deque = collections.deque()
         self._deliver_pending = False
@@ -280,6 +287,9 @@ class Writer:
                 log.exception("writer loop error; continuing")
                 ops = list(self._waiting)
                 self._waiting.clear()
+                if self._ahead is not None:
+                    ops[:0] = self._ahead.ops
+                    self._ahead = None
                 self._fail(ops, Unavailable("internal error in the writer; retry", code="write_failed"), poison=True)
 
     async def _run_once(self) -> bool:
@@ -314,19 +324,65 @@ class Writer:
         return not stopping
 
     def _advance(self) -> None:
-        """Sends the next batch if nothing is in flight."""
-        if self._inflight is None and self._waiting:
-            self._inflight = asyncio.ensure_future(self._commit_in_flight(self._take()))
+        """Sends the next batch if nothing is in flight; otherwise builds the next one
+        ahead once its cohort is complete."""
+        if self._inflight is None:
+            if self._waiting:
+                self._inflight = asyncio.ensure_future(self._commit_in_flight(self._take()))
+        elif self._ahead is None and self._sending is not None:
+            self._build_ahead()
 
-    def _take(self) -> list[WriteOp]:
-        """The next batch: up to `batch_size_max` operations, and at most half of those in
+    def _build_ahead(self) -> None:
+        """While a batch commits, the next one is built (coalesced, numbered, hash-chained
+        and encoded) as soon as a full cohort waits, on the heads the sending batch leaves:
+        its statement then goes out the moment the previous outcome arrives, instead of
+        ~0.3 ms later (decision 84). It is used only if that batch committed exactly as
+        built (`_fits`); otherwise its operations go back to the front of the queue."""
+        if self.poisoned or len(self._waiting) < self._limit():
+            return
+        sending = self._sending
+        ops = self._take()
+        batch = _Batch.of(ops, sending.head, sending.event_head)
+        batch.after = sending
+        batch.write.args()
+        self._ahead = batch
+        self.built_ahead += 1
+
+    def _fits(self, batch: "_Batch") -> bool:
+        """A batch built ahead fits if the batch it was built after is the last that
+        committed, nothing wrote since (a drawdown flag numbers an event), and none of its
+        accounts is poisoned."""
+        after = batch.after
+        return (self._last_committed is after and self._audit_head == after.head
+                and self._event_head == after.event_head
+                and not any(not self.poisoned.isdisjoint(op.accounts) for op in batch.ops))
+
+    def _take_ahead(self) -> "_Batch | None":
+        """The batch built ahead if it fits; else None, its operations queued first again."""
+        batch, self._ahead = self._ahead, None
+        if batch is None:
+            return None
+        fits = self._fits(batch)
+        batch.after = None   # no chain of batches kept alive
+        if fits:
+            return batch
+        self.ahead_discarded += 1
+        self._waiting.extendleft(reversed(batch.ops))
+        return None
+
+    def _limit(self) -> int:
+        """A batch's size: up to `batch_size_max` operations, and at most half of those in
         flight in the engine (`in_flight`, within COHORT_MIN..COHORT_MAX) so that cohorts
         form: one is decided while another commits."""
-        waiting = self._waiting
         limit = self.batch_size_max
         if self.in_flight is not None:
             limit = min(limit, COHORT_MAX, max(COHORT_MIN, (self.in_flight() + 1) // 2))
-        return [waiting.popleft() for _ in range(min(len(waiting), limit))]
+        return limit
+
+    def _take(self) -> list[WriteOp]:
+        """The operations of the next batch (`_limit`), oldest first."""
+        waiting = self._waiting
+        return [waiting.popleft() for _ in range(min(len(waiting), self._limit()))]
 
     async def _flush(self) -> None:
         """Sends everything taken so far and waits until it has committed (or failed)."""
@@ -343,11 +399,19 @@ class Writer:
         try:
             while True:
                 await self._commit(ops)
-                if not self._waiting:
+                ahead = self._take_ahead()
+                if ahead is not None:
+                    ops = ahead
+                elif self._waiting:
+                    ops = self._take()
+                else:
                     break
-                ops = self._take()
         finally:
             self._inflight = None
+            self._sending = None
+            if self._ahead is not None:   # an escaped error: its operations wait again
+                self._waiting.extendleft(reversed(self._ahead.ops))
+                self._ahead = None
             self.queue.put_nowait(_WAKE)
 
     async def ensure_connection(self) -> bool:
@@ -450,10 +514,15 @@ class Writer:
         self.healthy = False
 
     # -- committing --------------------------------------------------------------------
-    async def _commit(self, ops: list[WriteOp], *, replaying: bool = False) -> None:
-        """Commits `ops` as one batch. Operations on poisoned accounts fail at once."""
+    async def _commit(self, ops: "list[WriteOp] | _Batch", *, replaying: bool = False) -> None:
+        """Commits `ops` as one batch (or a batch built ahead that fits). Operations on
+        poisoned accounts fail at once."""
+        built = None
+        if type(ops) is _Batch:
+            built, ops = ops, ops.ops
+        self._sending = None   # a batch is built ahead only on one whose statement is in flight
         poisoned = self.poisoned
-        if poisoned:
+        if poisoned and built is None:
             blocked = [op for op in ops if not poisoned.isdisjoint(op.accounts)]
             if blocked:
                 self._fail(blocked, Unavailable("the account is reloading after a failed write; retry",
@@ -463,11 +532,15 @@ class Writer:
             return
         started = time.perf_counter()
         try:
-            connection = await self._connected()
-            async with translated_errors():
-                head = self._audit_head or await self._read_audit_head(connection)
-                event_head = await self._known_event_head(connection)
-            batch = _Batch.of(ops, head, event_head)
+            connection = self.connection
+            if connection is None or connection.is_closed():
+                connection = await self._connected()
+            if built is None:
+                async with translated_errors():
+                    head = self._audit_head or await self._read_audit_head(connection)
+                    event_head = await self._known_event_head(connection)
+                built = _Batch.of(ops, head, event_head)
+            batch = self._sending = built
             await sql.write_batch(connection, batch.write)
         except KeyConflict as conflict:
             if not replaying:
@@ -538,6 +611,7 @@ class Writer:
     def _committed(self, batch: "_Batch", elapsed_s: float) -> None:
         self._audit_head = batch.head
         self._event_head = batch.event_head
+        self._last_committed = batch
         ops = batch.ops
         for op in ops:
             if op.audit is not None:
@@ -636,6 +710,8 @@ class _Batch:
     updates: dict[str, Account]
     forks: int = 0
     merges: int = 0
+    # A batch built ahead: the batch it was built after (`Writer._build_ahead`).
+    after: "_Batch | None" = None
 
     @classmethod
     def of(cls, ops: list[WriteOp], head: tuple[int, str], event_head: int) -> "_Batch":
