@@ -342,9 +342,15 @@ class Writer:
             return
         sending = self._sending
         ops = self._take()
-        batch = _Batch.of(ops, sending.head, sending.event_head)
+        try:
+            batch = _Batch.of(ops, sending.head, sending.event_head)
+            batch.write.args()
+        except Exception:  # noqa: BLE001 - a bug: built again in turn, where its failure is answered
+            log.exception("building a batch ahead failed; it is built again in its turn")
+            self._waiting.extendleft(reversed(ops))
+            self._sending = None   # not again until the next statement is in flight
+            return
         batch.after = sending
-        batch.write.args()
         self._ahead = batch
         self.built_ahead += 1
 

@@ -42,3 +42,27 @@ def test_a_continuation_that_raises_strands_nothing_behind_it():
     writer._deliveries.extend([({}, [_op(order, "a1", then=boom), _op(order, "a2")]), ({}, [_op(order, "b1")])])
     writer._deliver()
     assert order == [("a1", "ok"), ("a2", "ok"), ("b1", "ok")]
+
+
+def test_a_batch_that_cannot_be_built_ahead_waits_again_in_order(monkeypatch):
+    """Building ahead is an optimization: a batch that fails to build (a bug) goes back to
+    the front of the queue, in order, to be built again in its turn (where its failure
+    is answered), and no batch is built ahead again until the next statement is sent."""
+    import types
+
+    from persistence import writer as writer_module
+
+    order: list = []
+    writer = Writer(None, batch_size_max=4, queue_max=100, notify=lambda resolutions: None)
+    ops = [_op(order, f"op{n}") for n in range(6)]
+    writer._waiting.extend(ops)
+    writer._sending = types.SimpleNamespace(head=(0, "genesis"), event_head=0)   # a statement in flight
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug while building")
+
+    monkeypatch.setattr(writer_module._Batch, "of", broken)
+    writer._build_ahead()
+    assert list(writer._waiting) == ops
+    assert writer._ahead is None and writer._sending is None and writer.built_ahead == 0
+    assert order == []   # nobody answered: the batch is built again in its turn
