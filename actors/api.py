@@ -405,20 +405,23 @@ class Engine:
             raise ValidationFailed("the idempotency key must be 1 to 200 characters", {"field": "Idempotency-Key"})
         admission = self.admission
         admission.admit()
-        reset = OPERATION.set((request[0], request[1] or getattr(request[2], "from_account", None)))
-        admission.in_flight += 1
-        deadline = admission.deadline()   # `admission.bounded`, inline: one coroutine less per operation
+        # `admission.bounded`, inline: one coroutine less per operation.
+        deadline = admission.deadline()
         try:
-            if key is None:
-                return await run(None)
-            return await self.keys.run(key, _fingerprint(*request), result_type, run)
+            reset = OPERATION.set((request[0], request[1] or getattr(request[2], "from_account", None)))
+            admission.in_flight += 1
+            try:
+                if key is None:
+                    return await run(None)
+                return await self.keys.run(key, _fingerprint(*request), result_type, run)
+            finally:
+                admission.in_flight -= 1
+                OPERATION.reset(reset)
         except asyncio.CancelledError:
             admission.missed(deadline)
             raise
         finally:
             admission.done(deadline)
-            admission.in_flight -= 1
-            OPERATION.reset(reset)
 
     async def _on_account(self, account_id: str, command, render, idempotency, *, transaction_id=None,
                           correlation_id=None):

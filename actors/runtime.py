@@ -187,6 +187,9 @@ class PooledActor(pykka.Actor):
                     handler(message)
                 except Exception:
                     self._fail_on(message)
+                except BaseException:  # noqa: BLE001 - as `_handle_envelope` does
+                    self._stop()
+                    ActorRegistry.stop_all()
         finally:
             if self.stopped:
                 self._teardown()

@@ -358,15 +358,17 @@ async def body_of(request: web.Request, request_type: type) -> Any:
     return body
 
 
-# A `\uD800`-`\uDBFF` escape (the first half of a UTF-16 surrogate pair).
-_HIGH_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abAB][0-9a-fA-F]{2}")
+# A `\uD800`-`\uDBFF` escape (the first half of a UTF-16 surrogate pair) that is an
+# escape (an even number of backslashes before it) and is not followed by the second half.
+_LONE_HIGH_SURROGATE = re.compile(rb"(?<!\\)(?:\\\\)*\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})")
 
 
 def _decode_reason(error: msgspec.DecodeError, raw: bytes) -> str:
     """msgspec's reason, except where it misleads: a lone high surrogate escape
     (`"\ud800"`) in a complete body is reported as "Input data was truncated"."""
     reason = str(error)
-    if reason == "Input data was truncated" and _HIGH_SURROGATE_ESCAPE.search(raw):
+    if reason == "Input data was truncated" and raw.rstrip().endswith((b"}", b"]")) \
+            and _LONE_HIGH_SURROGATE.search(raw):
         return "a \\u escape is half of a UTF-16 surrogate pair (send the pair, or the character as UTF-8)"
     return reason
 

@@ -13,6 +13,11 @@ the previous one's outcome arrives, before that one's callers are answered (a lo
 later). So while one cohort commits, the other is being decided: the engine's CPU and
 PostgreSQL's overlap instead of taking turns.
 
+While a statement is in flight, the next batch is built ahead once a full cohort waits
+(decision 84): at most one such batch, on the heads the sending batch will leave, written
+only if that batch committed exactly as built; otherwise its operations are queued first
+again and built anew.
+
 Statements never overlap (one connection), so batches commit strictly in order: the
 audit chain is the commit order, and each account's operations commit in the order its
 actor decided them (the actors submit in that order, on the same loop).
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import logging
 import threading
 import time
@@ -187,7 +193,7 @@ class Writer:
         self.queue_max = queue_max
         self.notify = notify
         self.on_commit = on_commit
-        # The engine's count of operations in flight (`_take` sizes the cohorts by it).
+        # The engine's count of operations in flight (`_limit` sizes the cohorts by it).
         self.in_flight = in_flight
         self.metrics = metrics
         self.poisoned: set[str] = set()
@@ -211,10 +217,12 @@ class Writer:
         self._waiting: collections.deque[WriteOp] = collections.deque()
         self._inflight: asyncio.Future | None = None
         # The batch whose statement is in flight, the next batch built ahead on what it
-        # leaves (`_build_ahead`), and the last batch that committed.
+        # leaves (`_build_ahead`), and the serial number of the last batch that committed
+        # (a number, not the batch: nothing of a committed batch is kept alive).
         self._sending: _Batch | None = None
         self._ahead: _Batch | None = None
-        self._last_committed: _Batch | None = None
+        self._serials = itertools.count(1)
+        self._last_committed = 0
         self.built_ahead = 0        # batches built ahead
         self.ahead_discarded = 0    # ... that did not fit (their operations were rebuilt)
         # Committed batches whose actors and callers are answered on the next loop turn.
@@ -253,7 +261,7 @@ class Writer:
         thread-safe from anywhere else (one loop wake-up moves all that arrived meanwhile).
         The loop's thread is told by its id: `asyncio._get_running_loop()` costs a
         getpid() system call, once per operation."""
-        if threading.get_ident() == self._loop_thread:
+        if threading.get_ident() == self._loop_thread or self._loop_thread is None:   # or not started yet
             self.enqueue(op)
             return
         self._inbox.append(op)
@@ -350,7 +358,7 @@ class Writer:
             self._waiting.extendleft(reversed(ops))
             self._sending = None   # not again until the next statement is in flight
             return
-        batch.after = sending
+        batch.after = (sending.serial, sending.head, sending.event_head)
         self._ahead = batch
         self.built_ahead += 1
 
@@ -358,9 +366,8 @@ class Writer:
         """A batch built ahead fits if the batch it was built after is the last that
         committed, nothing wrote since (a drawdown flag numbers an event), and none of its
         accounts is poisoned."""
-        after = batch.after
-        return (self._last_committed is after and self._audit_head == after.head
-                and self._event_head == after.event_head
+        serial, head, event_head = batch.after
+        return (self._last_committed == serial and self._audit_head == head and self._event_head == event_head
                 and not any(not self.poisoned.isdisjoint(op.accounts) for op in batch.ops))
 
     def _take_ahead(self) -> "_Batch | None":
@@ -368,9 +375,7 @@ class Writer:
         batch, self._ahead = self._ahead, None
         if batch is None:
             return None
-        fits = self._fits(batch)
-        batch.after = None   # no chain of batches kept alive
-        if fits:
+        if self._fits(batch):
             return batch
         self.ahead_discarded += 1
         self._waiting.extendleft(reversed(batch.ops))
@@ -546,6 +551,8 @@ class Writer:
                     head = self._audit_head or await self._read_audit_head(connection)
                     event_head = await self._known_event_head(connection)
                 built = _Batch.of(ops, head, event_head)
+            if not built.serial:
+                built.serial = next(self._serials)
             batch = self._sending = built
             await sql.write_batch(connection, batch.write)
         except KeyConflict as conflict:
@@ -617,7 +624,7 @@ class Writer:
     def _committed(self, batch: "_Batch", elapsed_s: float) -> None:
         self._audit_head = batch.head
         self._event_head = batch.event_head
-        self._last_committed = batch
+        self._last_committed = batch.serial
         ops = batch.ops
         for op in ops:
             if op.audit is not None:
@@ -716,8 +723,10 @@ class _Batch:
     updates: dict[str, Account]
     forks: int = 0
     merges: int = 0
-    # A batch built ahead: the batch it was built after (`Writer._build_ahead`).
-    after: "_Batch | None" = None
+    # Numbered when its statement is sent; a batch built ahead names the batch it was
+    # built after: (its serial, its audit head, its event head) (`Writer._build_ahead`).
+    serial: int = 0
+    after: tuple | None = None
 
     @classmethod
     def of(cls, ops: list[WriteOp], head: tuple[int, str], event_head: int) -> "_Batch":

@@ -53,6 +53,11 @@ async def test_a_lone_surrogate_escape_is_named_and_nothing_is_booked(api, world
                            headers=JSON_HEADERS, key=new_key())
     assert_error(reply, 400, "malformed_json")
     assert "truncated" in reply.body["error"]["message"]   # a cut body still says so
+    for cut in (b'{"amount": 5, "memo": "\\ud83d\\ude00"', b'{"amount": 5, "memo": "\\\\ud800"'):
+        reply = await api.post(f"/v1/accounts/{world.revenue['id']}/deposits", data=cut, headers=JSON_HEADERS,
+                               key=new_key())
+        assert_error(reply, 400, "malformed_json")
+        assert "truncated" in reply.body["error"]["message"], cut   # a whole pair, an escaped backslash
     assert (await api.ok(f"/v1/accounts/{world.revenue['id']}"))["balance"] == before["balance"]
 
 

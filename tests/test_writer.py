@@ -56,7 +56,7 @@ def test_a_batch_that_cannot_be_built_ahead_waits_again_in_order(monkeypatch):
     writer = Writer(None, batch_size_max=4, queue_max=100, notify=lambda resolutions: None)
     ops = [_op(order, f"op{n}") for n in range(6)]
     writer._waiting.extend(ops)
-    writer._sending = types.SimpleNamespace(head=(0, "genesis"), event_head=0)   # a statement in flight
+    writer._sending = types.SimpleNamespace(serial=1, head=(0, "genesis"), event_head=0)   # a statement in flight
 
     def broken(*args, **kwargs):
         raise RuntimeError("a bug while building")
