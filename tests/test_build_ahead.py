@@ -48,24 +48,36 @@ async def _accounts(engine, count: int, amount: int) -> list[str]:
     return [(await funded(engine, amount, name=f"ahead{n}")).id for n in range(count)]
 
 
-async def test_a_batch_built_ahead_is_written_once_the_batch_before_it_commits(engine, monkeypatch):
-    ids = await _accounts(engine, 2 * HELD + 2, 1_000)
+async def _held_then_rest(engine, monkeypatch, ids, held_transfer, prefix: str) -> list:
+    """The batch of `held_transfer` (a coroutine factory) is held in flight while HELD
+    more transfers (7 each, between fresh pairs of `ids`) are decided and built ahead;
+    then it goes. Returns [its outcome, *theirs]."""
     held = HeldBatch(monkeypatch)
-    built, discarded = engine.writer.built_ahead, engine.writer.ahead_discarded
+    built = engine.writer.built_ahead
     held.arm()
-    first = asyncio.ensure_future(engine.transfer(ids[0], ids[1], 10, idempotency_key="held-first"))
+    first = asyncio.ensure_future(held_transfer())
     await held.held.wait()
-    rest = [asyncio.ensure_future(engine.transfer(ids[2 + 2 * n], ids[3 + 2 * n], 7, idempotency_key=f"ahead-{n}"))
+    rest = [asyncio.ensure_future(engine.transfer(ids[2 + 2 * n], ids[3 + 2 * n], 7, idempotency_key=f"{prefix}-{n}"))
             for n in range(HELD)]
     while engine.writer.built_ahead == built:   # the next cohort is decided and built ahead
         await asyncio.sleep(0.001)
     held.gate.set()
-    results = await asyncio.gather(first, *rest)
-    assert engine.writer.ahead_discarded == discarded
-    assert [r.amount for r in results] == [10] + [7] * HELD
-    balances = await _whole(engine, ids)
+    return await asyncio.gather(first, *rest)
+
+
+def _check_rest(balances: dict[str, int], ids: list[str]) -> None:
     assert balances[ids[0]] == 990 and balances[ids[1]] == 1_010
     assert all(balances[ids[2 + 2 * n]] == 993 and balances[ids[3 + 2 * n]] == 1_007 for n in range(HELD))
+
+
+async def test_a_batch_built_ahead_is_written_once_the_batch_before_it_commits(engine, monkeypatch):
+    ids = await _accounts(engine, 2 * HELD + 2, 1_000)
+    discarded = engine.writer.ahead_discarded
+    results = await _held_then_rest(
+        engine, monkeypatch, ids, lambda: engine.transfer(ids[0], ids[1], 10, idempotency_key="held-first"), "ahead")
+    assert engine.writer.ahead_discarded == discarded
+    assert [r.amount for r in results] == [10] + [7] * HELD
+    _check_rest(await _whole(engine, ids), ids)
     # A retry of any of them is answered with the stored result, not decided again.
     assert await engine.transfer(ids[2], ids[3], 7, idempotency_key="ahead-0") == results[1]
 
@@ -76,19 +88,11 @@ async def test_a_batch_built_ahead_of_a_batch_that_did_not_commit_is_rebuilt(eng
     ids = await _accounts(engine, 2 * HELD + 2, 1_000)
     original = await engine.transfer(ids[0], ids[1], 10, idempotency_key="committed-before")
     engine.keys.recent.clear()   # as for a key older than the engine's memory of recent keys
-    held = HeldBatch(monkeypatch)
-    built, discarded = engine.writer.built_ahead, engine.writer.ahead_discarded
-    held.arm()
-    retry = asyncio.ensure_future(engine.transfer(ids[0], ids[1], 10, idempotency_key="committed-before"))
-    await held.held.wait()
-    rest = [asyncio.ensure_future(engine.transfer(ids[2 + 2 * n], ids[3 + 2 * n], 7, idempotency_key=f"next-{n}"))
-            for n in range(HELD)]
-    while engine.writer.built_ahead == built:
-        await asyncio.sleep(0.001)
-    held.gate.set()
-    results = await asyncio.gather(retry, *rest)
+    discarded = engine.writer.ahead_discarded
+    results = await _held_then_rest(
+        engine, monkeypatch, ids, lambda: engine.transfer(ids[0], ids[1], 10, idempotency_key="committed-before"),
+        "next")
     assert results[0] == original                       # the stored result, not a second transfer
     assert engine.writer.ahead_discarded == discarded + 1
-    balances = await _whole(engine, ids)
-    assert balances[ids[0]] == 990 and balances[ids[1]] == 1_010
-    assert all(balances[ids[2 + 2 * n]] == 993 and balances[ids[3 + 2 * n]] == 1_007 for n in range(HELD))
+    assert [r.amount for r in results[1:]] == [7] * HELD
+    _check_rest(await _whole(engine, ids), ids)
