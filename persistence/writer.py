@@ -531,7 +531,6 @@ class Writer:
         built = None
         if type(ops) is _Batch:
             built, ops = ops, ops.ops
-        self._sending = None   # a batch is built ahead only on one whose statement is in flight
         poisoned = self.poisoned
         if poisoned and built is None:
             blocked = [op for op in ops if not poisoned.isdisjoint(op.accounts)]
@@ -553,8 +552,12 @@ class Writer:
                 built = _Batch.of(ops, head, event_head)
             if not built.serial:
                 built.serial = next(self._serials)
+            # A batch is built ahead only on one whose statement is in flight.
             batch = self._sending = built
-            await sql.write_batch(connection, batch.write)
+            try:
+                await sql.write_batch(connection, batch.write)
+            finally:
+                self._sending = None
         except KeyConflict as conflict:
             if not replaying:
                 await self._replay_committed_keys(ops)
