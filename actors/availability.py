@@ -49,6 +49,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from actors.account import ReloadIfStale
+from actors.runtime import stop_tasks
 from engine.errors import DatabaseUnavailable, EngineError, Unavailable
 from persistence import fence
 
@@ -58,8 +59,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("alluse.availability")
 
 TICK_S = 0.25
-# How long `stop()` waits for the supervisor's task (a tick, a probe, and its end).
-STOP_WAIT_S = 5.0
 PROBE_TIMEOUT_S = 1.0
 # /ready is 503 once the last answer of the server is older than this.
 READY_ANSWER_AGE_MAX_S = 1.5
@@ -288,10 +287,7 @@ class Availability:
     async def stop(self) -> None:
         self._set_state(State.STOPPED, "stopping")
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.wait([self._task], timeout=STOP_WAIT_S)
-            if not self._task.done():
-                log.warning("the database supervisor did not stop within %.1f s", STOP_WAIT_S)
+            await stop_tasks([self._task], "the database supervisor", log)
             self._task = None
         if self._probe_connection is not None:
             self._probe_connection.terminate()

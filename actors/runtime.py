@@ -34,6 +34,25 @@ from pykka._envelope import Envelope
 
 log = logging.getLogger("alluse.runtime")
 
+# How long a stop waits for the tasks it cancelled.
+STOP_WAIT_S = 5.0
+
+
+async def stop_tasks(tasks: list[asyncio.Task], what: str, logger: logging.Logger = log,
+                     timeout_s: float = STOP_WAIT_S) -> bool:
+    """Cancels `tasks` and waits for them at most `timeout_s`: a task that swallows its
+    cancellation (Python 3.11's `asyncio.wait_for` can, as its inner wait completes)
+    must not hang a stop. Logs "`what` did not stop" if one is left; True if all ended."""
+    for task in tasks:
+        task.cancel()
+    if not tasks:
+        return True
+    await asyncio.wait(tasks, timeout=timeout_s)
+    if all(task.done() for task in tasks):
+        return True
+    logger.warning("%s did not stop within %.1f s", what, timeout_s)
+    return False
+
 # Messages an actor handles before yielding to the next ready actor.
 SLICE_MESSAGES_MAX = 64
 # Actor slices one loop callback runs before it lets I/O and other callbacks in.

@@ -51,6 +51,7 @@ from engine.audit import EMBEDDED, AuditContext
 from engine.errors import EngineError, NotFound, Refused, ValidationFailed
 from engine.webhooks import check_event_types, check_target, is_public_address, retry_delay_s, wants
 from actors.ids import new_id
+from actors.runtime import stop_tasks
 from persistence.webhooks_store import WebhookStore
 from actors.webhook_views import (
     Attempt, AttemptPage, CreatedWebhook, DeadLetter, DeadLetterPage, Redelivery, RotatedSecret, WebhookPage,
@@ -68,8 +69,6 @@ FEED_PAGE_SIZE = limits.PAGE_SIZE_MAX
 REDELIVERIES_PER_ROUND = 50
 PROGRESS_FLUSH_S = 0.1
 IDLE_WAIT_S = 1.0
-# How long `stop()` waits for the feed reader and the endpoint workers to end.
-STOP_WAIT_S = 5.0
 AHEAD_WAIT_S = 0.1
 ERROR_PAUSE_S = 1.0
 PRUNE_INTERVAL_S = 60.0
@@ -222,15 +221,9 @@ class Webhooks:
     async def stop(self) -> None:
         self._running = False
         workers = [e.task for e in self.endpoints.values() if e.task is not None]
-        for task in self._tasks + workers:
-            task.cancel()
-        if self._changed is not None:   # a loop that missed its cancellation sees `_running` now
+        if self._changed is not None:   # a loop that misses its cancellation sees `_running` now
             self._changed.set()
-        tasks = [*self._tasks, *workers]
-        if tasks:
-            await asyncio.wait(tasks, timeout=STOP_WAIT_S)
-            if not all(task.done() for task in tasks):
-                log.warning("webhook delivery did not stop within %.1f s", STOP_WAIT_S)
+        await stop_tasks([*self._tasks, *workers], "webhook delivery", log)
         self._tasks = []
         for endpoint in self.endpoints.values():
             endpoint.task = None
