@@ -30,8 +30,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("alluse.risk")
 
-# Tasks checking queued accounts at once.
+# Tasks checking queued accounts at once, and accounts one check reads together.
 CHECKERS = 2
+CHECK_BATCH_MAX = 64
 
 
 class DrawdownFlags:
@@ -74,33 +75,64 @@ class DrawdownFlags:
         try:
             due = self.due
             while due:
-                account_id = next(iter(due))
-                del due[account_id]
+                batch = []
+                while due and len(batch) < CHECK_BATCH_MAX:
+                    account_id = next(iter(due))
+                    del due[account_id]
+                    batch.append(account_id)
                 try:
-                    await self.check(account_id)
+                    await self.check_many(batch)
                 except Exception:  # noqa: BLE001 - a bug in one check must not strand the queue
-                    log.exception("drawdown check of %s failed", account_id)
+                    log.exception("drawdown checks of %s failed", ", ".join(batch))
         finally:
             self.checkers -= 1
 
     async def check(self, account_id: str) -> None:
-        """Sets the flag (with one event) when the account's current drawdown over its
+        """Checks one account now (`check_many`)."""
+        await self.check_many([account_id])
+
+    async def check_many(self, account_ids: list[str]) -> None:
+        """Sets an account's flag (with one event) when its current drawdown over its
         whole history reaches its type's limit, clears it (with one event) when it is back
-        under it or the account is closed or merged. Reads the ledger inside the account's
-        lock, so checks never act on stale data."""
+        under it or the account is closed or merged. The accounts' ledgers are read in one
+        query (a query per account cost more than the check itself under a stream of
+        losses), inside each account's lock (taken in id order), so checks never act on
+        stale data. An account that cannot be read is skipped (its next loss or fee
+        queues it again)."""
         engine = self._engine
-        lock = self._locks.get(account_id)
-        if lock is None:
-            lock = self._locks[account_id] = asyncio.Lock()
+        ids = sorted(set(account_ids))
+        locks = []
+        for account_id in ids:
+            lock = self._locks.get(account_id)
+            if lock is None:
+                lock = self._locks[account_id] = asyncio.Lock()
+            locks.append(lock)
+        acquired = []
         try:
-            async with lock:
-                account = await engine.get_account(account_id)
-                ledger = await engine.store.analytics_weeks([account_id])
-                drawdown = analytics.current_drawdown(ledger[account_id], engine.clock().date())
+            for lock in locks:
+                await lock.acquire()
+                acquired.append(lock)
+            accounts = {}
+            read = await asyncio.gather(*(engine.get_account(account_id) for account_id in ids),
+                                        return_exceptions=True)
+            for account_id, account in zip(ids, read):
+                if isinstance(account, EngineError):
+                    log.warning("drawdown check of %s skipped: %s", account_id, account.message)
+                elif isinstance(account, BaseException):
+                    raise account
+                else:
+                    accounts[account_id] = account
+            if not accounts:
+                return
+            ledger = await engine.store.analytics_weeks(list(accounts))
+            today = engine.clock().date()
+            changed = False
+            for account_id, account in accounts.items():
+                drawdown = analytics.current_drawdown(ledger[account_id], today)
                 limit = engine.rules.drawdown_limit_bps.get(account.type, 0) / 10_000
                 breached = account.status not in ("closed", "merged") and analytics.breached(drawdown, limit)
                 if breached == (account_id in self.flags):
-                    return
+                    continue
                 loop = asyncio.get_running_loop()
                 future = loop.create_future()
                 engine.writer.submit(FlagOp(account_id, account.portfolio_id, breached, drawdown, limit,
@@ -110,7 +142,12 @@ class DrawdownFlags:
                     self.flags[account_id] = drawdown
                 else:
                     self.flags.pop(account_id, None)
+                changed = True
+            if changed:
                 engine._signal_commit()
         except EngineError as error:
-            log.warning("drawdown check of %s failed: %s (the account's next loss or fee checks it again)",
-                        account_id, error.message)
+            log.warning("drawdown checks of %s failed: %s (each account's next loss or fee checks it again)",
+                        ", ".join(ids), error.message)
+        finally:
+            for lock in acquired:
+                lock.release()

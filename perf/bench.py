@@ -9,7 +9,8 @@ fresh temporary directory (a fresh database per session, synchronous commit on):
   from `perf.common.gateway_config`), driven over N keep-alive connections by a
   separate load-generator process (`perf.loadgen`).
 
-Workloads (`perf.workloads`): account creation, deposits, transfers with uniform and
+Workloads (`perf.workloads`): account creation, deposits, trades (premiums with some
+losses and fees), transfers with uniform and
 with Zipf-skewed account choice, reads (GET account), fork-heavy premiums, and the
 mixed "ALL-USE week" (`perf.week`: the strategy engine books a week's trade results for
 thousands of portfolios in-process while operators read, in-process or over HTTP), at
@@ -61,9 +62,9 @@ class Plan:
 QUICK = Plan(
     name="quick",
     in_process=(("transfers-uniform", LEVELS), ("transfers-zipf", LEVELS), ("transfers-unkeyed", (64,)),
-                ("create-accounts", (64,)), ("deposits", (64,)), ("reads", (64,)), ("forks", (64,))),
+                ("create-accounts", (64,)), ("deposits", (64,)), ("trades", (64,)), ("reads", (64,)), ("forks", (64,))),
     http=(("transfers-uniform", LEVELS), ("transfers-zipf", (64,)), ("transfers-unkeyed", (64,)),
-          ("create-accounts", (64,)), ("deposits", (64,)), ("reads", (64,))),
+          ("create-accounts", (64,)), ("deposits", (64,)), ("trades", (64,)), ("reads", (64,))),
     ceiling=(("transfers-uniform", LEVELS), ("transfers-zipf", LEVELS)),
     naive=(("transfers-uniform", (64,)), ("transfers-zipf", (64,))),
     repeats=1, week_portfolios=2_000, crashes=20, million_accounts=0)
@@ -114,7 +115,8 @@ async def in_process_session(url: str, pgdata: str | None, runs: list[tuple[Work
     check = await verify_ledger(url, {
         "accounts": ACCOUNTS + 3 * portfolios + acknowledged["create"],
         "deposit_entries": ACCOUNTS + 3 * portfolios + acknowledged["deposit"],
-        "transfer_legs": 2 * acknowledged["transfer"], "forked_units": acknowledged["fork"]})
+        "transfer_legs": 2 * acknowledged["transfer"], "forked_units": acknowledged["fork"],
+        "trade_entries": acknowledged["trade"]})
     return Session(results, check, extra)
 
 
@@ -163,7 +165,7 @@ def http_session(database: Database, name: str, runs: list[tuple[Workload, int]]
     check = run_async(verify_ledger(url, {
         "accounts": ACCOUNTS + acknowledged.get("create", 0),
         "deposit_entries": ACCOUNTS + acknowledged.get("deposit", 0),
-        "transfer_legs": 2 * acknowledged.get("transfer", 0)}))
+        "transfer_legs": 2 * acknowledged.get("transfer", 0), "trade_entries": acknowledged.get("trade", 0)}))
     return Session(results, check)
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from perf.common import SETUP_TIMEOUT_S, Call, Snapshot, bounded_gather, cpu_sample, parse_metrics, progress
 from perf.workloads import (ACCOUNTS, INITIAL_BALANCE_CENTS, PORTFOLIO_CAPITAL_CENTS, PORTFOLIOS_FORKING,
-                            PREMIUM_FORKING_CENTS, Workload)
+                            PREMIUM_FORKING_CENTS, TRADE_KINDS, Workload)
 
 SETUP_CONCURRENCY = 64
 
@@ -67,6 +67,8 @@ class EngineTarget:
             "transfer": lambda source, target, amount: engine.transfer(ids[source], ids[target], amount,
                                                                        idempotency_key=next(keys)),
             "deposit": lambda account, amount: engine.deposit(ids[account], amount, idempotency_key=next(keys)),
+            "trade": lambda account, amount, kind: engine.book_trade(ids[account], kind=TRADE_KINDS[kind], amount=amount,
+                                                                     idempotency_key=next(keys)),
             "read": lambda account: engine.get_account(ids[account]),
             "create": lambda: engine.create_account(name=f"new-{next(names)}", type="revenue", owner="perf"),
             "fork": lambda portfolio: engine.book_trade(generation[portfolio], kind="premium",
@@ -153,6 +155,9 @@ class HttpTarget:
                 encode({"from_account": ids[source], "to_account": ids[target], "amount": amount})),
             "deposit": lambda account, amount: (
                 "POST", f"{base}/v1/accounts/{ids[account]}/deposits", encode({"amount": amount})),
+            "trade": lambda account, amount, kind: (
+                "POST", f"{base}/v1/accounts/{ids[account]}/trades",
+                encode({"kind": TRADE_KINDS[kind], "amount": amount})),
             "read": lambda account: ("GET", f"{base}/v1/accounts/{ids[account]}", None),
             "create": lambda: ("POST", base + "/v1/accounts",
                                encode({"name": f"new-{next(names)}", "type": "revenue", "owner": "perf"})),

@@ -16,7 +16,7 @@ import random
 from dataclasses import dataclass
 from functools import lru_cache
 
-ACCOUNTS = 1_000                      # accounts the transfers, deposits and reads choose among
+ACCOUNTS = 1_000                      # accounts the transfers, deposits, trades and reads choose among
 INITIAL_BALANCE_CENTS = 1_000_000     # each funded with $10,000
 AMOUNT_MIN_CENTS, AMOUNT_MAX_CENTS = 1, 100   # small: insufficient funds stays rare
 ZIPF_S = 1.1
@@ -24,7 +24,11 @@ PORTFOLIOS_FORKING = 1_000            # portfolios whose Gen-Accs the fork-heavy
 PORTFOLIO_CAPITAL_CENTS = 300_000_00
 PREMIUM_FORKING_CENTS = 60_000_00     # above the default $50,000 fork threshold: every premium forks
 
-OPERATIONS = ("create", "deposit", "transfer", "read", "fork")
+OPERATIONS = ("create", "deposit", "transfer", "read", "fork", "trade")
+# The trades workload's mix of kinds (a week of the strategy engine is mostly premiums):
+# 80% premiums, 15% losses, 5% fees. A loss or a fee also queues the account's drawdown
+# check (`actors/risk.py`), which reads its ledger: part of what a trade costs.
+TRADE_KINDS = ("premium",) * 16 + ("loss",) * 3 + ("fee",)
 
 
 @lru_cache(maxsize=8)
@@ -62,7 +66,8 @@ class Workload:
 
     def pick(self, rng: random.Random) -> tuple:
         """transfer: (source, target, amount), distinct accounts; deposit: (account,
-        amount); read: (account,); fork: (portfolio,); create: ()."""
+        amount); trade: (account, amount, index into TRADE_KINDS); read: (account,);
+        fork: (portfolio,); create: ()."""
         match self.operation:
             case "transfer":
                 source = self.account(rng)
@@ -72,6 +77,8 @@ class Workload:
                 return source, target, self.amount(rng)
             case "deposit":
                 return self.account(rng), self.amount(rng)
+            case "trade":
+                return self.account(rng), self.amount(rng), rng.randrange(len(TRADE_KINDS))
             case "read":
                 return (self.account(rng),)
             case "fork":
@@ -92,6 +99,7 @@ class Workload:
 WORKLOADS = {w.name: w for w in (
     Workload("create-accounts", "create"),
     Workload("deposits", "deposit", keyed=True),
+    Workload("trades", "trade", keyed=True),
     Workload("transfers-uniform", "transfer", keyed=True),
     Workload("transfers-zipf", "transfer", zipf_s=ZIPF_S, keyed=True),
     Workload("transfers-unkeyed", "transfer"),

@@ -25,6 +25,7 @@ import pytest_asyncio
 from aiohttp.test_utils import TestClient, TestServer
 
 from actors.api import Engine
+from actors import risk
 from actors.risk import CHECKERS as DRAWDOWN_CHECKERS
 from actors.settings import load_settings
 from engine import analytics
@@ -389,19 +390,19 @@ async def test_drawdown_checks_are_queued_coalesced_and_bounded(service):
     await settled(engine)
     running = peak = 0
     checked: list[str] = []
-    original = engine.risk.check
+    original = engine.risk.check_many
 
-    async def counting(account_id: str) -> None:
+    async def counting(account_ids: list[str]) -> None:
         nonlocal running, peak
         running += 1
         peak = max(peak, running)
-        checked.append(account_id)
+        checked.extend(account_ids)
         try:
-            await original(account_id)
+            await original(account_ids)
         finally:
             running -= 1
 
-    engine.risk.check = counting
+    engine.risk.check_many = counting
     await asyncio.gather(*(engine.book_trade(rev, kind="loss", amount=balance * 12 // 100,
                                              effective_date=opened + timedelta(weeks=3))
                            for rev, balance, opened in revs))
@@ -419,16 +420,17 @@ async def test_drawdown_checks_are_queued_coalesced_and_bounded(service):
     assert len(await drawdown_events(engine, revs[0][0])) == 1   # still breached: no new event
 
 
-async def test_a_drawdown_check_that_fails_unexpectedly_does_not_strand_the_queue(service):
+async def test_a_drawdown_check_that_fails_unexpectedly_does_not_strand_the_queue(service, monkeypatch):
     engine, _ = service
     checked: list[str] = []
 
-    async def flaky(account_id: str) -> None:
-        checked.append(account_id)
-        if account_id != "acc_third":   # both checkers meet a failing check first
+    async def flaky(account_ids: list[str]) -> None:
+        checked.extend(account_ids)
+        if account_ids != ["acc_third"]:   # both checkers meet a failing check first
             raise RuntimeError("a bug in a check")
 
-    engine.risk.check = flaky
+    monkeypatch.setattr(risk, "CHECK_BATCH_MAX", 1)   # one account per check, as each checker takes them
+    engine.risk.check_many = flaky
     for account_id in ("acc_first", "acc_second", "acc_third"):
         engine.risk.queue(account_id)
     await settled(engine)
