@@ -787,6 +787,17 @@ def test_the_drawdown_of_any_ledger_is_between_0_and_1(ledger, weeks):
     assert 0.0 <= analytics.current_drawdown(ledger.entries, ledger.last_day) <= 1.0
 
 
+def test_a_loss_of_exactly_the_limit_sets_the_flag():
+    """30 -> 27 is a 10% drawdown, which computes as 0.09999999999999998: a Rev-Acc's
+    10% limit is reached (the case hypothesis found against an exact comparison)."""
+    entries = [Entry(date(2025, 1, 6), "deposit", "credit", 30, 30), Entry(date(2025, 1, 13), "loss", "debit", 3, 27)]
+    _, perf, risk, _ = figures(entries, date(2025, 1, 13), "revenue")
+    assert perf.current_drawdown < 0.1 and perf.current_drawdown == pytest.approx(0.1)
+    assert risk.flags == ["drawdown_breach"]
+    _, _, risk, _ = figures(entries, date(2025, 1, 13), "generation")   # a Gen-Acc's limit is higher
+    assert risk.flags == []
+
+
 @settings(max_examples=200, deadline=None)
 @given(ledger=ledgers(), weeks=st.one_of(st.none(), st.integers(1, 520)), share=st.integers(1, 100))
 def test_the_risk_score_and_flag_of_any_ordinary_ledger_follow_the_drawdown(ledger, weeks, share):
@@ -795,8 +806,11 @@ def test_the_risk_score_and_flag_of_any_ordinary_ledger_follow_the_drawdown(ledg
                                    concentration=share / 100)
         assert 0.0 <= perf.current_drawdown <= perf.max_drawdown <= 1.0
         assert 0 <= risk.score <= 100
-        assert (risk.flags == ["drawdown_breach"]) == (perf.current_drawdown >= LIMIT[account_type])
-        if perf.current_drawdown >= LIMIT[account_type]:
+        # Reached, up to float noise: a loss of exactly 10% computes as 0.09999999999999998
+        # (hypothesis found 30 -> 27), which the flag counts as 10% (docs/analytics.md).
+        reached = perf.current_drawdown >= LIMIT[account_type] - 1e-9
+        assert (risk.flags == ["drawdown_breach"]) == reached
+        if reached:
             assert risk.score >= 60
 
 
