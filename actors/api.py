@@ -586,9 +586,8 @@ class Engine:
 
         async def run(idempotency):
             result = await self._on_account(account_id, command, _render_first_leg, idempotency)
-            if result.direction == "credit":
-                result = _with_merge(result, await self._after_credit(account_id))
-            return result
+            unit = self._merge_due(account_id) if result.direction == "credit" else None
+            return result if unit is None else _with_merge(result, await self._after_credit(unit))
 
         return await self._idempotent(idempotency_key, (operation, account_id, request), Transaction, run)
 
@@ -627,9 +626,8 @@ class Engine:
                       NO_SKIP)]
             result = await self._run_steps(steps, render, idempotency, correlation_id=transfer_id,
                                            outbox=ledger.transfer_events, now=now)
-            if self._merge_due(request.to_account) is None:
-                return result
-            return _with_merge(result, await self._after_credit(request.to_account))
+            unit = self._merge_due(request.to_account)
+            return result if unit is None else _with_merge(result, await self._after_credit(unit))
 
         return await self._idempotent(idempotency_key, ("transfer", None, request), Transfer, run)
 
@@ -722,13 +720,10 @@ class Engine:
             return None
         return entry.actor.committed.portfolio_id
 
-    async def _after_credit(self, account_id: str) -> GrowthOperation | None:
-        """The merge check that follows every credit to an account of a forked unit; it
-        completes before the credit is answered, so a caller sees the merge it caused
-        (returned, for the credit's reply)."""
-        portfolio_id = self._merge_due(account_id)
-        if portfolio_id is None:
-            return None
+    async def _after_credit(self, portfolio_id: str) -> GrowthOperation | None:
+        """The merge check that follows every credit to an account of a forked unit
+        (`_merge_due`); it completes before the credit is answered, so a caller sees the
+        merge it caused (returned, for the credit's reply)."""
         reset = OPERATION.set(("merge.automatic", portfolio_id))
         try:
             return await self._merge(portfolio_id, None, force=False)

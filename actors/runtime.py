@@ -207,8 +207,7 @@ class PooledActor(pykka.Actor):
                 except Exception:
                     self._fail_on(message)
                 except BaseException:  # noqa: BLE001 - as `_handle_envelope` does
-                    self._stop()
-                    ActorRegistry.stop_all()
+                    self._abort()
         finally:
             if self.stopped:
                 self._teardown()
@@ -246,6 +245,11 @@ class PooledActor(pykka.Actor):
         # Fairness: let other ready actors run before this one's next slice.
         self._pool.schedule(self)
 
+    def _abort(self) -> None:
+        """A BaseException (an interrupt, an exit) escaped a message: pykka stops every actor."""
+        self._stop()
+        ActorRegistry.stop_all()
+
     def _fail_on(self, message: Any) -> None:
         """An exception escaped the handling of `message`: what `_handle_envelope` does."""
         self._handle_failure(*sys.exc_info())
@@ -272,8 +276,7 @@ class PooledActor(pykka.Actor):
             else:
                 self._fail_on(envelope)
         except BaseException:  # noqa: BLE001
-            self._stop()
-            ActorRegistry.stop_all()
+            self._abort()
 
     def _teardown(self) -> None:
         while True:

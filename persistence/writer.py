@@ -355,7 +355,7 @@ class Writer:
             batch.write.args()
         except Exception:  # noqa: BLE001 - a bug: built again in turn, where its failure is answered
             log.exception("building a batch ahead failed; it is built again in its turn")
-            self._waiting.extendleft(reversed(ops))
+            self._requeue(ops)
             self._sending = None   # not again until the next statement is in flight
             return
         batch.after = (sending.serial, sending.head, sending.event_head)
@@ -378,8 +378,12 @@ class Writer:
         if self._fits(batch):
             return batch
         self.ahead_discarded += 1
-        self._waiting.extendleft(reversed(batch.ops))
+        self._requeue(batch.ops)
         return None
+
+    def _requeue(self, ops: list[WriteOp]) -> None:
+        """Operations taken for a batch that was not sent wait again, first and in order."""
+        self._waiting.extendleft(reversed(ops))
 
     def _limit(self) -> int:
         """A batch's size: up to `batch_size_max` operations, and at most half of those in
@@ -421,7 +425,7 @@ class Writer:
             self._inflight = None
             self._sending = None
             if self._ahead is not None:   # an escaped error: its operations wait again
-                self._waiting.extendleft(reversed(self._ahead.ops))
+                self._requeue(self._ahead.ops)
                 self._ahead = None
             self.queue.put_nowait(_WAKE)
 
