@@ -483,7 +483,7 @@ class Availability:
         engine = self.engine
         keys = engine.keys
         passivated = engine.registry.passivate_all_idle()
-        engine._portfolios.clear()
+        engine.portfolios.cache.clear()
         # Merged into the live table, not replacing it: operations in flight add their
         # keys to it as they commit (after this read).
         for key in await engine.store.recent_keys(keys.recent_max):

@@ -30,7 +30,8 @@ from engine.model import GrowthOperation, Transaction, Transfer
 from engine.projection import Projection
 from engine.analytics import AccountAnalytics, PortfolioAnalytics
 from engine.reports import PortfolioTree, PortfolioView, Reinvestment
-from actors.api import AUDIT_CONTEXT, Engine
+from actors.api import Engine
+from actors.context import AUDIT_CONTEXT
 from actors.ids import new_request_id
 from actors.security import BOOTSTRAP, AuditVerification, CreatedToken, TokenInfo
 from actors import webhook_views

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncpg
 import pytest
 
-from actors.api import AUDIT_CONTEXT
+from actors.context import AUDIT_CONTEXT
 from engine.audit import AuditContext, Principal
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")

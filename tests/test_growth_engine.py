@@ -643,7 +643,7 @@ async def _quarantined(engine: Engine, account_id: str):
 
 
 # -- an operation meeting an account whose actor died after it was leased -------------------------
-# `Engine._run_steps` leases every account of a multi-account operation first, then hands
+# `Dispatch.run_steps` leases every account of a multi-account operation first, then hands
 # the operation to the first account's actor, which decides every account's part. If one
 # of the leased actors fails in between (a crash caused by another message), the healthy
 # actor deciding the operation must answer the caller and stay alive. These tests build
