@@ -81,11 +81,14 @@ class _Part:
     `engine.<part>.name`, looked up once per engine (then an instance attribute, as cheap
     as a method of the engine's own)."""
 
-    def __init__(self, part: str):
+    def __init__(self, part: str, cls: type):
         self.part = part
+        self.cls = cls
 
     def __set_name__(self, owner, name: str) -> None:
+        method = getattr(self.cls, name)   # a misspelt name fails at import
         self.name = name
+        self.__doc__ = f"`{self.cls.__name__}.{name}` ({self.cls.__module__}): {method.__doc__ or ''}"
 
     def __get__(self, engine, owner=None):
         if engine is None:
@@ -98,37 +101,37 @@ class _Part:
 class Engine:
     # -- the public methods of the parts ---------------------------------------------
     # Accounts and money (`actors/money.py`).
-    create_account = _Part("money")
-    update_account = _Part("money")
-    close_account = _Part("money")
-    deposit = _Part("money")
-    deposit_request = _Part("money")
-    withdraw = _Part("money")
-    withdraw_request = _Part("money")
-    book_trade = _Part("money")
-    book_trade_request = _Part("money")
-    transfer = _Part("money")
-    transfer_request = _Part("money")
+    create_account = _Part("money", Money)
+    update_account = _Part("money", Money)
+    close_account = _Part("money", Money)
+    deposit = _Part("money", Money)
+    deposit_request = _Part("money", Money)
+    withdraw = _Part("money", Money)
+    withdraw_request = _Part("money", Money)
+    book_trade = _Part("money", Money)
+    book_trade_request = _Part("money", Money)
+    transfer = _Part("money", Money)
+    transfer_request = _Part("money", Money)
     # Portfolios and growth (`actors/portfolios.py`).
-    create_portfolio = _Part("portfolios")
-    portfolio_record = _Part("portfolios")
-    get_portfolio = _Part("portfolios")
-    portfolio_tree = _Part("portfolios")
-    fork = _Part("portfolios")
-    merge_portfolio = _Part("portfolios")
-    reinvest_portfolio = _Part("portfolios")
-    project = _Part("portfolios")
+    create_portfolio = _Part("portfolios", Portfolios)
+    portfolio_record = _Part("portfolios", Portfolios)
+    get_portfolio = _Part("portfolios", Portfolios)
+    portfolio_tree = _Part("portfolios", Portfolios)
+    fork = _Part("portfolios", Portfolios)
+    merge_portfolio = _Part("portfolios", Portfolios)
+    reinvest_portfolio = _Part("portfolios", Portfolios)
+    project = _Part("portfolios", Portfolios)
     # Reads (`actors/queries.py`).
-    get_account = _Part("queries")
-    list_accounts = _Part("queries")
-    get_transaction = _Part("queries")
-    list_transactions = _Part("queries")
-    events_page = _Part("queries")
-    events = _Part("queries")
-    subscribe = _Part("queries")
-    account_analytics = _Part("queries")
-    portfolio_analytics = _Part("queries")
-    drawdown_breaches = _Part("queries")
+    get_account = _Part("queries", Queries)
+    list_accounts = _Part("queries", Queries)
+    get_transaction = _Part("queries", Queries)
+    list_transactions = _Part("queries", Queries)
+    events_page = _Part("queries", Queries)
+    events = _Part("queries", Queries)
+    subscribe = _Part("queries", Queries)
+    account_analytics = _Part("queries", Queries)
+    portfolio_analytics = _Part("queries", Queries)
+    drawdown_breaches = _Part("queries", Queries)
 
     def __init__(self, settings: Settings | None = None, *, clock: Callable[[], datetime] = _utc_now):
         self.settings = settings or load_settings()

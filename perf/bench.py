@@ -104,6 +104,7 @@ async def in_process_session(url: str, pgdata: str | None, runs: list[tuple[Work
         for _ in range(repeats):
             for workload, concurrency in runs:
                 config = replace(window, concurrency=concurrency)
+                await target.prepare(workload)
                 measurement = await drive(target.call(workload), workload.pick, config, target.snapshot)
                 acknowledged[workload.operation] += measurement.acknowledged_total
                 results.append(summarize("in-process", workload.name, config, measurement))

@@ -39,6 +39,7 @@ async def _runs(spec: dict, send) -> dict:
                 workload = Workload(**workload_fields)
                 config = RunConfig(concurrency=concurrency, **spec["window"])
                 await target.open(concurrency)
+                await target.prepare(workload)
                 measurement = await drive(target.call(workload), workload.pick, config, target.snapshot)
                 acknowledged[workload.operation] += measurement.acknowledged_total
                 send({"result": asdict(summarize("http", workload.name, config, measurement))})
