@@ -222,6 +222,11 @@ class Database:
             connection = await asyncpg.connect(self.url)
             try:
                 await connection.execute(f'CREATE DATABASE "{name}"')
+                # The pages the sessions before this one dirtied are written now, not by
+                # the checkpointer during this session's windows: its work counts as
+                # PostgreSQL's CPU per operation (HTTP figures ran ~60 µs high after the
+                # in-process session).
+                await connection.execute("CHECKPOINT")
             finally:
                 await connection.close()
 
