@@ -97,7 +97,8 @@ class DrawdownFlags:
         under it or the account is closed or merged. The accounts' ledgers are read in one
         query (a query per account cost more than the check itself under a stream of
         losses), inside each account's lock (taken in id order), so checks never act on
-        stale data. An account that cannot be read is skipped (its next loss or fee
+        stale data; an account whose flag stays is released before the flags that change
+        are written. An account that cannot be read is skipped (its next loss or fee
         queues it again)."""
         engine = self._engine
         ids = sorted(set(account_ids))
@@ -126,13 +127,22 @@ class DrawdownFlags:
                 return
             ledger = await engine.store.analytics_weeks(list(accounts))
             today = engine.clock().date()
-            changed = False
+            decided = []
             for account_id, account in accounts.items():
                 drawdown = analytics.current_drawdown(ledger[account_id], today)
                 limit = engine.rules.drawdown_limit_bps.get(account.type, 0) / 10_000
                 breached = account.status not in ("closed", "merged") and analytics.breached(drawdown, limit)
-                if breached == (account_id in self.flags):
-                    continue
+                if breached != (account_id in self.flags):
+                    decided.append((account_id, account, breached, drawdown, limit))
+            # The accounts whose flag stays as it is are free now: only those whose flag
+            # changes stay locked while their flags are written.
+            changing = {account_id for account_id, *_ in decided}
+            for account_id, lock in zip(ids, locks):
+                if account_id not in changing and lock in acquired:
+                    acquired.remove(lock)
+                    lock.release()
+            changed = False
+            for account_id, account, breached, drawdown, limit in decided:
                 loop = asyncio.get_running_loop()
                 future = loop.create_future()
                 engine.writer.submit(FlagOp(account_id, account.portfolio_id, breached, drawdown, limit,

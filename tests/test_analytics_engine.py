@@ -420,6 +420,46 @@ async def test_drawdown_checks_are_queued_coalesced_and_bounded(service):
     assert len(await drawdown_events(engine, revs[0][0])) == 1   # still breached: no new event
 
 
+async def test_a_check_frees_the_accounts_whose_flag_stays_while_another_flag_is_written(service, monkeypatch):
+    """Two accounts checked together, one breached: while the breached one's flag waits
+    for the writer, the other is free, and a check of it alone finishes meanwhile."""
+    engine, _ = service
+    _, opened, ids = await open_portfolio(engine)
+    _, other_opened, other_ids = await open_portfolio(engine)
+    rev, calm = ids["revenue"], other_ids["revenue"]
+    balance = await weekly_premiums(engine, rev, opened, range(1, 3), 100)
+    await weekly_premiums(engine, calm, other_opened, range(1, 3), 100)
+    await settled(engine)
+    monkeypatch.setattr(engine.risk, "after_trade", lambda account_id, kind: None)   # checked by hand below
+    await engine.book_trade(rev, kind="loss", amount=balance * 12 // 100, effective_date=opened + timedelta(weeks=3))
+
+    held = asyncio.get_running_loop().create_future()
+    release = asyncio.Event()
+    submit = engine.writer.submit
+
+    def holding(op) -> None:
+        if type(op).__name__ == "FlagOp" and not held.done():
+            held.set_result(op)
+
+            async def later() -> None:
+                await release.wait()
+                submit(op)
+
+            asyncio.ensure_future(later())
+            return
+        submit(op)
+
+    monkeypatch.setattr(engine.writer, "submit", holding)
+    both = asyncio.ensure_future(engine.risk.check_many([rev, calm]))
+    flag = await asyncio.wait_for(held, WAIT_S)
+    assert flag.account_id == rev
+    await asyncio.wait_for(engine.risk.check(calm), WAIT_S)   # not behind the breached account's write
+    assert not both.done()
+    release.set()
+    await asyncio.wait_for(both, WAIT_S)
+    assert set(engine.drawdown_breaches()) == {rev}
+
+
 async def test_a_drawdown_check_that_fails_unexpectedly_does_not_strand_the_queue(service, monkeypatch):
     engine, _ = service
     checked: list[str] = []
