@@ -1,6 +1,6 @@
 """One keyed-transfer run, printed as one line: the quickest A/B of the operation path.
 
-    .venv/bin/python -m perf.keyed [--seconds 10] [--callers 64] [--no-database] [--unkeyed]
+    .venv/bin/python -m perf.keyed [--seconds 10] [--callers 64] [--no-database] [--unkeyed] [--windows N]
 
 A fresh embedded PostgreSQL, an in-process `Engine`, 1,000 funded accounts, then
 `--callers` closed-loop callers each sending `Engine.transfer` with its own uuid
@@ -27,7 +27,8 @@ ACCOUNTS = 1_000
 FUNDS = 10 ** 9
 
 
-async def run(url: str, pgdata: str, seconds: float, callers: int, no_database: bool, keyed: bool = True) -> dict:
+async def run(url: str, pgdata: str, seconds: float, callers: int, no_database: bool, keyed: bool = True,
+              windows: int = 1, report=None) -> dict:
     from actors.api import Engine
     from actors.settings import load_settings
     from persistence import store
@@ -44,34 +45,45 @@ async def run(url: str, pgdata: str, seconds: float, callers: int, no_database: 
                 batch.args()
                 await asyncio.sleep(0.001)
             store.write_batch = sleep_instead
-        rng, latencies = random.Random(7), []
-        wal_before = await engine.store.pool.fetchval("SELECT pg_current_wal_lsn()")
-        batches_before, ops_before = engine.writer.batches, engine.writer.operations
-        commit_s_before = _commit_seconds(engine)
-        before = cpu_sample(own="engine", pgdata=pgdata)
-        end = time.perf_counter() + seconds
+        rng = random.Random(7)
+        for window in range(windows):
+            result = await _window(engine, pgdata, ids, rng, seconds, callers, keyed, no_database)
+            if report is not None:
+                report(window, result)
+        return result
 
-        async def caller() -> None:
-            while time.perf_counter() < end:
-                a, b = rng.sample(ids, 2)
-                started = time.perf_counter()
-                await engine.transfer(a, b, rng.randint(1, 100), idempotency_key=uuid.uuid4().hex if keyed else None)
-                latencies.append(time.perf_counter() - started)
 
-        await asyncio.gather(*(caller() for _ in range(callers)))
-        after = cpu_sample(own="engine", pgdata=pgdata)
-        wal = await engine.store.pool.fetchval("SELECT pg_current_wal_lsn() - $1::pg_lsn", wal_before)
-        done = len(latencies)
-        latencies.sort()
-        return {"transfers_per_s": round(done / seconds), "p50_ms": round(latencies[done // 2] * 1e3, 2),
-                "p99_ms": round(latencies[int(done * 0.99)] * 1e3, 2),
-                "engine_us": round((after["engine"] - before["engine"]) / done * 1e6, 1),
-                "pg_us": round((after.get("postgres", 0) - before.get("postgres", 0)) / done * 1e6, 1),
-                "wal_bytes": round(float(wal) / done) if not no_database else 0,
-                "avg_batch": round((engine.writer.operations - ops_before)
-                                   / max(1, engine.writer.batches - batches_before), 1),
-                "avg_commit_ms": round((_commit_seconds(engine) - commit_s_before) * 1e3
-                                       / max(1, engine.writer.batches - batches_before), 2)}
+async def _window(engine, pgdata: str, ids: list[str], rng: random.Random, seconds: float, callers: int, keyed: bool,
+                  no_database: bool) -> dict:
+    """One measured window of `callers` closed-loop callers for `seconds`."""
+    latencies = []
+    wal_before = await engine.store.pool.fetchval("SELECT pg_current_wal_lsn()")
+    batches_before, ops_before = engine.writer.batches, engine.writer.operations
+    commit_s_before = _commit_seconds(engine)
+    before = cpu_sample(own="engine", pgdata=pgdata)
+    end = time.perf_counter() + seconds
+
+    async def caller() -> None:
+        while time.perf_counter() < end:
+            a, b = rng.sample(ids, 2)
+            started = time.perf_counter()
+            await engine.transfer(a, b, rng.randint(1, 100), idempotency_key=uuid.uuid4().hex if keyed else None)
+            latencies.append(time.perf_counter() - started)
+
+    await asyncio.gather(*(caller() for _ in range(callers)))
+    after = cpu_sample(own="engine", pgdata=pgdata)
+    wal = await engine.store.pool.fetchval("SELECT pg_current_wal_lsn() - $1::pg_lsn", wal_before)
+    done = len(latencies)
+    latencies.sort()
+    return {"transfers_per_s": round(done / seconds), "p50_ms": round(latencies[done // 2] * 1e3, 2),
+            "p99_ms": round(latencies[int(done * 0.99)] * 1e3, 2),
+            "engine_us": round((after["engine"] - before["engine"]) / done * 1e6, 1),
+            "pg_us": round((after.get("postgres", 0) - before.get("postgres", 0)) / done * 1e6, 1),
+            "wal_bytes": round(float(wal) / done) if not no_database else 0,
+            "avg_batch": round((engine.writer.operations - ops_before)
+                               / max(1, engine.writer.batches - batches_before), 1),
+            "avg_commit_ms": round((_commit_seconds(engine) - commit_s_before) * 1e3
+                                   / max(1, engine.writer.batches - batches_before), 2)}
 
 
 def _commit_seconds(engine) -> float:
@@ -86,15 +98,23 @@ def main() -> None:
     parser.add_argument("--callers", type=int, default=64)
     parser.add_argument("--no-database", action="store_true", help="a 1 ms sleep instead of each batch's statement")
     parser.add_argument("--unkeyed", action="store_true", help="transfers without an idempotency key")
+    parser.add_argument("--windows", type=int, default=1,
+                        help="measure this many windows of --seconds one after another on the same database, "
+                             "a line each (the steady state costs more than a fresh database)")
     args = parser.parse_args()
     database = Database()
+
+    def report(window: int, result: dict) -> None:
+        prefix = f"window {window} " if args.windows > 1 else ""
+        print(prefix + " ".join(f"{key} {value}" for key, value in result.items()), flush=True)
+
     try:
         database.start()
         url = database.create("keyed")
-        result = run_async(run(url, database.pgdata, args.seconds, args.callers, args.no_database, not args.unkeyed))
+        run_async(run(url, database.pgdata, args.seconds, args.callers, args.no_database, not args.unkeyed,
+                      windows=max(1, args.windows), report=report))
     finally:
         database.close()
-    print(" ".join(f"{key} {value}" for key, value in result.items()), flush=True)
 
 
 if __name__ == "__main__":
