@@ -69,7 +69,7 @@ class EngineTarget:
 
     async def prepare(self, workload: Workload) -> None:
         """Before the first trades run: each account's weekly sums read once
-        (`WARM_WEEKS`)."""
+        (why: `WARM_WEEKS_WHY`)."""
         if workload.operation == "trade" and not self._warm:
             self._warm = True
             progress(f"in-process: {WARM_WEEKS_WHY}")
@@ -168,7 +168,7 @@ class HttpTarget:
 
     async def prepare(self, workload: Workload) -> None:
         """Before the first trades run: each account's weekly sums read once
-        (`WARM_WEEKS`), through each account's analytics."""
+        (why: `WARM_WEEKS_WHY`), through each account's analytics."""
         if workload.operation == "trade" and not self._warm:
             self._warm = True
             progress(f"http: {WARM_WEEKS_WHY}")
