@@ -368,7 +368,7 @@ class Writer:
         accounts is poisoned."""
         serial, head, event_head = batch.after
         return (self._last_committed == serial and self._audit_head == head and self._event_head == event_head
-                and not any(not self.poisoned.isdisjoint(op.accounts) for op in batch.ops))
+                and all(self.poisoned.isdisjoint(op.accounts) for op in batch.ops))
 
     def _take_ahead(self) -> "_Batch | None":
         """The batch built ahead if it fits; else None, its operations queued first again."""
