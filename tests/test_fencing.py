@@ -16,7 +16,7 @@ from actors.availability import AnotherEngine, State
 from engine.errors import Unavailable
 from persistence import fence
 from tests.conftest import engine_settings, eventually
-from tests.test_chaos import report
+from tests.service_harness import report
 from tests.test_engine import checked_books, funded
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")

@@ -1,5 +1,5 @@
 """Webhook delivery survives SIGKILL (issue 11): the service runs as a user runs it
-(`python -m gateway`, its own embedded PostgreSQL, see tests/test_crash.py), delivers a
+(`python -m gateway`, its own embedded PostgreSQL, see tests/service_harness.py), delivers a
 backlog of events to a real receiver started by the test, and is killed with SIGKILL in
 the middle of it. After a restart on the same data directory every event of the feed has
 arrived, in commit order, each verified with `standardwebhooks`; an event can arrive
@@ -11,7 +11,8 @@ import threading
 import time
 
 
-from tests.test_crash import Client, data_dir, services  # noqa: F401 - fixtures
+from tests.service_harness import Client
+from tests.test_crash import data_dir, services  # noqa: F401 - fixtures
 from tests.webhook_receiver import Receiver
 
 EVENTS = 120
