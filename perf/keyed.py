@@ -1,6 +1,6 @@
 """One keyed-transfer run, printed as one line: the quickest A/B of the operation path.
 
-    .venv/bin/python -m perf.keyed [--seconds 10] [--callers 64] [--no-database] [--unkeyed] [--windows N]
+    .venv/bin/python -m perf.keyed [--seconds 10] [--callers 64] [--no-database] [--unkeyed] [--windows N] [--io]
 
 A fresh embedded PostgreSQL, an in-process `Engine`, 1,000 funded accounts, then
 `--callers` closed-loop callers each sending `Engine.transfer` with its own uuid
@@ -12,6 +12,13 @@ mean time from a batch's start to its commit.
 `--no-database` replaces the batch's statement by a 1 ms sleep once the accounts are
 funded: what the engine's own path costs, and the rate at which it alone saturates the
 event loop. Run it from two checkouts alternately (same machine, same hour) to compare.
+
+`--io` adds, per window, what PostgreSQL wrote per transfer (`pg_stat_io`, PostgreSQL 16
+and later): the pages the writer's backend wrote out itself (`be_writes`: dirty pages it
+evicted), the pages it added to relations (`be_extends`), the pages the background
+writer and the checkpointer wrote (`bg_writes`), full-page images in the WAL (`fpi`) and
+the checkpoints in the window; and after the last window the bytes each table and index
+grew by per transfer.
 """
 from __future__ import annotations
 
@@ -28,7 +35,7 @@ FUNDS = 10 ** 9
 
 
 async def run(url: str, pgdata: str, seconds: float, callers: int, no_database: bool, keyed: bool = True,
-              windows: int = 1, report=None) -> dict:
+              windows: int = 1, report=None, io: bool = False) -> dict:
     from actors.api import Engine
     from actors.settings import load_settings
     from persistence import store
@@ -46,11 +53,50 @@ async def run(url: str, pgdata: str, seconds: float, callers: int, no_database: 
                 await asyncio.sleep(0.001)
             store.write_batch = sleep_instead
         rng = random.Random(7)
+        pool = engine.store.pool
+        sizes = await _relation_sizes(pool) if io else {}
+        transfers = 0
         for window in range(windows):
+            before = await _io_sample(pool) if io else None
             result = await _window(engine, pgdata, ids, rng, seconds, callers, keyed, no_database)
+            done = round(result["transfers_per_s"] * seconds)
+            transfers += done
+            if io:
+                result.update(_io_per_transfer(before, await _io_sample(pool), done))
             if report is not None:
                 report(window, result)
+        if io and report is not None:
+            grown = {name: size - sizes.get(name, 0) for name, size in (await _relation_sizes(pool)).items()}
+            report(None, {f"{name}_bytes": round(grown[name] / max(1, transfers))
+                          for name in sorted(grown, key=grown.get, reverse=True) if grown[name] > 0})
         return result
+
+
+async def _io_sample(pool) -> dict:
+    """PostgreSQL's I/O counters so far (`pg_stat_io`, `pg_stat_wal`, checkpoints)."""
+    rows = await pool.fetch("SELECT backend_type, coalesce(sum(writes), 0) AS writes, "
+                            "coalesce(sum(extends), 0) AS extends FROM pg_stat_io WHERE object = 'relation' "
+                            "GROUP BY backend_type")
+    io = {row["backend_type"]: (float(row["writes"]), float(row["extends"])) for row in rows}
+    return {"be": io.get("client backend", (0.0, 0.0)),
+            "bg": sum(io.get(kind, (0.0, 0.0))[0] for kind in ("background writer", "checkpointer")),
+            "fpi": float(await pool.fetchval("SELECT wal_fpi FROM pg_stat_wal")),
+            "checkpoints": await pool.fetchval("SELECT num_timed + num_requested FROM pg_stat_checkpointer")}
+
+
+def _io_per_transfer(before: dict, after: dict, transfers: int) -> dict:
+    n = max(1, transfers)
+    return {"be_writes": round((after["be"][0] - before["be"][0]) / n, 3),
+            "be_extends": round((after["be"][1] - before["be"][1]) / n, 3),
+            "bg_writes": round((after["bg"] - before["bg"]) / n, 3),
+            "fpi": round((after["fpi"] - before["fpi"]) / n, 3),
+            "checkpoints": after["checkpoints"] - before["checkpoints"]}
+
+
+async def _relation_sizes(pool) -> dict[str, int]:
+    rows = await pool.fetch("SELECT relname, pg_relation_size(oid) AS size FROM pg_class "
+                            "WHERE relkind IN ('r', 'i') AND relnamespace = 'public'::regnamespace")
+    return {row["relname"]: row["size"] for row in rows}
 
 
 async def _window(engine, pgdata: str, ids: list[str], rng: random.Random, seconds: float, callers: int, keyed: bool,
@@ -101,18 +147,21 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=1,
                         help="measure this many windows of --seconds one after another on the same database, "
                              "a line each (the steady state costs more than a fresh database)")
+    parser.add_argument("--io", action="store_true",
+                        help="also what PostgreSQL wrote per transfer (pg_stat_io, PostgreSQL 16+), and what each "
+                             "table and index grew by")
     args = parser.parse_args()
     database = Database()
 
-    def report(window: int, result: dict) -> None:
-        prefix = f"window {window} " if args.windows > 1 else ""
+    def report(window: int | None, result: dict) -> None:
+        prefix = "grown per transfer " if window is None else f"window {window} " if args.windows > 1 else ""
         print(prefix + " ".join(f"{key} {value}" for key, value in result.items()), flush=True)
 
     try:
         database.start()
         url = database.create("keyed")
         run_async(run(url, database.pgdata, args.seconds, args.callers, args.no_database, not args.unkeyed,
-                      windows=max(1, args.windows), report=report))
+                      windows=max(1, args.windows), report=report, io=args.io))
     finally:
         database.close()
 
