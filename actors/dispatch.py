@@ -22,6 +22,7 @@ from actors.context import OPERATION, audit_entry
 from actors.ids import new_id, next_op_id
 from engine import limits
 from engine.errors import Overloaded, Unavailable, ValidationFailed
+from engine.text import idempotency_key_valid
 from persistence.writer import WriteOp
 
 T = TypeVar("T")
@@ -57,8 +58,11 @@ class Dispatch:
         per key (`actors/idempotency.py`): a retry while the first is in flight waits for
         its outcome; a retry after it committed gets the stored result (also after a
         restart); the same key with another request (operation, target, body) is refused."""
-        if key is not None and (not isinstance(key, str) or not 1 <= len(key) <= limits.IDEMPOTENCY_KEY_LENGTH_MAX):
-            raise ValidationFailed("the idempotency key must be 1 to 200 characters", {"field": "Idempotency-Key"})
+        if key is not None and not idempotency_key_valid(key, limits.IDEMPOTENCY_KEY_LENGTH_MAX):
+            # The gateway's check (`engine/text.py`): a key the HTTP API refuses is
+            # refused in-process too, before anything is decided or written.
+            raise ValidationFailed("the idempotency key must be 1 to 200 printable ASCII characters, not blank",
+                                   {"field": "Idempotency-Key"})
         admission = self.admission
         admission.admit()
         # `admission.bounded`, inline: one coroutine less per operation.

@@ -25,6 +25,19 @@ def validate(request_type: type[T], **fields: Any) -> T:
         raise ValidationFailed(str(error), {"reason": str(error)}) from error
 
 
+def checked(request: Any, request_type: type[T]) -> T:
+    """A request Struct as decoding would have checked it. A Struct's constructor checks
+    no type or constraint, so an embedder's `DepositRequest(amount="7")` is checked here
+    rather than failing inside an account's actor. ~1 µs (the gateway's decoded requests
+    are checked again: one check for every door)."""
+    if type(request) is not request_type:
+        raise ValidationFailed(f"expected a {request_type.__name__}", {"reason": f"got {type(request).__name__}"})
+    try:
+        return msgspec.convert(msgspec.structs.asdict(request), request_type, strict=True)
+    except msgspec.ValidationError as error:
+        raise ValidationFailed(str(error), {"reason": str(error)}) from error
+
+
 def clean_text(value: Any, length_max: int) -> bool:
     return isinstance(value, str) and 1 <= len(value) <= length_max and "\x00" not in value
 

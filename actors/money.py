@@ -1,8 +1,10 @@
 """Accounts and the money on them: open, update and close an account; deposit, withdraw,
 book a trade, transfer.
 
-Each money operation has two doors: keyword arguments, validated here, and `*_request`
-with the request Struct the gateway has already decoded and validated (decoded once).
+Each money operation has two doors: keyword arguments, and `*_request` with a request
+Struct (the gateway's, decoded once). Both check their input the way decoding does: a
+Struct built in code is checked too (`actors.inputs.checked`; its constructor checks
+nothing), so no malformed request reaches an account's actor.
 Each builds its command(s) and its reply's renderer, then runs through the dispatcher
 (`actors/dispatch.py`); a credit to an account of a forked unit is followed by the unit's
 merge check (`actors/portfolios.py`) before it is answered."""
@@ -16,7 +18,7 @@ from actors.account import Decided
 from actors.context import override
 from actors.dispatch import NO_SKIP
 from actors.ids import new_id
-from actors.inputs import check_id, validate
+from actors.inputs import check_id, checked, validate
 from engine import ledger
 from engine.errors import ValidationFailed
 from engine.model import (
@@ -71,11 +73,13 @@ class Money:
     # -- money -----------------------------------------------------------------------
     async def deposit(self, account_id: str, amount: int, *, memo: str | None = None,
                       idempotency_key: str | None = None) -> Transaction:
-        return await self.deposit_request(account_id, validate(DepositRequest, amount=amount, memo=memo),
-                                          idempotency_key=idempotency_key)
+        return await self._deposit(account_id, validate(DepositRequest, amount=amount, memo=memo), idempotency_key)
 
     async def deposit_request(self, account_id: str, request: DepositRequest, *,
                               idempotency_key: str | None = None) -> Transaction:
+        return await self._deposit(account_id, checked(request, DepositRequest), idempotency_key)
+
+    async def _deposit(self, account_id: str, request: DepositRequest, idempotency_key: str | None) -> Transaction:
         return await self._single_leg("deposit", account_id, request, Deposit(amount=request.amount, memo=request.memo),
                                       idempotency_key)
 
@@ -83,12 +87,15 @@ class Money:
                        override_reason: str | None = None, idempotency_key: str | None = None) -> Transaction:
         """`override_reason` (admins only over HTTP) withdraws even from an account type
         that refuses withdrawals; the reason is audited."""
-        return await self.withdraw_request(
+        return await self._withdraw(
             account_id, validate(WithdrawalRequest, amount=amount, memo=memo, override_reason=override_reason),
-            idempotency_key=idempotency_key)
+            idempotency_key)
 
     async def withdraw_request(self, account_id: str, request: WithdrawalRequest, *,
                                idempotency_key: str | None = None) -> Transaction:
+        return await self._withdraw(account_id, checked(request, WithdrawalRequest), idempotency_key)
+
+    async def _withdraw(self, account_id: str, request: WithdrawalRequest, idempotency_key: str | None) -> Transaction:
         with override(request.override_reason):
             return await self._single_leg("withdraw", account_id, request,
                                           Withdraw(amount=request.amount, memo=request.memo,
@@ -96,12 +103,15 @@ class Money:
 
     async def book_trade(self, account_id: str, *, kind: str, amount: int, effective_date: date | None = None,
                          memo: str | None = None, idempotency_key: str | None = None) -> Transaction:
-        return await self.book_trade_request(
+        return await self._book_trade(
             account_id, validate(TradeRequest, kind=kind, amount=amount, effective_date=effective_date, memo=memo),
-            idempotency_key=idempotency_key)
+            idempotency_key)
 
     async def book_trade_request(self, account_id: str, request: TradeRequest, *,
                                  idempotency_key: str | None = None) -> Transaction:
+        return await self._book_trade(account_id, checked(request, TradeRequest), idempotency_key)
+
+    async def _book_trade(self, account_id: str, request: TradeRequest, idempotency_key: str | None) -> Transaction:
         command = BookTrade(kind=request.kind, amount=request.amount, memo=request.memo,
                             effective_date=request.effective_date)
         result = await self._single_leg("trade", account_id, request, command, idempotency_key)
@@ -126,9 +136,11 @@ class Money:
                            memo=memo, override_reason=override_reason)
         if override_reason is None:   # one coroutine less on the hot path
             return await self._transfer(request, idempotency_key)
-        return await self.transfer_request(request, idempotency_key=idempotency_key)
+        with override(request.override_reason):
+            return await self._transfer(request, idempotency_key)
 
     async def transfer_request(self, request: TransferRequest, *, idempotency_key: str | None = None) -> Transfer:
+        request = checked(request, TransferRequest)
         with override(request.override_reason):
             return await self._transfer(request, idempotency_key)
 

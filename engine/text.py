@@ -13,8 +13,12 @@ Three kinds of text:
   emoji sequences and several scripts need them;
 - *memos*: free text kept exactly as sent, minus control characters and bidi
   embeddings, overrides and isolates.
-Idempotency keys are printable ASCII (U+0020 to U+007E), 1 to 200 characters (checked by
-the gateway, `gateway.app.idempotency_key`).
+Idempotency keys are printable ASCII (U+0020 to U+007E), 1 to 200 characters, not blank
+(`idempotency_key_valid`: the gateway and the embedding API check the same).
+
+What the engine *stores* of a request without validating it (the audit log's target,
+request id and client: a refused request's path segment is recorded as sent) goes through
+`storable`, since PostgreSQL's text cannot hold NUL or unpaired surrogates.
 
 Pure functions; a refusal is a `ValueError` whose message names the field the way
 msgspec does (`- at `$.owner``), so the gateway reports it as a 422 on that field."""
@@ -35,6 +39,27 @@ TEXT_PATTERN = f"^[^{_CONTROL}{_BIDI}]*\\Z"
 # surrogates, private use, unassigned, line and paragraph separators.
 _REFUSED_IN_IDENTIFIERS = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
 _WIDTH_FORMS = re.compile("[\uff00-\uffef]")
+
+
+def idempotency_key_valid(key: object, length_max: int) -> bool:
+    """A key is printable ASCII, 1 to `length_max` characters, not only spaces: the same
+    key in every client, log and store (an empty or blank key is a mistake, not "no
+    key": two such deposits would both post)."""
+    return (isinstance(key, str) and key.isascii() and key.isprintable() and 0 < len(key) <= length_max
+            and not key.isspace())
+
+
+def storable(value: str | None) -> str | None:
+    """`value` as PostgreSQL's text can hold it: NUL and unpaired surrogates become
+    U+FFFD (the replacement character); anything else is kept as it is."""
+    if value is None or (value.isascii() and "\x00" not in value):
+        return value
+    value = value.replace("\x00", "\ufffd")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        value = "".join("\ufffd" if "\ud800" <= character <= "\udfff" else character for character in value)
+    return value
 
 
 def _refuse(field: str, why: str) -> ValueError:

@@ -18,7 +18,7 @@ import msgspec
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 
-from engine import limits
+from engine import limits, text
 from engine.errors import (
     EngineError, IdempotencyKeyReused, NotFound, Refused, Unavailable, ValidationFailed,
 )
@@ -392,7 +392,7 @@ def idempotency_key(request: web.Request) -> str | None:
                         {"field": "Idempotency-Key"})
     # An empty or blank key is a mistake, not "no key" (two such deposits would both post);
     # a key is printable ASCII, so that it is the same key in every client, log and store.
-    if not (key.isascii() and key.isprintable()) or not key.strip() or len(key) > limits.IDEMPOTENCY_KEY_LENGTH_MAX:
+    if not text.idempotency_key_valid(key, limits.IDEMPOTENCY_KEY_LENGTH_MAX):
         raise HttpError(422, "validation_failed",
                         "Idempotency-Key must be 1 to 200 printable ASCII characters, not blank",
                         {"field": "Idempotency-Key"})

@@ -23,6 +23,7 @@ import msgspec
 
 from engine import audit
 from engine.model import Account, Portfolio, Reinvested
+from engine.text import storable
 
 encode_json = msgspec.json.Encoder().encode
 
@@ -161,11 +162,14 @@ def audit_row(seq: int, at: datetime, at_text: str, entry: Any, details: dict, p
     context = entry.context
     principal = context.principal
     details_text = encode_json(details).decode()
+    # A refused request is recorded as sent (its path segment, its request id), in the
+    # form PostgreSQL's text can hold: a NUL in a URL must not keep it out of the log.
+    action, target = storable(entry.action), storable(entry.target)
+    request_id, client = storable(context.request_id), storable(context.client)
     record_hash = audit.hash_fields(seq, at_text, principal.token_id, principal.role, principal.owner,
-                                    entry.action, entry.target, context.request_id, context.client,
-                                    entry.outcome, details_text, prev_hash)
-    return AuditRow(seq, at, principal.token_id, principal.role, principal.owner, entry.action, entry.target,
-                    context.request_id, context.client, entry.outcome, details_text, prev_hash, record_hash)
+                                    action, target, request_id, client, entry.outcome, details_text, prev_hash)
+    return AuditRow(seq, at, principal.token_id, principal.role, principal.owner, action, target,
+                    request_id, client, entry.outcome, details_text, prev_hash, record_hash)
 
 
 def _json(items) -> str:

@@ -15,6 +15,7 @@ from actors.api import BlockingEngine, Engine
 from actors.settings import load_settings
 from engine.errors import IdempotencyKeyReused, NotFound, Refused, Unavailable, ValidationFailed
 from engine.model import Account, Transaction, Transfer
+from engine.requests import DepositRequest, TradeRequest, TransferRequest, WithdrawalRequest
 from tests.conftest import eventually
 
 
@@ -689,3 +690,29 @@ async def test_stop_ends_even_when_a_supervisor_loop_misses_its_cancellation(dat
     await asyncio.sleep(0.6)   # the supervisor's next tick is now in the patched call
     await asyncio.wait_for(engine.stop(), timeout=8)
     assert swallowed.is_set()
+
+
+@pytest.mark.parametrize("call", [
+    lambda engine, a, b: engine.deposit_request(a, DepositRequest(amount="7")),
+    lambda engine, a, b: engine.deposit_request(a, DepositRequest(amount=-500)),
+    lambda engine, a, b: engine.deposit_request(a, DepositRequest(amount=1.5)),
+    lambda engine, a, b: engine.withdraw_request(a, WithdrawalRequest(amount=0)),
+    lambda engine, a, b: engine.book_trade_request(a, TradeRequest(kind="bogus", amount=5)),
+    lambda engine, a, b: engine.transfer_request(TransferRequest(from_account=a, to_account=b, amount=-300)),
+    lambda engine, a, b: engine.transfer_request({"from_account": a, "to_account": b, "amount": 3}),
+    lambda engine, a, b: engine.deposit_request(a, WithdrawalRequest(amount=3)),
+], ids=["string-amount", "negative-deposit", "float-amount", "zero-withdrawal", "unknown-trade-kind",
+        "negative-transfer", "dict-not-struct", "wrong-struct"])
+async def test_a_request_struct_built_in_code_is_checked_like_a_decoded_one(engine, call):
+    # A Struct's constructor checks nothing: these used to crash the account's actor
+    # (six in a minute quarantined the account) or reach the database (decision 87).
+    a = (await engine.create_account(name="a", type="revenue", owner="ann")).id
+    b = (await engine.create_account(name="b", type="revenue", owner="ann")).id
+    await engine.deposit(a, 1_000)
+    for _ in range(7):   # past the supervisor's restart limit, had each one crashed the actor
+        with pytest.raises(ValidationFailed):
+            await call(engine, a, b)
+    status = await engine.supervisor_status()
+    assert status["restarts_total"] == 0 and not status["quarantined"], status
+    assert (await engine.deposit_request(a, DepositRequest(amount=5))).balance_after == 1_005
+    assert (await engine.transfer_request(TransferRequest(from_account=a, to_account=b, amount=5))).amount == 5

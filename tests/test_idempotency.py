@@ -9,7 +9,7 @@ import asyncio
 import pytest
 
 from actors.api import Engine
-from engine.errors import IdempotencyKeyReused
+from engine.errors import IdempotencyKeyReused, ValidationFailed
 from tests.conftest import engine_settings, eventually
 from tests.test_engine import checked_books, entry_count
 
@@ -149,3 +149,16 @@ async def test_the_engine_remembers_recent_keys_across_a_restart(engine, databas
         assert (await restarted.get_account(account.id)).balance == 100
     finally:
         await restarted.stop()
+
+
+@pytest.mark.parametrize("key", ["\x00", "", " ", "   ", "ключ", "tab\tkey", "x" * 201])
+async def test_the_embedding_api_refuses_the_keys_http_refuses_before_anything_is_written(engine, key):
+    # A NUL used to reach PostgreSQL and come back as a 503 `write_rejected` ("retry"),
+    # and blank or non-ASCII keys were taken in-process though HTTP refuses them.
+    account = await funded(engine, 0)
+    with pytest.raises(ValidationFailed) as refused:
+        await engine.deposit(account.id, 5, idempotency_key=key)
+    assert refused.value.details == {"field": "Idempotency-Key"}
+    assert await entry_count(engine, account.id) == 0
+    accepted = await engine.deposit(account.id, 5, idempotency_key="x" * 200)
+    assert accepted.balance_after == 5

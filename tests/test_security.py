@@ -352,6 +352,29 @@ async def test_every_mutation_and_refused_access_is_audited_and_the_chain_verifi
     assert rest["next_cursor"] is None
 
 
+async def test_a_refused_request_with_a_nul_or_a_lone_surrogate_in_its_path_is_still_audited(api, engine_rows):
+    # PostgreSQL's text holds neither: the record used to fail at the database, so
+    # refused access through such a path left no trace (decision 87).
+    viewer = await make_token(api, "viewer")
+    sent = [("/v1/accounts/x%00y/deposits", "wrong-secret", 401, "req-nul-1"),
+            ("/v1/accounts/x%00y/deposits", viewer["token"], 403, "req-nul-2"),
+            ("/v1/accounts/z%ED%A0%80z/deposits", "wrong-secret", 401, "req-nul-3")]
+    for path, token, status, request_id in sent:
+        reply = await api.post(path, {"amount": 1}, token=token, headers={"X-Request-Id": request_id})
+        assert reply.status == status, (path, reply.status, reply.body)
+
+    async def recorded():
+        found = await engine_rows("SELECT * FROM audit_log WHERE request_id LIKE 'req-nul-%' ORDER BY seq")
+        return found if len(found) == len(sent) else None
+
+    rows = await eventually(recorded, "the refusals' audit records")
+    assert [row["outcome"] for row in rows] == ["401 unauthorized", "403 forbidden", "401 unauthorized"]
+    assert rows[0]["target"] == rows[1]["target"] == "x\ufffdy"
+    assert "\x00" not in rows[2]["target"] and rows[2]["target"].startswith("z") and rows[2]["target"].endswith("z")
+    verdict = (await api.get("/v1/audit/verify")).body
+    assert verdict["valid"] is True, verdict
+
+
 async def test_an_override_is_for_admins_only_and_is_audited_with_its_reason(api, engine_rows):
     operator = await make_token(api, "operator")
     portfolio = await api.created("/v1/portfolios", {"name": "p", "owner": "ann", "initial_capital": 10_000})
