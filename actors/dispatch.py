@@ -52,7 +52,7 @@ class Dispatch:
         self._registry = registry
         self._writer = writer
 
-    async def idempotent(self, key: str | None, request: tuple[str, str | None, msgspec.Struct],
+    async def idempotent(self, key: str | None, request: tuple[str, str | None, msgspec.Struct | dict],
                          result_type: type[T], run: Callable[[Any], Awaitable[T]]) -> T:
         """Admits the operation and runs `run` within the operation timeout, at most once
         per key (`actors/idempotency.py`): a retry while the first is in flight waits for

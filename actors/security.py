@@ -14,7 +14,7 @@ import hashlib
 import logging
 import secrets
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -52,13 +52,14 @@ class TokenInfo(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class CreatedToken(msgspec.Struct, frozen=True, kw_only=True):
-    """The answer to creating a token: the only time its secret is shown."""
+    """The answer to creating a token: the only time its secret is shown (`token`; null
+    in the answer to a retry with the same idempotency key)."""
 
     id: str
     name: str
     role: str
     owner: str | None = None
-    token: str
+    token: str | None
     created_at: datetime
 
 
@@ -117,22 +118,35 @@ class Security:
 
     # -- tokens --------------------------------------------------------------------------
     async def create_token(self, *, name: str, role: str, owner: str | None = None,
-                           context: AuditContext | None = None) -> CreatedToken:
+                           context: AuditContext | None = None, idempotency_key: str | None = None) -> CreatedToken:
+        """A new token; its secret is in this answer only (the table keeps its hash). With
+        an `idempotency_key`, a retry answers with the same token and makes no second
+        one, but without the secret (`token` is null): the key table keeps no secret."""
         _check_text("name", name, limits.NAME_LENGTH_MAX)
         if role not in ROLES:
             raise ValidationFailed(f"role must be one of {', '.join(ROLES)}", {"field": "role"})
         if owner is not None:
             _check_text("owner", owner, limits.OWNER_LENGTH_MAX)
+        if idempotency_key is None:
+            return await self._create_token(name, role, owner, context, None)
+        request = {"name": name, "role": role, "owner": owner}   # what the key is bound to
+        return await self.engine.dispatch.idempotent(
+            idempotency_key, ("create_token", None, request), CreatedToken,
+            lambda claim: self._create_token(name, role, owner, context, claim))
+
+    async def _create_token(self, name: str, role: str, owner: str | None, context: AuditContext | None,
+                            claim) -> CreatedToken:
         secret = SECRET_PREFIX + secrets.token_urlsafe(32)
         hashed = secret_hash(secret)
         token_id = new_id("tok")
         context = context or AuditContext(EMBEDDED)
         row = TokenRow(id=token_id, name=name, role=role, owner=owner, secret_hash=hashed,
                        created_by=context.principal.token_id, created_at=self.engine.clock())
+        created = CreatedToken(id=token_id, name=name, role=role, owner=owner, token=secret, created_at=row.created_at)
         await self._write(context, "create_token", token_id, {"role": role, "owner": owner, "name": name},
-                          tokens=(row,))
+                          tokens=(row,), idempotency=claim, stored=msgspec.structs.replace(created, token=None))
         self._remember(token_id, role, owner, hashed)
-        return CreatedToken(id=token_id, name=name, role=role, owner=owner, token=secret, created_at=row.created_at)
+        return created
 
     async def revoke_token(self, token_id: str, *, context: AuditContext | None = None) -> TokenInfo:
         """Revokes at once: the token stops working before the revocation is written."""
@@ -234,21 +248,29 @@ class Security:
                                  reason=check.reason)
 
     async def _write(self, context: AuditContext, action: str, target: str | None, details: dict, *,
-                     outcome: str = "committed", tokens: tuple = (), revocations: tuple = ()) -> None:
+                     outcome: str = "committed", tokens: tuple = (), revocations: tuple = (), idempotency=None,
+                     stored: Any = None) -> None:
+        """Writes the record (and tokens, revocations) through the writer. With an
+        idempotency key's claim, the key commits with them, `stored` as its answer; the
+        claim is settled by the outcome, as an operation's reply settles it."""
         engine = self.engine
         engine.admission.admit()
         future = engine._loop.create_future()
         entry = AuditEntry(context=context, action=action, target=target, outcome=outcome, details=details)
 
         def done(result, error):
+            if idempotency is not None:
+                idempotency.settle(result, error)
             if not future.done():
                 if error is not None:
                     future.set_exception(error)
                 else:
                     future.set_result(result)
 
+        if idempotency is not None:
+            idempotency.attached = True
         engine.writer.enqueue(WriteOp(op_id=next_op_id(), accounts=(), done=done, audit=entry, tokens=tokens,
-                                      revocations=revocations))
+                                      revocations=revocations, idempotency=idempotency, result=stored))
         await engine.admission.bounded(future)
 
 

@@ -615,14 +615,23 @@ class Webhooks:
         return endpoint
 
     async def create(self, *, url: str, event_types: list[str] | None = None, description: str | None = None,
-                     owner: str | None = None, scope: str | None = None,
-                     context: AuditContext | None = None) -> CreatedWebhook:
+                     owner: str | None = None, scope: str | None = None, context: AuditContext | None = None,
+                     idempotency_key: str | None = None) -> CreatedWebhook:
         """A new endpoint, receiving the events committed from now on (only `owner`'s
-        when set; a token scoped to an owner always makes its own)."""
+        when set; a token scoped to an owner always makes its own). With an
+        `idempotency_key`, a retry answers with the endpoint the first request made (its
+        secret too: the endpoint's table keeps it for signing) and makes no second one."""
         from engine.webhooks import CreateWebhookRequest
 
         request = _convert(CreateWebhookRequest, url=url, event_types=event_types, description=description,
                            owner=owner)
+        if idempotency_key is None:
+            return await self._create(request, scope, context, None)
+        return await self.engine.dispatch.idempotent(
+            idempotency_key, ("create_webhook", scope, request), CreatedWebhook,
+            lambda claim: self._create(request, scope, context, claim))
+
+    async def _create(self, request, scope: str | None, context: AuditContext | None, claim) -> CreatedWebhook:
         check_target(request.url, allow_private=self.settings.allow_private_targets)
         check_event_types(request.event_types)
         if len(self.endpoints) >= self.settings.endpoints_max:
@@ -636,8 +645,11 @@ class Webhooks:
                "secret": new_secret(), "previous_secret": None, "previous_secret_expires_at": None,
                "cursor": await self._latest_event_seq(), "last_success_at": None,
                "created_by": context.principal.token_id, "created_at": now, "updated_at": now}
+        created = CreatedWebhook(**msgspec.structs.asdict(_view(row)), secret=row["secret"])
 
         async def insert(conn):
+            if claim is not None:   # first: a key committed before makes nothing
+                await self.table.insert_key(conn, claim.key, claim.fingerprint, msgspec.json.encode(created))
             await self.table.insert_endpoint(conn, row)
 
         await self._audited(context, "create_webhook", row["id"],
@@ -645,7 +657,7 @@ class Webhooks:
                             insert)
         endpoint = self._remember(row)
         self._start_worker(endpoint)
-        return CreatedWebhook(**msgspec.structs.asdict(_view(row)), secret=row["secret"])
+        return created
 
     def list(self, *, scope: str | None = None) -> WebhookPage:
         rows = sorted((e.row for e in self.endpoints.values() if scope is None or e.row["owner"] == scope),

@@ -617,7 +617,8 @@ async def release_quarantine(request: web.Request) -> web.Response:
 async def create_token(request: web.Request) -> web.Response:
     body = await body_of(request, CreateTokenRequest)
     created = await _engine(request).security.create_token(name=body.name, role=body.role, owner=body.owner,
-                                                           context=request[AUDIT])
+                                                           context=request[AUDIT],
+                                                           idempotency_key=idempotency_key(request))
     return json_response(created, 201)
 
 
@@ -720,7 +721,7 @@ async def create_webhook(request: web.Request) -> web.Response:
         require_body_owner(request, body.owner)
     created = await _engine(request).webhooks.create(
         url=body.url, event_types=body.event_types, description=body.description, owner=body.owner,
-        scope=scoped_owner(request), context=request[AUDIT])
+        scope=scoped_owner(request), context=request[AUDIT], idempotency_key=idempotency_key(request))
     return json_response(created, 201)
 
 

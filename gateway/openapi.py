@@ -35,7 +35,8 @@ BODY_STATUSES = {"408": "The request body did not arrive in time"}
 
 # Mutations that honour an Idempotency-Key; the others ignore the header.
 IDEMPOTENT = frozenset({"create_account", "update_account", "close_account", "deposit", "withdraw", "book_trade",
-                        "transfer", "create_portfolio", "merge_portfolio", "reinvest_portfolio", "fork"})
+                        "transfer", "create_portfolio", "merge_portfolio", "reinvest_portfolio", "fork",
+                        "create_token", "create_webhook"})
 
 _LIMIT = {"type": "integer", "minimum": 1, "maximum": limits.PAGE_SIZE_MAX}
 _SEQUENCE = {"type": "integer", "minimum": 0, "maximum": 10**18 - 1}

@@ -7,7 +7,8 @@ from __future__ import annotations
 import contextlib
 from datetime import datetime
 
-from persistence.store import Store, translated_errors
+from engine.errors import KeyCommitted
+from persistence.store import SELECT_IDEMPOTENCY, Store, translated_errors
 
 ENDPOINT_COLUMNS = ("id, url, description, event_types, owner, enabled, disabled_reason, secret, previous_secret, "
                     "previous_secret_expires_at, cursor, last_success_at, created_by, created_at, updated_at")
@@ -22,6 +23,8 @@ UPDATE_ENDPOINT = ("UPDATE webhook_endpoints SET url = $2, description = $3, eve
                    "disabled_reason = $6, updated_at = $7 WHERE id = $1")
 ROTATE_SECRET = ("UPDATE webhook_endpoints SET secret = $2, previous_secret = $3, previous_secret_expires_at = $4, "
                  "updated_at = $5 WHERE id = $1")
+INSERT_KEY = ("INSERT INTO idempotency_keys (key, fingerprint, response) VALUES ($1, $2, $3) "
+              "ON CONFLICT (key) DO NOTHING RETURNING 1")
 SELECT_ENDPOINT = f"SELECT {ENDPOINT_COLUMNS} FROM webhook_endpoints WHERE id = $1"
 SELECT_ENDPOINT_FOR_UPDATE = SELECT_ENDPOINT + " FOR UPDATE"
 SELECT_ENDPOINTS = f"SELECT {ENDPOINT_COLUMNS} FROM webhook_endpoints ORDER BY created_at, id"
@@ -86,6 +89,18 @@ class WebhookStore:
         columns = [name.strip() for name in ENDPOINT_COLUMNS.split(",")]
         async with translated_errors():
             await conn.execute(INSERT_ENDPOINT, *[row[name] for name in columns])
+
+    async def insert_key(self, conn, key: str, fingerprint: str, response: bytes) -> None:
+        """Commits an idempotency key with the change made on `conn` (its answer stored as
+        `response`), or raises `KeyCommitted` with the key's stored answer when the key
+        committed before (the caller's transaction then rolls back: nothing is made
+        twice). A transaction holding the same key meanwhile is waited for."""
+        async with translated_errors():
+            inserted = await conn.fetchval(INSERT_KEY, key, fingerprint, response)
+            if inserted is None:
+                row = await conn.fetchrow(SELECT_IDEMPOTENCY, key)
+        if inserted is None:
+            raise KeyCommitted(row["fingerprint"], bytes(row["response"]))
 
     async def update_endpoint(self, conn, row: dict) -> None:
         async with translated_errors():

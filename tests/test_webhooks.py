@@ -23,13 +23,13 @@ from standardwebhooks.webhooks import WebhookVerificationError
 from actors.api import Engine
 from actors.settings import load_settings
 from actors.webhooks import GuardedResolver, RefusedTarget
-from engine.errors import Refused, ValidationFailed
+from engine.errors import IdempotencyKeyReused, Refused, ValidationFailed
 from engine.ledger import EVENT_TYPES
 from engine.rules import quarter_of
 from engine.webhooks import check_event_types, check_target, retry_delay_s, wants
 from tests.conftest import eventually
 from tests.test_analytics_engine import open_portfolio, weekly_premiums
-from tests.test_http import TOKEN, assert_error
+from tests.test_http import TOKEN, assert_error, new_key
 from tests.test_http_growth import serving
 from tests.webhook_receiver import Receiver
 
@@ -402,6 +402,36 @@ async def test_webhook_management_over_http_is_audited_and_never_shows_the_secre
     assert (await api.ok("/v1/audit/verify"))["valid"] is True
     logged = "\n".join(record.getMessage() for record in caplog.records)
     assert secret not in logged and rotated.body["secret"] not in logged
+
+
+async def test_an_endpoint_created_twice_with_one_idempotency_key_is_made_once(api, receiver):
+    # The key used to be ignored here: a retry after a lost answer made a second
+    # endpoint, delivering every event twice (decision 88).
+    body = {"url": receiver.url, "event_types": ["transfer.*"], "description": "once"}
+    key = new_key()
+    first = await api.post("/v1/webhooks", body, key=key)
+    second = await api.post("/v1/webhooks", body, key=key)
+    assert first.status == second.status == 201, (first.body, second.body)
+    assert second.body == first.body and second.body["secret"] == first.body["secret"]
+    assert second.headers.get("Idempotency-Replayed") == "true" and "Idempotency-Replayed" not in first.headers
+    assert_error(await api.post("/v1/webhooks", {**body, "description": "another"}, key=key), 409,
+                 "idempotency_key_reused")
+    made = [w for w in (await api.ok("/v1/webhooks"))["items"] if w["description"] == "once"]
+    assert [w["id"] for w in made] == [first.body["id"]]
+    assert (await api.call("DELETE", f"/v1/webhooks/{first.body['id']}")).status == 200
+
+
+async def test_an_endpoint_retried_with_its_key_after_a_restart_is_answered_from_the_key_table(database_url,
+                                                                                             receiver):
+    key = new_key()
+    async with running(database_url) as engine:
+        first = await engine.webhooks.create(url=receiver.url, description="restart", idempotency_key=key)
+    async with running(database_url) as engine:
+        again = await engine.webhooks.create(url=receiver.url, description="restart", idempotency_key=key)
+        assert again == first
+        assert [w.id for w in engine.webhooks.list().items] == [first.id]
+        with pytest.raises(IdempotencyKeyReused):
+            await engine.webhooks.create(url=receiver.url, description="other", idempotency_key=key)
 
 
 async def test_refused_webhook_urls_answer_422_in_the_error_shape(database_url):
