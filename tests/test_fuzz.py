@@ -7,7 +7,8 @@ of the schema's edges, fuzzing, stateful sequences that feed ids from one answer
 the next request) and its checks: no 5xx, every status code documented, the documented
 content type, every body valid against its documented schema, the documented headers,
 401 without the token, 405 with `Allow` for undeclared methods, a created resource
-readable, a deleted one gone. `negative_data_rejection` and `positive_data_acceptance`
+readable, a deleted one gone. Each generated request gets an Idempotency-Key of its own
+(`tests/fuzz_hooks.py` says why). `negative_data_rejection` and `positive_data_acceptance`
 are left out: JSON Schema's `integer` admits `5.0`, which the API refuses by design
 (amounts are integers, never floats), and business rules (a quarter that has not begun,
 a transfer to itself) refuse schema-valid data.
@@ -49,6 +50,7 @@ from actors.settings import load_settings
 from gateway.app import ROUTES, create_app
 
 ADMIN_TOKEN = "fuzz-admin-token-0123456789abcdef"
+REPO_ROOT = Path(__file__).resolve().parent.parent
 SCHEMATHESIS = Path(sys.executable).with_name("schemathesis")
 MAX_EXAMPLES = 25
 REQUESTS_MIN = 300
@@ -183,6 +185,9 @@ def fuzz(server: LiveServer, token: str, workdir: Path, label: str) -> FuzzRun:
                "--no-color", "--report", "junit", "--report-dir", str(workdir)]
     # No proxy between the fuzzer and 127.0.0.1, whatever the environment says.
     env = {name: value for name, value in os.environ.items() if not name.lower().endswith("_proxy")}
+    # A fresh Idempotency-Key per generated request (why: `tests/fuzz_hooks.py`).
+    env["SCHEMATHESIS_HOOKS"] = "tests.fuzz_hooks"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(REPO_ROOT), env.get("PYTHONPATH"))))
     before = server.request_counts()
     started = time.monotonic()
     completed = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
