@@ -178,6 +178,9 @@ class Guard:
 
 
 def _principal(request: web.Request) -> Principal | None:
+    if len(request.headers.getall("Authorization", ())) > 1:
+        # Not a list header (RFC 9110): which of two tokens acts would be a guess.
+        return None
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
     token = token.strip()

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import pytest
 import pytest_asyncio
 from aiohttp.test_utils import TestClient, TestServer
+from multidict import CIMultiDict
 
 from actors.settings import load_settings
 from gateway.app import ROUTES, create_app, server_options
@@ -483,6 +484,10 @@ async def test_bad_token_requests_get_the_error_shape(api):
     assert_error(await api.get("/v1/accounts", token="x" * 5000), 401, "unauthorized")
     assert_error(await api.get("/v1/accounts", headers={"Authorization": "Basic abc"}, token=None), 401,
                  "unauthorized")
+    # Two Authorization headers: which token acts would be a guess (the first used to).
+    async with api.client.request("GET", "/v1/accounts", headers=CIMultiDict(
+            [("Authorization", f"Bearer {TOKEN}"), ("Authorization", "Bearer other")])) as twice:
+        assert twice.status == 401 and (await twice.json())["error"]["code"] == "unauthorized"
     assert_error(await api.post("/v1/tokens", {"name": "n", "role": "root"}), 422, "validation_failed", "role")
     assert_error(await api.post("/v1/tokens", {"name": "n", "role": "viewer", "extra": 1}), 422,
                  "validation_failed")
