@@ -35,6 +35,14 @@ def fingerprint(operation: str, target: str | None, request: msgspec.Struct) -> 
     return hashlib.sha256(b"%s|%s|%s" % (operation.encode(), (target or "").encode(), body)).hexdigest()
 
 
+def _check_key(key) -> None:
+    """The gateway's check (`engine/text.py`): a key the HTTP API refuses is refused
+    in-process too, before anything is decided or written."""
+    if not idempotency_key_valid(key, limits.IDEMPOTENCY_KEY_LENGTH_MAX):
+        raise ValidationFailed("the idempotency key must be 1 to 200 printable ASCII characters, not blank",
+                               {"field": "Idempotency-Key"})
+
+
 class Dispatch:
     """One per engine; `attach` gives it the parts that exist once the engine runs."""
 
@@ -58,11 +66,8 @@ class Dispatch:
         per key (`actors/idempotency.py`): a retry while the first is in flight waits for
         its outcome; a retry after it committed gets the stored result (also after a
         restart); the same key with another request (operation, target, body) is refused."""
-        if key is not None and not idempotency_key_valid(key, limits.IDEMPOTENCY_KEY_LENGTH_MAX):
-            # The gateway's check (`engine/text.py`): a key the HTTP API refuses is
-            # refused in-process too, before anything is decided or written.
-            raise ValidationFailed("the idempotency key must be 1 to 200 printable ASCII characters, not blank",
-                                   {"field": "Idempotency-Key"})
+        if key is not None:
+            _check_key(key)
         admission = self.admission
         admission.admit()
         # `admission.bounded`, inline: one coroutine less per operation.
@@ -82,6 +87,14 @@ class Dispatch:
             raise
         finally:
             admission.done(deadline)
+
+    async def keyed(self, key: str, request: tuple[str, str | None, msgspec.Struct | dict], result_type: type[T],
+                    run: Callable[[Any], Awaitable[T]]) -> T:
+        """`idempotent` for an operation that admits and bounds itself (a token's or a
+        webhook endpoint's creation: their writes do): the key's check and claim only,
+        so the operation is not admitted, or given a deadline, twice."""
+        _check_key(key)
+        return await self.keys.run(key, fingerprint(*request), result_type, run)
 
     async def on_account(self, account_id: str, command, render, idempotency, *, transaction_id=None,
                          correlation_id=None):

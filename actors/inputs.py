@@ -28,7 +28,7 @@ def validate(request_type: type[T], **fields: Any) -> T:
 def checked(request: Any, request_type: type[T]) -> T:
     """A request Struct as decoding would have checked it. A Struct's constructor checks
     no type or constraint, so an embedder's `DepositRequest(amount="7")` is checked here
-    rather than failing inside an account's actor. ~1 µs (the gateway's decoded requests
+    rather than failing inside an account's actor. 1-2 µs (the gateway's decoded requests
     are checked again: one check for every door)."""
     if type(request) is not request_type:
         raise ValidationFailed(f"expected a {request_type.__name__}", {"reason": f"got {type(request).__name__}"})

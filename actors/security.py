@@ -21,6 +21,7 @@ import msgspec
 from engine import limits
 from engine.audit import EMBEDDED, ROLES, AuditContext, ChainCheck, Principal
 from engine.errors import NotFound, ValidationFailed
+from engine.text import storable
 from actors.ids import new_id, next_op_id
 from persistence.writer import AuditEntry, WriteOp
 
@@ -130,7 +131,7 @@ class Security:
         if idempotency_key is None:
             return await self._create_token(name, role, owner, context, None)
         request = {"name": name, "role": role, "owner": owner}   # what the key is bound to
-        return await self.engine.dispatch.idempotent(
+        return await self.engine.dispatch.keyed(
             idempotency_key, ("create_token", None, request), CreatedToken,
             lambda claim: self._create_token(name, role, owner, context, claim))
 
@@ -275,8 +276,10 @@ class Security:
 
 
 def _check_text(field: str, value, length_max: int) -> None:
-    if not isinstance(value, str) or not 1 <= len(value) <= length_max or "\x00" in value:
-        raise ValidationFailed(f"{field} must be 1 to {length_max} characters", {"field": field})
+    if not isinstance(value, str) or not 1 <= len(value) <= length_max or storable(value) != value:
+        # `storable`: no NUL, no unpaired surrogate (neither can be stored, and one in an
+        # audit record used to fail the whole batch it was written with).
+        raise ValidationFailed(f"{field} must be 1 to {length_max} characters of text", {"field": field})
 
 
 def _token_info(row: dict) -> TokenInfo:

@@ -27,9 +27,10 @@ class WebhookView(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class CreatedWebhook(WebhookView, frozen=True, kw_only=True):
-    """The answer to creating an endpoint: the only time its secret is shown."""
+    """The answer to creating an endpoint: the only time its secret is shown (`secret`;
+    null in the answer to a retry with the same idempotency key)."""
 
-    secret: str
+    secret: str | None
 
 
 class RotatedSecret(msgspec.Struct, frozen=True, kw_only=True):

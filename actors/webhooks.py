@@ -619,15 +619,17 @@ class Webhooks:
                      idempotency_key: str | None = None) -> CreatedWebhook:
         """A new endpoint, receiving the events committed from now on (only `owner`'s
         when set; a token scoped to an owner always makes its own). With an
-        `idempotency_key`, a retry answers with the endpoint the first request made (its
-        secret too: the endpoint's table keeps it for signing) and makes no second one."""
+        `idempotency_key`, a retry answers with the endpoint the first request made and
+        makes no second one, but without its secret (`secret` is null; rotate it to get a
+        new one): the key table keeps no secret, which would outlive a rotation or the
+        endpoint itself."""
         from engine.webhooks import CreateWebhookRequest
 
         request = _convert(CreateWebhookRequest, url=url, event_types=event_types, description=description,
                            owner=owner)
         if idempotency_key is None:
             return await self._create(request, scope, context, None)
-        return await self.engine.dispatch.idempotent(
+        return await self.engine.dispatch.keyed(
             idempotency_key, ("create_webhook", scope, request), CreatedWebhook,
             lambda claim: self._create(request, scope, context, claim))
 
@@ -649,7 +651,8 @@ class Webhooks:
 
         async def insert(conn):
             if claim is not None:   # first: a key committed before makes nothing
-                await self.table.insert_key(conn, claim.key, claim.fingerprint, msgspec.json.encode(created))
+                await self.table.insert_key(conn, claim.key, claim.fingerprint,
+                                            msgspec.json.encode(msgspec.structs.replace(created, secret=None)))
             await self.table.insert_endpoint(conn, row)
 
         await self._audited(context, "create_webhook", row["id"],

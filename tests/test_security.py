@@ -18,7 +18,9 @@ import pytest_asyncio
 from aiohttp.test_utils import TestClient, TestServer
 from multidict import CIMultiDict
 
+from actors.api import Engine
 from actors.settings import load_settings
+from engine.errors import ValidationFailed
 from gateway.app import ROUTES, create_app, server_options
 from tests.conftest import eventually
 from tests.test_http import TOKEN, Api, assert_error, new_key
@@ -510,3 +512,21 @@ async def _oversized_headers(api, caplog):
     assert secret[:50] not in "\n".join(record.getMessage() for record in caplog.records)
     many = {f"X-H{index}": "v" for index in range(70)}  # [security] headers_max = 64
     assert_error(await api.get("/v1/whoami", headers=many), 400, "bad_request")
+
+
+async def test_a_token_name_that_cannot_be_stored_is_refused_before_anything_is_written(database_url):
+    # In-process, a lone surrogate in a token's name reached the writer: its audit record
+    # could not be encoded, and the whole batch it was written with failed.
+    engine = Engine(load_settings({}, {"database": {"url": database_url}}))
+    await engine.start()
+    try:
+        account = await engine.create_account(name="a", type="revenue", owner="ann")
+        for name in ("x\ud800y", "nul\x00"):
+            with pytest.raises(ValidationFailed):
+                await engine.security.create_token(name=name, role="viewer")
+            with pytest.raises(ValidationFailed):
+                await engine.security.create_token(name="ok", role="viewer", owner=name)
+        assert (await engine.deposit(account.id, 5)).balance_after == 5
+        assert (await engine.security.verify_audit()).valid
+    finally:
+        await engine.stop()
