@@ -134,8 +134,6 @@ class Money:
         as for `withdraw`."""
         request = validate(TransferRequest, from_account=from_account, to_account=to_account, amount=amount,
                            memo=memo, override_reason=override_reason)
-        if override_reason is None:   # one coroutine less on the hot path
-            return await self._transfer(request, idempotency_key)
         with override(request.override_reason):
             return await self._transfer(request, idempotency_key)
 

@@ -177,14 +177,20 @@ class Guard:
         self.request_timeout_s = settings.engine.operation_timeout_s + REQUEST_TIMEOUT_MARGIN_S
 
 
-def _principal(request: web.Request) -> Principal | None:
+def _bearer_token(request: web.Request) -> str | None:
+    """The request's bearer token, or None: no `Authorization` header, another scheme, an
+    empty token, or two headers (not a list header, RFC 9110: which token acts would be
+    a guess)."""
     if len(request.headers.getall("Authorization", ())) > 1:
-        # Not a list header (RFC 9110): which of two tokens acts would be a guess.
         return None
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     token = token.strip()
-    if scheme.lower() != "bearer" or not token:
+    return token if scheme.lower() == "bearer" and token else None
+
+
+def _principal(request: web.Request) -> Principal | None:
+    token = _bearer_token(request)
+    if token is None:
         return None
     if hmac.compare_digest(token.encode("utf-8", "surrogatepass"), request.app[ADMIN_TOKEN].encode()):
         return BOOTSTRAP
@@ -702,10 +708,8 @@ def _require_metrics_token(request: web.Request) -> None:
     wanted = request.app[SETTINGS].server.metrics_token
     if not wanted:
         return
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    once = len(request.headers.getall("Authorization", ())) <= 1   # as for /v1: two would be a guess
-    if not once or scheme.lower() != "bearer" or not hmac.compare_digest(
-            token.strip().encode("utf-8", "surrogatepass"), wanted.encode()):
+    token = _bearer_token(request)
+    if token is None or not hmac.compare_digest(token.encode("utf-8", "surrogatepass"), wanted.encode()):
         raise HttpError(401, "unauthorized", "/metrics needs the metrics token (server.metrics_token)")
 
 

@@ -112,6 +112,20 @@ def new_key() -> str:
     return str(uuid.uuid4())
 
 
+async def created_twice(api: Api, path: str, body: dict, secret: str) -> tuple[dict, str]:
+    """POSTs `body` twice with one Idempotency-Key: the second answer replays the first
+    (`Idempotency-Replayed: true`) but with its `secret` field null, since no secret is
+    kept with a key (decision 88). Returns the first answer and the key."""
+    key = new_key()
+    first = await api.post(path, body, key=key)
+    second = await api.post(path, body, key=key)
+    assert first.status == second.status == 201, (first.body, second.body)
+    assert first.body[secret] and second.body[secret] is None
+    assert {**second.body, secret: first.body[secret]} == first.body
+    assert second.headers.get("Idempotency-Replayed") == "true" and "Idempotency-Replayed" not in first.headers
+    return first.body, key
+
+
 def assert_error(reply: Reply, status: int, code: str, field: str | None = None) -> None:
     """The SPEC's error shape, exactly, with the request id also in X-Request-Id."""
     assert reply.status == status, (reply.status, reply.body)

@@ -23,7 +23,7 @@ from actors.settings import load_settings
 from engine.errors import ValidationFailed
 from gateway.app import ROUTES, create_app, server_options
 from tests.conftest import eventually
-from tests.test_http import TOKEN, Api, assert_error, new_key
+from tests.test_http import TOKEN, Api, assert_error, created_twice, new_key
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 ROLES = ("admin", "operator", "strategy", "viewer")
@@ -301,21 +301,14 @@ async def test_a_token_created_twice_with_one_idempotency_key_is_made_once_and_i
                                                                                                   engine_rows):
     # The key used to be ignored here: a retry after a lost answer made a second live
     # credential (decision 88). The key table keeps no secret, so the replay has none.
-    body = {"name": "retried", "role": "viewer"}
-    key = new_key()
-    first = await api.post("/v1/tokens", body, key=key)
-    second = await api.post("/v1/tokens", body, key=key)
-    assert first.status == second.status == 201, (first.body, second.body)
-    assert first.body["token"] and second.body["token"] is None
-    assert {**second.body, "token": first.body["token"]} == first.body
-    assert second.headers.get("Idempotency-Replayed") == "true"
-    assert (await api.get("/v1/whoami", token=first.body["token"])).status == 200
+    first, key = await created_twice(api, "/v1/tokens", {"name": "retried", "role": "viewer"}, "token")
+    assert (await api.get("/v1/whoami", token=first["token"])).status == 200
     assert_error(await api.post("/v1/tokens", {"name": "retried", "role": "admin"}, key=key), 409,
                  "idempotency_key_reused")
     rows = await engine_rows("SELECT id FROM api_tokens WHERE name = 'retried'")
-    assert [row["id"] for row in rows] == [first.body["id"]]
+    assert [row["id"] for row in rows] == [first["id"]]
     stored = await engine_rows("SELECT response FROM idempotency_keys WHERE key = $1", key)
-    assert first.body["token"].encode() not in bytes(stored[0]["response"])
+    assert first["token"].encode() not in bytes(stored[0]["response"])
 
 
 async def test_a_revoked_token_fails_after_a_restart_too(database_url):
