@@ -31,7 +31,11 @@ EVENT_TYPES = ("account.opened", "transaction.posted", "transfer.posted", "accou
 
 class OutboxRow(msgspec.Struct, gc=False):
     """One event of the transactional outbox; `payload` (a Struct or a dict) is encoded
-    with the rest of the batch."""
+    with the rest of the batch, unless it is `derived`: exactly the operation's own
+    entries, which the readers rebuild it from (`persistence.store.derived_payloads`), so
+    it is not stored twice. A derived `transaction.posted` names its entry by
+    `entry_sequence` (its place in `account_id`'s ledger); a derived `transfer.posted` by
+    its `correlation_id`."""
 
     type: str
     account_id: str | None
@@ -39,6 +43,8 @@ class OutboxRow(msgspec.Struct, gc=False):
     correlation_id: str | None
     payload: Any
     created_at: datetime
+    derived: bool = False
+    entry_sequence: int | None = None
 
 
 class Rows(msgspec.Struct):
@@ -109,15 +115,34 @@ def transfer_events(rows: Rows, transfer: Transfer) -> None:
     for leg in transfer.legs:
         by_owner.setdefault(rows.states[leg.account_id].owner, []).append(leg)
     for legs in by_owner.values():
-        payload = transfer if len(legs) == len(transfer.legs) else msgspec.structs.replace(transfer, legs=legs)
+        whole = len(legs) == len(transfer.legs)
+        payload = transfer if whole else msgspec.structs.replace(transfer, legs=legs)
         first = rows.states[legs[0].account_id]
         _event(rows, "transfer.posted", payload, transfer.created_at, account_id=first.id,
-               portfolio_id=first.portfolio_id, correlation_id=transfer.id)
+               portfolio_id=first.portfolio_id, correlation_id=transfer.id,
+               # Stored only when its entries would not rebuild it (an owner's share of
+               # the legs, a transfer that forked its payee's portfolio).
+               derived=whole and transfer_of(transfer.legs) == transfer)
+
+
+def transfer_of(legs: list[Transaction]) -> Transfer | None:
+    """The transfer whose two legs (its entries, in any order) these are, as the engine
+    replies with it and its `transfer.posted` event carries it when it forked nothing;
+    None if they are not one transfer's debit and credit."""
+    if len(legs) != 2:
+        return None
+    debit, credit = legs if legs[0].direction == "debit" else (legs[1], legs[0])
+    if debit.direction != "debit" or credit.direction != "credit" or debit.kind != "transfer":
+        return None
+    return Transfer(id=debit.correlation_id, kind="transfer", from_account=debit.account_id,
+                    to_account=credit.account_id, amount=debit.amount, memo=debit.memo, created_at=debit.created_at,
+                    legs=[debit, credit])
 
 
 def _event(rows: Rows, kind: str, payload, at: datetime, *, account_id=None, portfolio_id=None,
-           correlation_id=None) -> None:
-    rows.outbox.append(OutboxRow(kind, account_id, portfolio_id, correlation_id, payload, at))
+           correlation_id=None, derived=False, entry_sequence=None) -> None:
+    rows.outbox.append(OutboxRow(kind, account_id, portfolio_id, correlation_id, payload, at, derived,
+                                 entry_sequence))
 
 
 def _post(rows: Rows, event: LegPosted) -> Transaction:
@@ -132,8 +157,10 @@ def _post(rows: Rows, event: LegPosted) -> Transaction:
         effective_date=leg.effective_date, created_at=leg.created_at, correlation_id=leg.correlation_id,
         sequence=after.version)
     if leg.kind not in MULTI_LEG_KINDS:
+        # Its payload is the entry itself: derived, never stored twice.
         _event(rows, "transaction.posted", transaction, leg.created_at, account_id=leg.account_id,
-               portfolio_id=after.portfolio_id, correlation_id=leg.correlation_id)
+               portfolio_id=after.portfolio_id, correlation_id=leg.correlation_id, derived=True,
+               entry_sequence=transaction.sequence)
     return transaction
 
 

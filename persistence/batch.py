@@ -32,7 +32,8 @@ TOKEN_ROW = ("id", "name", "role", "owner", "secret_hash", "created_by", "create
 
 class EventRow(msgspec.Struct, gc=False, array_like=True):
     """One outbox event as the `events` table takes it, but its payload (encoded JSON, in
-    `BatchWrite.payloads` at the same position)."""
+    `BatchWrite.payloads` at the same position, or None when it is derived from its
+    entries: `engine.ledger.OutboxRow`)."""
 
     seq: int
     type: str
@@ -40,6 +41,7 @@ class EventRow(msgspec.Struct, gc=False, array_like=True):
     portfolio_id: str | None
     correlation_id: str | None
     created_at: datetime
+    entry_sequence: int | None
 
 
 class KeyRow(msgspec.Struct, gc=False):
@@ -96,7 +98,7 @@ class BatchWrite:
 
     entries: list[tuple] = field(default_factory=list)
     events: list[EventRow] = field(default_factory=list)
-    payloads: list[str] = field(default_factory=list)
+    payloads: list[str | None] = field(default_factory=list)
     keys: list[KeyRow] = field(default_factory=list)
     audit: list[AuditRow] = field(default_factory=list)
     updates: str = "[]"

@@ -15,8 +15,9 @@ from datetime import datetime
 
 import msgspec
 
+from engine.ledger import transfer_of
 from engine.model import Account, Allocations, Portfolio, Transaction
-from persistence.batch import BatchWrite
+from persistence.batch import BatchWrite, encode_json
 from persistence.ledger_weeks import LedgerWeeks
 
 log = logging.getLogger("alluse.store")
@@ -26,7 +27,7 @@ ACCOUNT_COLUMNS = ("id, name, type, status, owner, portfolio_id, balance, baseli
                    "root_portfolio_id, portfolio_depth, trade_income_cents, last_reinvested_quarter")
 PORTFOLIO_COLUMNS = ("id, name, owner, parent_id, root_id, depth, status, generation_account_id, revenue_account_id, "
                      "compounding_account_id, opened_on, created_at, merged_at")
-EVENT_COLUMNS = "seq, type, account_id, portfolio_id, correlation_id, payload, created_at"
+EVENT_COLUMNS = "seq, type, account_id, portfolio_id, correlation_id, payload, created_at, entry_sequence"
 ENTRY_COLUMNS = ("id, account_id, sequence, kind, direction, amount, balance_after, counterparty_account_id, "
                  "memo, correlation_id, effective_date, created_at")
 
@@ -35,11 +36,18 @@ SELECT_ENTRY = f"SELECT {ENTRY_COLUMNS} FROM entries WHERE id = $1"
 SELECT_ENTRIES_PAGE = (f"SELECT {ENTRY_COLUMNS} FROM entries WHERE account_id = $1 AND sequence < $2 "
                        "ORDER BY sequence DESC LIMIT $3")
 SELECT_ENTRIES_BY_CORRELATION = f"SELECT {ENTRY_COLUMNS} FROM entries WHERE correlation_id = $1 ORDER BY direction DESC"
-# A key's stored answer: its own copy, or its event's payload (json keeps the text as sent).
-_KEY_ANSWER = ("SELECT k.key, k.fingerprint, COALESCE(k.response, convert_to(e.payload::text, 'UTF8')) AS response "
-               "FROM idempotency_keys k LEFT JOIN events e ON e.seq = k.event_seq ")
-SELECT_IDEMPOTENCY = _KEY_ANSWER + "WHERE k.key = $1"
-SELECT_IDEMPOTENCY_MANY = _KEY_ANSWER + "WHERE k.key = ANY($1::text[])"
+# A key's stored answer: its own copy, or its event's payload (json keeps the text as sent),
+# or, when that payload is derived (migration 0009), what `derived_payloads` rebuilds from
+# the event's entries (`key_answers`).
+SELECT_IDEMPOTENCY_MANY = (
+    "SELECT k.key, k.fingerprint, COALESCE(k.response, convert_to(e.payload::text, 'UTF8')) AS response, "
+    "e.type, e.account_id, e.correlation_id, e.entry_sequence "
+    "FROM idempotency_keys k LEFT JOIN events e ON e.seq = k.event_seq WHERE k.key = ANY($1::text[])")
+# The entries a derived payload is rebuilt from: a transfer's by its correlation id, a
+# single entry by its account and sequence (the primary key).
+SELECT_ENTRIES_OF_TRANSFERS = f"SELECT {ENTRY_COLUMNS} FROM entries WHERE correlation_id = ANY($1::text[])"
+SELECT_ENTRIES_AT = (f"SELECT {ENTRY_COLUMNS} FROM entries JOIN unnest($1::text[], $2::bigint[]) AS r(a, s) "
+                     "ON account_id = r.a AND sequence = r.s")
 # Expired keys go in bounded chunks (the writer runs this between batches).
 PURGE_IDEMPOTENCY = """DELETE FROM idempotency_keys WHERE ctid = ANY(ARRAY(
     SELECT ctid FROM idempotency_keys WHERE created_at < $1 LIMIT $2))"""
@@ -49,7 +57,8 @@ SELECT_ACCOUNTS_BY_ID = f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = ANY(
 SELECT_EVENTS_AFTER = f"SELECT {EVENT_COLUMNS} FROM events WHERE seq > $1 ORDER BY seq LIMIT $2"
 # The events of one owner's accounts and portfolios (an owner-scoped token's feed).
 SELECT_OWNER_EVENTS_AFTER = (
-    "SELECT e.seq, e.type, e.account_id, e.portfolio_id, e.correlation_id, e.payload, e.created_at FROM events e "
+    "SELECT e.seq, e.type, e.account_id, e.portfolio_id, e.correlation_id, e.payload, e.created_at, e.entry_sequence "
+    "FROM events e "
     "LEFT JOIN accounts a ON a.id = e.account_id LEFT JOIN portfolios p ON p.id = e.portfolio_id "
     "WHERE e.seq > $1 AND coalesce(a.owner, p.owner) = $3 ORDER BY e.seq LIMIT $2")
 
@@ -87,7 +96,7 @@ WITH changed AS (
     FROM jsonb_array_elements($3::jsonb) AS e
 ), new_events AS (
     INSERT INTO events ({EVENT_COLUMNS})
-    SELECT (e->>0)::bigint, e->>1, e->>2, e->>3, e->>4, payload::json, (e->>5)::timestamptz
+    SELECT (e->>0)::bigint, e->>1, e->>2, e->>3, e->>4, payload::json, (e->>5)::timestamptz, (e->>6)::bigint
     FROM ROWS FROM (jsonb_array_elements($4::jsonb), unnest($5::text[])) AS r(e, payload)
 ), new_audit AS (
     INSERT INTO audit_log (seq, at, token_id, role, owner_scope, action, target, request_id, client, outcome,
@@ -230,10 +239,64 @@ class StoredEvent(msgspec.Struct, frozen=True, kw_only=True):
     created_at: datetime
 
 
-def event_from_row(row) -> StoredEvent:
+def event_from_row(row, payload: bytes | None = None) -> StoredEvent:
+    """`payload` is the event's derived payload, when it has no stored one."""
+    stored = row["payload"]
     return StoredEvent(seq=row["seq"], type=row["type"], account_id=row["account_id"],
                        portfolio_id=row["portfolio_id"], correlation_id=row["correlation_id"],
-                       payload=msgspec.Raw(row["payload"].encode()), created_at=row["created_at"])
+                       payload=msgspec.Raw(stored.encode() if stored is not None else payload),
+                       created_at=row["created_at"])
+
+
+async def derived_payloads(connection, refs: list) -> list[bytes]:
+    """The payloads of derived events (`engine.ledger.OutboxRow`), rebuilt from their
+    entries to the bytes the engine replied with: `refs` are rows with the event's `type`,
+    `account_id`, `correlation_id` and `entry_sequence`; the answer is in their order.
+    Two reads at most, however many events: one for transfers, one for single entries.
+    The entries committed with their event, so any snapshot that sees it sees them."""
+    transfers = [ref["correlation_id"] for ref in refs if ref["type"] == "transfer.posted"]
+    singles = [ref for ref in refs if ref["type"] != "transfer.posted"]
+    legs: dict[str, list[Transaction]] = {}
+    entries: dict[tuple[str, int], Transaction] = {}
+    if transfers:
+        for row in await connection.fetch(SELECT_ENTRIES_OF_TRANSFERS, transfers):
+            legs.setdefault(row["correlation_id"], []).append(transaction_from_row(row))
+    if singles:
+        for row in await connection.fetch(SELECT_ENTRIES_AT, [ref["account_id"] for ref in singles],
+                                          [ref["entry_sequence"] for ref in singles]):
+            entries[(row["account_id"], row["sequence"])] = transaction_from_row(row)
+    payloads = []
+    for ref in refs:
+        if ref["type"] == "transfer.posted":
+            payload = transfer_of(legs.get(ref["correlation_id"], []))
+        elif ref["type"] == "transaction.posted":
+            payload = entries.get((ref["account_id"], ref["entry_sequence"]))
+        else:
+            payload = None
+        if payload is None:   # the CHECK of migration 0009 and the shared commit rule this out
+            raise RuntimeError(f"the entries of a {ref['type']} event ({ref['correlation_id'] or ref['account_id']}) "
+                               "are missing")
+        payloads.append(encode_json(payload))
+    return payloads
+
+
+async def events_with_payloads(connection, rows) -> list[StoredEvent]:
+    """Event rows as the feed shows them, derived payloads rebuilt."""
+    derived = [row for row in rows if row["payload"] is None]
+    if not derived:
+        return [event_from_row(row) for row in rows]
+    rebuilt = dict(zip((row["seq"] for row in derived), await derived_payloads(connection, derived)))
+    return [event_from_row(row, rebuilt.get(row["seq"])) for row in rows]
+
+
+async def key_answers(connection, keys: list[str]) -> dict[str, tuple[str, bytes]]:
+    """The committed idempotency keys among `keys`: each one's fingerprint and answer (the
+    exact bytes of the first reply)."""
+    rows = await connection.fetch(SELECT_IDEMPOTENCY_MANY, keys)
+    derived = [row for row in rows if row["response"] is None]
+    rebuilt = dict(zip((row["key"] for row in derived), await derived_payloads(connection, derived))) if derived else {}
+    return {row["key"]: (row["fingerprint"], bytes(row["response"]) if row["response"] is not None
+                         else rebuilt[row["key"]]) for row in rows}
 
 
 def transaction_from_row(row) -> Transaction:
@@ -374,9 +437,8 @@ class Store:
         return [row["key"] for row in rows]
 
     async def idempotent_response(self, key: str) -> tuple[str, bytes] | None:
-        async with translated_errors():
-            row = await self.pool.fetchrow(SELECT_IDEMPOTENCY, key)
-        return (row["fingerprint"], bytes(row["response"])) if row else None
+        async with translated_errors(), self.pool.acquire() as connection:
+            return (await key_answers(connection, [key])).get(key)
 
     async def load_portfolio(self, portfolio_id: str) -> Portfolio | None:
         async with translated_errors():
@@ -411,7 +473,7 @@ class Store:
                 rows = await self.pool.fetch(SELECT_EVENTS_AFTER, seq, limit)
             else:
                 rows = await self.pool.fetch(SELECT_OWNER_EVENTS_AFTER, seq, limit, owner)
-        return [event_from_row(r) for r in rows]
+            return await events_with_payloads(self.pool, rows)
 
     async def analytics_weeks(self, account_ids: list[str]) -> dict[str, list]:
         """Each account's ledger summed per ISO week of effective date (Monday-based, like

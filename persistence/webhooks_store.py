@@ -8,7 +8,7 @@ import contextlib
 from datetime import datetime
 
 from engine.errors import KeyCommitted
-from persistence.store import SELECT_IDEMPOTENCY, Store, translated_errors
+from persistence.store import Store, key_answers, translated_errors
 
 ENDPOINT_COLUMNS = ("id, url, description, event_types, owner, enabled, disabled_reason, secret, previous_secret, "
                     "previous_secret_expires_at, cursor, last_success_at, created_by, created_at, updated_at")
@@ -98,9 +98,9 @@ class WebhookStore:
         async with translated_errors():
             inserted = await conn.fetchval(INSERT_KEY, key, fingerprint, response)
             if inserted is None:
-                row = await conn.fetchrow(SELECT_IDEMPOTENCY, key)
+                stored = await key_answers(conn, [key])
         if inserted is None:
-            raise KeyCommitted(row["fingerprint"], bytes(row["response"]))
+            raise KeyCommitted(*stored[key])
 
     async def update_endpoint(self, conn, row: dict) -> None:
         async with translated_errors():

@@ -618,12 +618,12 @@ class Writer:
         keys = [op.idempotency.key for op in ops if op.idempotency]
         try:
             async with translated_errors():
-                rows = await self.connection.fetch(sql.SELECT_IDEMPOTENCY_MANY, keys)
+                answers = await sql.key_answers(self.connection, keys)
         except EngineError as error:
             self._drop_connection()
             self._fail(ops, error, poison=True)
             return
-        stored = {row["key"]: KeyCommitted(row["fingerprint"], bytes(row["response"])) for row in rows}
+        stored = {key: KeyCommitted(*answer) for key, answer in answers.items()}
         replayed = [op for op in ops if op.idempotency and op.idempotency.key in stored]
         self._fail(replayed, None, poison=True, errors=[stored[op.idempotency.key] for op in replayed])
         await self._commit([op for op in ops if op not in replayed], replaying=True)
@@ -766,7 +766,11 @@ class _Batch:
                 result_text = None
                 for row in decided.outbox:
                     seq += 1
-                    if row.payload is op.result:   # encoded once, for each owner's event
+                    if row.derived:   # rebuilt from its entries by its readers
+                        payloads.append(None)
+                        if row.payload is op.result:
+                            answered_by = seq
+                    elif row.payload is op.result:   # encoded once, for each owner's event
                         if result_text is None:
                             result_text = encode_json(op.result).decode()
                             answered_by = seq
@@ -774,7 +778,7 @@ class _Batch:
                     else:
                         payloads.append(encode_json(row.payload).decode())
                     events.append(EventRow(seq, row.type, row.account_id, row.portfolio_id, row.correlation_id,
-                                           row.created_at))
+                                           row.created_at, row.entry_sequence))
                 if decided.portfolios:
                     rare.portfolios += decided.portfolios
                 if decided.merged:

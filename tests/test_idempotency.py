@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 
+import msgspec
+
 import pytest
 
 from actors.api import Engine
@@ -162,3 +164,40 @@ async def test_the_embedding_api_refuses_the_keys_http_refuses_before_anything_i
     assert await entry_count(engine, account.id) == 0
     accepted = await engine.deposit(account.id, 5, idempotency_key="x" * 200)
     assert accepted.balance_after == 5
+
+
+async def test_an_operation_whose_event_is_its_entries_stores_them_once_and_replays_the_same_bytes(engine):
+    """A deposit's, a trade's and a transfer's event carry exactly their entries: the event
+    stores no copy of them (migration 0009), and the feed and a retry of the key still
+    answer with the bytes of the first reply. A transfer between two owners stores each
+    owner's share, which its entries alone would not tell."""
+    source = await funded(engine, 10_000)
+    target = await funded(engine, 0)
+    stranger = await engine.create_account(name="other", type="revenue", owner="olga")
+    replies = {"k-dep": await engine.deposit(target.id, 40, memo="top up", idempotency_key="k-dep"),
+               "k-trade": await engine.book_trade(target.id, kind="premium", amount=7, idempotency_key="k-trade"),
+               "k-xfr": await engine.transfer(source.id, target.id, 300, memo="rent", idempotency_key="k-xfr"),
+               "k-owners": await engine.transfer(source.id, stranger.id, 5, idempotency_key="k-owners")}
+    for key, reply in replies.items():
+        stored = await engine.store.idempotent_response(key)
+        assert stored is not None and stored[1] == msgspec.json.encode(reply), key
+    rows = await engine.store.fetch("SELECT seq, type, correlation_id, payload IS NULL AS derived FROM events "
+                                    "WHERE type IN ('transaction.posted', 'transfer.posted') ORDER BY seq")
+    mine = [row for row in rows if row["correlation_id"] in (None, replies["k-xfr"].id, replies["k-owners"].id)]
+    by_correlation = {}
+    for row in mine:
+        by_correlation.setdefault(row["correlation_id"], []).append(row["derived"])
+    assert by_correlation[None] and all(by_correlation[None])   # every deposit and trade
+    assert by_correlation[replies["k-xfr"].id] == [True]
+    assert by_correlation[replies["k-owners"].id] == [False, False]
+    feed = {event.seq: event for event in await engine.events_page(after=rows[0]["seq"] - 1, limit=500)}
+    transfer_event = next(feed[row["seq"]] for row in mine if row["correlation_id"] == replies["k-xfr"].id)
+    assert bytes(transfer_event.payload) == msgspec.json.encode(replies["k-xfr"])
+    for key in ("k-dep", "k-trade"):
+        event = next(e for e in feed.values() if e.type == "transaction.posted"
+                     and msgspec.json.decode(e.payload)["id"] == replies[key].id)
+        assert bytes(event.payload) == msgspec.json.encode(replies[key])
+    for again in (await engine.deposit(target.id, 40, memo="top up", idempotency_key="k-dep"),
+                  await engine.transfer(source.id, target.id, 300, memo="rent", idempotency_key="k-xfr")):
+        assert again in replies.values()
+    assert (await engine.get_account(target.id)).balance == 347

@@ -25,6 +25,7 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
+from engine import ledger
 from engine.errors import DatabaseUnavailable
 from engine.model import Account, Transaction
 from persistence import store as sql
@@ -124,7 +125,7 @@ def _batch(*, opened: list[Account] = (), changed: dict[str, Account] | None = N
     rare = RareRows(accounts=list(opened))
     write = BatchWrite(entries=entry_rows(entries),
                        events=[EventRow(next(EVENT_SEQ), "transaction.posted", e.account_id, None, e.correlation_id,
-                                        e.created_at) for e in entries],
+                                        e.created_at, None) for e in entries],
                        payloads=['{"id":"%s"}' % e.id for e in entries],
                        keys=list(keys), rare=rare_args(rare) if rare else None)
     write.updates, write.updates_expected = account_updates(changed or {}, before or {})
@@ -168,6 +169,47 @@ async def test_a_key_answered_by_its_event_replays_the_event_payload(store):
         await _write(store, bad)
     assert (await store.load_account("acc_e")).balance == 70
     assert await store.idempotent_response("key-f") is None
+
+
+async def test_derived_payloads_are_rebuilt_from_their_entries_to_the_bytes_the_engine_encodes(store):
+    """An event with no stored payload (migration 0009) reads back, in the feed and as its
+    key's answer, as its entries encoded: a single entry named by its account and
+    sequence, a transfer by its correlation id (its debit first, whatever order they
+    were written in)."""
+    await _write(store, _batch(opened=[_account("acc_g", 0, 0), _account("acc_h", 0, 0)]))
+    deposit = _entry("txn_g", "acc_g", 1, "credit", 900, 900)
+    debit = msgspec.structs.replace(_entry("txn_gd", "acc_g", 2, "debit", 300, 600), kind="transfer",
+                                    counterparty_account_id="acc_h", correlation_id="xfr_g", memo="rent")
+    credit = msgspec.structs.replace(_entry("txn_hc", "acc_h", 1, "credit", 300, 300), kind="transfer",
+                                     counterparty_account_id="acc_g", correlation_id="xfr_g", memo="rent")
+    write = _batch(changed={"acc_g": _account("acc_g", 600, 2), "acc_h": _account("acc_h", 300, 1)},
+                   before={"acc_g": 0, "acc_h": 0}, entries=[deposit, credit, debit])
+    first = next(EVENT_SEQ)
+    write.events = [EventRow(first, "transaction.posted", "acc_g", None, None, NOW, 1),
+                    EventRow(first + 1, "transfer.posted", "acc_g", None, "xfr_g", NOW, None)]
+    write.payloads = [None, None]
+    write.keys = [KeyRow("key-g", "g" * 64, None, first), KeyRow("key-x", "x" * 64, None, first + 1)]
+    await _write(store, write)
+    transfer = ledger.transfer_of([credit, debit])
+    assert transfer is not None and transfer.legs == [debit, credit] and transfer.from_account == "acc_g"
+    expected = [msgspec.json.encode(deposit), msgspec.json.encode(transfer)]
+    assert [bytes(e.payload) for e in await store.events_after(first - 1, 10)] == expected
+    assert await store.idempotent_response("key-g") == ("g" * 64, expected[0])
+    assert await store.idempotent_response("key-x") == ("x" * 64, expected[1])
+
+
+async def test_an_event_with_neither_a_payload_nor_its_entries_named_is_refused(store):
+    await _write(store, _batch(opened=[_account("acc_i", 0, 0)]))
+    deposit = _entry("txn_i", "acc_i", 1, "credit", 10, 10)
+    for row in (EventRow(0, "transaction.posted", "acc_i", None, None, NOW, None),
+                EventRow(0, "transfer.posted", "acc_i", None, None, NOW, None),
+                EventRow(0, "account.opened", "acc_i", None, None, NOW, 1)):
+        write = _batch(changed={"acc_i": _account("acc_i", 10, 1)}, before={"acc_i": 0}, entries=[deposit])
+        write.events, write.payloads = [msgspec.structs.replace(row, seq=next(EVENT_SEQ))], [None]
+        with pytest.raises(StatementRejected):
+            await _write(store, write)
+    assert (await store.load_account("acc_i")).balance == 0
+    assert await store.get_transaction("txn_i") is None
 
 
 async def test_a_batch_with_a_committed_key_is_a_key_conflict_and_leaves_nothing(store):
