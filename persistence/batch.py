@@ -5,8 +5,9 @@ operation in it, coalesced per table and laid out for PostgreSQL's cheapest bulk
   document per table, each row an array in its table's column order (msgspec encodes
   them in C; asyncpg would check every element of typed arrays against
   collections.abc on the event loop, ~25 µs per operation). Events' payloads go beside
-  their rows as a list of texts, each encoded once; idempotency keys as objects, a key's
-  own answer as raw JSON (its exact bytes are what a retry gets).
+  their rows as a list of texts, each encoded once (None when derived from the entries);
+  idempotency keys as rows too, a key's own answer as a JSON string holding its text
+  (jsonb keeps a string's text exactly, and those bytes are what a retry gets).
 - Each account the batch changes is updated once, however many of its operations touch
   it, guarded by the version the batch found.
 - What few operations write (new accounts and portfolios, merges, reinvestments,
@@ -44,13 +45,14 @@ class EventRow(msgspec.Struct, gc=False, array_like=True):
     entry_sequence: int | None
 
 
-class KeyRow(msgspec.Struct, gc=False):
-    """One idempotency key: its answer is `response` (encoded JSON), or the payload of the
-    event numbered `event_seq` when the answer is that payload (migration 0008)."""
+class KeyRow(msgspec.Struct, gc=False, array_like=True):
+    """One idempotency key: its answer is `response` (encoded JSON, as text: it travels as
+    a JSON string, so the database stores its exact bytes), or the payload of the event
+    numbered `event_seq` when the answer is that payload (migration 0008)."""
 
     key: str
     fingerprint: str
-    response: msgspec.Raw | None = None
+    response: str | None = None
     event_seq: int | None = None
 
 

@@ -68,8 +68,10 @@ SELECT_OWNER_EVENTS_AFTER = (
 # document per table, each row an array in the column order of `persistence.batch`
 # (msgspec encodes them in C; PostgreSQL parses each document once and reads the fields by
 # position); events' payloads travel beside them as a text[] (stored as sent, checked
-# once), and keys as a json document of objects (a key's own answer must stay the exact
-# bytes that were sent, which jsonb would not keep). Each changed account is updated once,
+# once; NULL when derived from the entries, migration 0009), and a key's own answer as a
+# JSON string in its row (a string's text is kept exactly: the bytes a retry gets; as an
+# object, jsonb would reorder it, and a json document of objects cost ~1 µs more per key
+# to take apart). Each changed account is updated once,
 # guarded by the version the batch found; a guard that trips raises in
 # `alluse_batch_guard`, and a key committed before raises in its unique index: either way
 # nothing of the batch commits. Rare rows (new accounts and portfolios, merges,
@@ -87,8 +89,8 @@ WITH changed AS (
     RETURNING 1
 ), new_keys AS (
     INSERT INTO idempotency_keys (key, fingerprint, response, event_seq)
-    SELECT key, fingerprint, convert_to(response::text, 'UTF8'), event_seq
-    FROM json_to_recordset($2::json) AS r(key text, fingerprint text, response json, event_seq bigint)
+    SELECT k->>0, k->>1, convert_to(k->>2, 'UTF8'), (k->>3)::bigint
+    FROM jsonb_array_elements($2::jsonb) AS k
 ), new_entries AS (
     INSERT INTO entries ({ENTRY_COLUMNS})
     SELECT e->>0, e->>1, (e->>2)::bigint, e->>3, e->>4, (e->>5)::bigint, (e->>6)::bigint, e->>7, e->>8, e->>9,

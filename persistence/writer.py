@@ -41,7 +41,6 @@ from datetime import datetime, timezone
 from typing import Any, Callable
 
 import msgspec
-from msgspec import Raw
 
 from engine import audit
 from engine.errors import DatabaseUnavailable, EngineError, KeyCommitted, Overloaded, Unavailable
@@ -792,7 +791,7 @@ class _Batch:
             claim = op.idempotency
             if claim is not None:
                 if answered_by is None:
-                    keys.append(KeyRow(claim.key, claim.fingerprint, Raw(encode_json(op.result))))
+                    keys.append(KeyRow(claim.key, claim.fingerprint, encode_json(op.result).decode()))
                 else:
                     keys.append(KeyRow(claim.key, claim.fingerprint, None, answered_by))
         rare.accounts = list(inserts.values())

@@ -144,12 +144,23 @@ async def test_a_batch_commits_whole_and_reads_back(store):
     await _write(store, _batch(opened=[_account("acc_a", 0, 0)]))
     deposit = _entry("txn_1", "acc_a", 1, "credit", 500, 500)
     await _write(store, _batch(changed={"acc_a": _account("acc_a", 500, 1)}, before={"acc_a": 0},
-                               entries=[deposit], keys=[KeyRow("key-1", "f" * 64, msgspec.Raw(b'{"id":"txn_1"}'))]))
+                               entries=[deposit], keys=[KeyRow("key-1", "f" * 64, '{"id":"txn_1"}')]))
     assert (await store.load_account("acc_a")).balance == 500
     assert await store.get_transaction("txn_1") == deposit
     assert await store.idempotent_response("key-1") == ("f" * 64, b'{"id":"txn_1"}')
     assert [e.type for e in await store.events_after(0, 10)] == ["transaction.posted"]
     assert await store.recent_keys(10) == ["key-1"]
+
+
+async def test_a_key_answer_comes_back_byte_for_byte_whatever_its_text_holds(store):
+    """A key's own answer travels as a JSON string in the batch's document: escapes,
+    quotes, backslashes, non-ASCII and key order come back exactly as encoded."""
+    await _write(store, _batch(opened=[_account("acc_k", 0, 0)]))
+    answer = r'{"z":1,"memo":"caf\u00e9 \\ \"q\" \u0000 \ud83d\ude00 é 😀","a":[1.50,  2]}'
+    deposit = _entry("txn_k", "acc_k", 1, "credit", 5, 5)
+    await _write(store, _batch(changed={"acc_k": _account("acc_k", 5, 1)}, before={"acc_k": 0}, entries=[deposit],
+                               keys=[KeyRow("key-k", "k" * 64, answer)]))
+    assert await store.idempotent_response("key-k") == ("k" * 64, answer.encode())
 
 
 async def test_a_key_answered_by_its_event_replays_the_event_payload(store):
@@ -216,11 +227,11 @@ async def test_a_batch_with_a_committed_key_is_a_key_conflict_and_leaves_nothing
     await _write(store, _batch(opened=[_account("acc_b", 0, 0)]))
     first = _entry("txn_2", "acc_b", 1, "credit", 100, 100)
     await _write(store, _batch(changed={"acc_b": _account("acc_b", 100, 1)}, before={"acc_b": 0},
-                               entries=[first], keys=[KeyRow("key-2", "a" * 64, msgspec.Raw(b"{}"))]))
+                               entries=[first], keys=[KeyRow("key-2", "a" * 64, "{}")]))
     again = _entry("txn_3", "acc_b", 2, "credit", 100, 200)
     with pytest.raises(KeyConflict):
         await _write(store, _batch(changed={"acc_b": _account("acc_b", 200, 2)}, before={"acc_b": 1},
-                                   entries=[again], keys=[KeyRow("key-2", "a" * 64, msgspec.Raw(b"{}"))]))
+                                   entries=[again], keys=[KeyRow("key-2", "a" * 64, "{}")]))
     assert (await store.load_account("acc_b")).balance == 100
     assert await store.get_transaction("txn_3") is None
     assert len(await store.events_after(0, 10)) == 1
@@ -231,7 +242,7 @@ async def test_a_batch_whose_version_guard_trips_is_rejected_and_leaves_nothing(
     stale = _entry("txn_4", "acc_c", 1, "credit", 100, 100)
     with pytest.raises(StatementRejected) as rejected:
         await _write(store, _batch(changed={"acc_c": _account("acc_c", 100, 1)}, before={"acc_c": 7},
-                                   entries=[stale], keys=[KeyRow("key-4", "b" * 64, msgspec.Raw(b"{}"))]))
+                                   entries=[stale], keys=[KeyRow("key-4", "b" * 64, "{}")]))
     assert not isinstance(rejected.value, KeyConflict)
     assert (await store.load_account("acc_c")).balance == 0
     assert await store.get_transaction("txn_4") is None
