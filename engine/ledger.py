@@ -8,7 +8,7 @@ portfolios opened or merged, the reinvestments, and the outbox events. The write
 these rows as they are: it never re-applies a rule. Pure: no I/O, no clock, no ids."""
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 import msgspec
@@ -121,8 +121,10 @@ def transfer_events(rows: Rows, transfer: Transfer) -> None:
         _event(rows, "transfer.posted", payload, transfer.created_at, account_id=first.id,
                portfolio_id=first.portfolio_id, correlation_id=transfer.id,
                # Stored only when its entries would not rebuild it (an owner's share of
-               # the legs, a transfer that forked its payee's portfolio).
-               derived=whole and transfer_of(transfer.legs) == transfer)
+               # the legs, a transfer that forked its payee's portfolio, a clock not in
+               # UTC).
+               derived=whole and transfer.created_at.tzinfo is timezone.utc
+               and transfer_of(transfer.legs) == transfer)
 
 
 def transfer_of(legs: list[Transaction]) -> Transfer | None:
@@ -157,10 +159,12 @@ def _post(rows: Rows, event: LegPosted) -> Transaction:
         effective_date=leg.effective_date, created_at=leg.created_at, correlation_id=leg.correlation_id,
         sequence=after.version)
     if leg.kind not in MULTI_LEG_KINDS:
-        # Its payload is the entry itself: derived, never stored twice.
+        # Its payload is the entry itself: derived, never stored twice. The entry's time
+        # comes back from the database in UTC, so it is encoded the same only if it was
+        # in UTC (the engine's clock is; a clock given to `Engine` may not be).
         _event(rows, "transaction.posted", transaction, leg.created_at, account_id=leg.account_id,
-               portfolio_id=after.portfolio_id, correlation_id=leg.correlation_id, derived=True,
-               entry_sequence=transaction.sequence)
+               portfolio_id=after.portfolio_id, correlation_id=leg.correlation_id,
+               derived=leg.created_at.tzinfo is timezone.utc, entry_sequence=transaction.sequence)
     return transaction
 
 

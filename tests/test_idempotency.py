@@ -5,6 +5,7 @@ period. Real actors, writer and PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
+from datetime import datetime, timedelta, timezone
 
 import msgspec
 
@@ -201,3 +202,21 @@ async def test_an_operation_whose_event_is_its_entries_stores_them_once_and_repl
                   await engine.transfer(source.id, target.id, 300, memo="rent", idempotency_key="k-xfr")):
         assert again in replies.values()
     assert (await engine.get_account(target.id)).balance == 347
+
+
+@pytest.mark.parametrize("zone", [timezone(timedelta(hours=2)), None], ids=["plus-two-hours", "naive"])
+async def test_a_clock_not_in_utc_still_replays_and_feeds_the_bytes_of_the_reply(database_url, zone):
+    """Entries come back from the database in UTC: an event is rebuilt from them only
+    when its times were in UTC, so an `Engine` given another clock stores its payloads
+    (found by a reviewer: a +02:00 clock's replies said +02:00, their rebuilds Z)."""
+    async with Engine(engine_settings(database_url), clock=lambda: datetime.now(zone)) as engine:
+        source = await funded(engine, 1_000)
+        target = await funded(engine, 0)
+        replies = [await engine.deposit(target.id, 40, idempotency_key="tz-dep"),
+                   await engine.transfer(source.id, target.id, 300, idempotency_key="tz-xfr")]
+        for key, reply in zip(("tz-dep", "tz-xfr"), replies):
+            stored = await engine.store.idempotent_response(key)
+            assert stored is not None and stored[1] == msgspec.json.encode(reply), key
+        feed = {msgspec.json.decode(event.payload).get("id"): bytes(event.payload)
+                for event in await engine.events_page(after=0, limit=500)}
+        assert [feed[reply.id] for reply in replies] == [msgspec.json.encode(reply) for reply in replies]
