@@ -5,8 +5,8 @@ Standard Webhooks way, at least once and in commit order per endpoint.
     created.secret   # "whsec_..." - shown only here; verify with standardwebhooks
 
 How it runs (all on the engine's event loop; nothing here ever blocks a commit or a reply):
-- one *horizon* task follows the outbox through `Engine.events_page` (the very function
-  behind GET /v1/events) and keeps `horizon`: the highest sequence number below which
+- one *horizon* task follows the outbox's numbers (`Store.event_seqs_after`: the rows
+  GET /v1/events would show, without their payloads) and keeps `horizon`: the highest sequence number below which
   every event is visible. A number that is missing (a transaction still committing, or
   one that rolled back) holds the horizon back for at most `gap_wait_s`, so an event that
   commits late is not passed over;
@@ -298,7 +298,8 @@ class Webhooks:
                     await asyncio.sleep(AHEAD_WAIT_S)
                     continue
                 signal = self.engine._commit_signal
-                page = await self.engine.events_page(after=self.horizon, limit=FEED_PAGE_SIZE)
+                # The numbers only (the page's payloads are the workers' to read).
+                page = await self.engine.store.event_seqs_after(self.horizon, FEED_PAGE_SIZE)
                 gap = self._advance(page, gap, loop.time())
                 self._publish(active)
                 if len(page) == FEED_PAGE_SIZE and gap is None:
@@ -320,18 +321,18 @@ class Webhooks:
                 log.exception("webhook horizon error; continuing")
                 await asyncio.sleep(ERROR_PAUSE_S)
 
-    def _advance(self, page: list, gap: tuple[int, float] | None, now: float) -> tuple[int, float] | None:
+    def _advance(self, page: list[int], gap: tuple[int, float] | None, now: float) -> tuple[int, float] | None:
         before = self.horizon
-        for event in page:
-            self.latest_seq = max(self.latest_seq, event.seq)
+        for seq in page:
+            self.latest_seq = max(self.latest_seq, seq)
             expected = self.horizon + 1
-            if event.seq != expected:
+            if seq != expected:
                 if gap is None or gap[0] != expected:
                     gap = (expected, now)
                 if now - gap[1] < self.settings.gap_wait_s:
                     break
             gap = None
-            self.horizon = event.seq
+            self.horizon = seq
         if self.horizon != before:
             for endpoint in self.endpoints.values():
                 endpoint.wake.set()

@@ -55,6 +55,7 @@ SELECT_PORTFOLIO = f"SELECT {PORTFOLIO_COLUMNS} FROM portfolios WHERE id = $1"
 SELECT_CHILD_PORTFOLIOS = f"SELECT {PORTFOLIO_COLUMNS} FROM portfolios WHERE parent_id = ANY($1::text[]) ORDER BY id"
 SELECT_ACCOUNTS_BY_ID = f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = ANY($1::text[])"
 SELECT_EVENTS_AFTER = f"SELECT {EVENT_COLUMNS} FROM events WHERE seq > $1 ORDER BY seq LIMIT $2"
+SELECT_EVENT_SEQS_AFTER = "SELECT seq FROM events WHERE seq > $1 ORDER BY seq LIMIT $2"
 # The events of one owner's accounts and portfolios (an owner-scoped token's feed).
 SELECT_OWNER_EVENTS_AFTER = (
     "SELECT e.seq, e.type, e.account_id, e.portfolio_id, e.correlation_id, e.payload, e.created_at, e.entry_sequence "
@@ -476,6 +477,14 @@ class Store:
             else:
                 rows = await self.pool.fetch(SELECT_OWNER_EVENTS_AFTER, seq, limit, owner)
             return await events_with_payloads(self.pool, rows)
+
+    async def event_seqs_after(self, seq: int, limit: int) -> list[int]:
+        """The numbers of the committed events after `seq`, in order: what the feed's
+        page would hold, without building its payloads (the webhooks' horizon needs
+        only the numbers)."""
+        async with translated_errors():
+            rows = await self.pool.fetch(SELECT_EVENT_SEQS_AFTER, seq, limit)
+        return [row["seq"] for row in rows]
 
     async def analytics_weeks(self, account_ids: list[str]) -> dict[str, list]:
         """Each account's ledger summed per ISO week of effective date (Monday-based, like

@@ -48,6 +48,7 @@ READS: dict[str, tuple[tuple, dict]] = {
     "load_accounts": ((["acc_missing"],), {}),
     "portfolio_tree": (("prt_missing",), {"depth_max": 3, "nodes_max": 10}),
     "events_after": ((0, 10), {}),
+    "event_seqs_after": ((0, 10), {}),
     "analytics_weeks": ((["acc_missing"],), {}),
     "growth_moved": ((["acc_missing"],), {}),
     "risk_flags": ((), {}),

@@ -479,16 +479,16 @@ async def test_the_horizon_waits_at_a_missing_sequence_number_then_passes_it():
 
     settings = load_settings({}, {"webhooks": {"gap_wait_s": 5.0}})
     hooks = Webhooks(SimpleNamespace(settings=settings))
-    page = [SimpleNamespace(seq=seq) for seq in (1, 2, 4, 5)]       # 3 not visible (yet)
+    page = [1, 2, 4, 5]                                             # 3 not visible (yet)
     gap = hooks._advance(page, None, now=100.0)
     assert hooks.horizon == 2 and gap == (3, 100.0)
     gap = hooks._advance(page[2:], gap, now=104.0)                  # still within gap_wait_s
     assert hooks.horizon == 2 and gap == (3, 100.0)
-    assert hooks._advance([SimpleNamespace(seq=s) for s in (3, 4, 5)], gap, now=104.5) is None
+    assert hooks._advance([3, 4, 5], gap, now=104.5) is None
     assert hooks.horizon == 5                                       # 3 committed late: delivered in order
-    gap = hooks._advance([SimpleNamespace(seq=7)], None, now=200.0)
+    gap = hooks._advance([7], None, now=200.0)
     assert hooks.horizon == 5
-    assert hooks._advance([SimpleNamespace(seq=7)], gap, now=205.1) is None and hooks.horizon == 7
+    assert hooks._advance([7], gap, now=205.1) is None and hooks.horizon == 7
 
 
 async def test_the_endpoint_limit_refuses_with_409_and_deleting_a_busy_endpoint_is_clean(database_url, receiver):
