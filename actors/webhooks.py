@@ -6,10 +6,10 @@ Standard Webhooks way, at least once and in commit order per endpoint.
 
 How it runs (all on the engine's event loop; nothing here ever blocks a commit or a reply):
 - one *horizon* task follows the outbox's numbers (`Store.event_seqs_after`: the rows
-  GET /v1/events would show, without their payloads) and keeps `horizon`: the highest sequence number below which
-  every event is visible. A number that is missing (a transaction still committing, or
-  one that rolled back) holds the horizon back for at most `gap_wait_s`, so an event that
-  commits late is not passed over;
+  GET /v1/events would show, without their payloads) and keeps `horizon`: the highest
+  sequence number below which every event is visible. A number that is missing (a
+  transaction still committing, or one that rolled back) holds the horizon back for at
+  most `gap_wait_s`, so an event that commits late is not passed over;
 - one *worker* task per enabled endpoint reads that endpoint's feed (`events_page` with
   its owner, up to the horizon), and sends its events one at a time, in order, each
   until it succeeds or exhausts `retry_schedule_s` (then it becomes a dead letter and the
