@@ -34,6 +34,17 @@ ACCOUNTS = 1_000
 FUNDS = 10 ** 9
 
 
+async def funded_accounts(engine, owner: str) -> list[str]:
+    """`ACCOUNTS` revenue accounts of `owner`, each funded with `FUNDS` by a keyed
+    deposit (100 at a time); their ids."""
+    ids = [(await engine.create_account(name=f"{owner}{i}", type="revenue", owner=owner)).id
+           for i in range(ACCOUNTS)]
+    for start in range(0, ACCOUNTS, 100):
+        await asyncio.gather(*(engine.deposit(i, FUNDS, idempotency_key=uuid.uuid4().hex)
+                               for i in ids[start:start + 100]))
+    return ids
+
+
 async def run(url: str, pgdata: str, seconds: float, callers: int, no_database: bool, keyed: bool = True,
               windows: int = 1, report=None, io: bool = False) -> dict:
     from actors.api import Engine
@@ -42,11 +53,7 @@ async def run(url: str, pgdata: str, seconds: float, callers: int, no_database: 
 
     settings = load_settings({}, {"database": {"url": url}, "engine": {"reinvest_schedule": False}})
     async with Engine(settings) as engine:
-        ids = [(await engine.create_account(name=f"k{i}", type="revenue", owner="keyed")).id
-               for i in range(ACCOUNTS)]
-        for start in range(0, ACCOUNTS, 100):
-            await asyncio.gather(*(engine.deposit(i, FUNDS, idempotency_key=uuid.uuid4().hex)
-                                   for i in ids[start:start + 100]))
+        ids = await funded_accounts(engine, "keyed")
         if no_database:
             async def sleep_instead(_connection, batch) -> None:
                 batch.args()

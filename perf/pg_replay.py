@@ -30,24 +30,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import time
 import urllib.parse
 import uuid
 
-from perf.common import Database
+from perf.common import Database, _proc_cpu_s
+from perf.keyed import funded_accounts
 
-ACCOUNTS = 1_000
-FUNDS = 10 ** 9
 CALLERS = 64
-TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
-
-
-def _backend_cpu_s(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) * TICK_S
 
 
 def _url(database: Database, name: str) -> str:
@@ -106,11 +97,7 @@ async def _record(database: Database, batches: int) -> list[tuple]:
         settings = load_settings({}, {"database": {"url": _url(database, "replay_source")},
                                       "engine": {"reinvest_schedule": False}})
         async with Engine(settings) as engine:
-            ids = [(await engine.create_account(name=f"r{i}", type="revenue", owner="replay")).id
-                   for i in range(ACCOUNTS)]
-            for start in range(0, ACCOUNTS, 100):
-                await asyncio.gather(*(engine.deposit(i, FUNDS, idempotency_key=uuid.uuid4().hex)
-                                       for i in ids[start:start + 100]))
+            ids = await funded_accounts(engine, "replay")
         await admin.execute("CREATE DATABASE replay_funded TEMPLATE replay_source")
     finally:
         await admin.close()
@@ -154,10 +141,10 @@ async def _replay(database: Database, name: str, copy: str, recorded: list[tuple
             batches = _pairs(recorded) if convert == "pairs" else [convert(a) if convert else a for a in recorded]
             pid = await connection.fetchval("SELECT pg_backend_pid()")
             await connection.execute("CHECKPOINT")
-            cpu, wall = _backend_cpu_s(pid), time.perf_counter()
+            cpu, wall = _proc_cpu_s(pid), time.perf_counter()
             for args in batches:
                 await connection.fetchval(store.WRITE_BATCH, *args)
-            cpu, wall = _backend_cpu_s(pid) - cpu, time.perf_counter() - wall
+            cpu, wall = _proc_cpu_s(pid) - cpu, time.perf_counter() - wall
         finally:
             await connection.close()
         await admin.execute(f"DROP DATABASE {copy}")
