@@ -272,8 +272,7 @@ class Availability:
     def attach(self, writer, connection) -> None:
         """Hands the fenced connection to the writer and hooks the supervisor in."""
         self._writer = writer
-        writer.connection = connection
-        writer.healthy = True
+        writer.adopt(connection)
         writer.on_connect = self._on_writer_connect
         writer.on_error = self._on_writer_error
 

@@ -9,7 +9,8 @@ only writer, so the flag and its event (`account.drawdown_breach`,
 Only a loss or a fee can deepen a drawdown and a premium can end a breach, so a trade
 queues a check (`after_trade`) and so does a merge of a flagged account. Queued accounts
 are checked by at most CHECKERS tasks, each account once however many losses and fees it
-took meanwhile (a check reads the whole committed ledger): a task per trade let the
+took meanwhile (a check reads the account's weekly sums: from memory once the account has
+been read, as the writer keeps them current, decision 91): a task per trade let the
 checks' ledger reads crowd the connection pool and PostgreSQL while the strategy engine
 booked at full speed, and operators' reads waited behind them (the ALL-USE week: p99 of
 portfolio reads over HTTP ~1 s; decision 83)."""

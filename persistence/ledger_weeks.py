@@ -14,6 +14,19 @@ ledger, which the writer guarantees and this module relies on:
   therefore holds a prefix of each account's entries, and "the entries after the last
   sequence folded in" is exactly what is missing.
 
+The engine's writer also hands over every batch it commits (`committed`), so an account
+read once stays current without another query: the drawdown check after every loss or
+fee and an operator's analytics read it from memory (decision 91). A commit is folded in
+only where it continues what is kept: an account's sums are complete up to its version
+(`AccountWeeks.sequence`: entries are numbered by the version their operation left, and
+a read takes the account's version from the same snapshot as its entries), and a batch
+names the version each account had before it. The account is *current* when nothing
+committed after that version (`AccountWeeks.committed`: the newest version known to have
+committed, from reads and batches, including those that committed while the read that
+first kept the account was in flight). A batch whose outcome is unknown (the connection
+failed during its statement) and every new writer connection forget what they touch or
+everything (`forget`, `clear`): those accounts are read again.
+
 Every sum here is mergeable (sums add, the first inflow's weekday is a minimum), so a
 back-dated entry (an effective date in an old week) just changes that week; the running
 balances are recomputed from the sums. The memory is bounded (`WEEKS_CACHED_MAX` weeks
@@ -22,9 +35,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from datetime import date
+from datetime import date, timedelta
 
-from engine.analytics import WeekTotals
+from engine.analytics import DAYS_PER_WEEK, TRADE_COLUMNS, WeekTotals
+from engine.model import Account, Transaction
 
 # About 300 bytes a week (its sums and its WeekTotals): ~30 MiB at the bound.
 WEEKS_CACHED_MAX = 100_000
@@ -45,11 +59,14 @@ NOTHING_FOLDED = -1   # entries' sequences start at 0 or 1: "after -1" is every 
 # account (debits of those kinds) rides along, for the portfolio's growth figures. No
 # ORDER BY: the rows are folded into a dictionary, and sorting ~10,000 input rows by a
 # text column took a third of the query's time.
+# Each account also gives its version in the same snapshot (NULL when it does not exist),
+# on a row of NULL sums when nothing was committed after `sequence_after`.
 SELECT_WEEKS_AFTER = """
-SELECT known.account_id, weeks.*
-FROM unnest($1::text[], $2::text[]) AS known(account_id, sequence_after),
-     LATERAL (
-         SELECT e.effective_date - derived.weekday AS week, max(e.sequence) AS sequence_max,
+SELECT known.account_id, (SELECT a.version FROM accounts a WHERE a.id = known.account_id) AS account_version,
+       weeks.*
+FROM unnest($1::text[], $2::text[]) AS known(account_id, sequence_after)
+     LEFT JOIN LATERAL (
+         SELECT e.effective_date - derived.weekday AS week,
                 coalesce(sum(e.amount) FILTER (WHERE e.kind = 'premium'), 0)::bigint AS premium,
                 coalesce(sum(e.amount) FILTER (WHERE e.kind = 'loss'), 0)::bigint AS loss,
                 coalesce(sum(e.amount) FILTER (WHERE e.kind = 'fee'), 0)::bigint AS fee,
@@ -66,40 +83,67 @@ FROM unnest($1::text[], $2::text[]) AS known(account_id, sequence_after),
                               CASE WHEN e.direction = 'credit' THEN e.amount ELSE -e.amount END AS signed,
                               e.kind NOT IN ('premium', 'loss', 'fee') AS flow) AS derived
          WHERE e.account_id = known.account_id AND e.sequence > known.sequence_after::bigint
-         GROUP BY week) AS weeks"""
+         GROUP BY week) AS weeks ON true"""
 
 # Positions in a week's sums.
 PREMIUM, LOSS, FEE, FLOW, FLOW_CENT_DAYS, FIRST_INFLOW_WEEKDAY = range(6)
+TRADE_KINDS = frozenset(TRADE_COLUMNS)   # premium, loss, fee: not flows
 
 
 class AccountWeeks:
-    """One account's weekly sums up to (and including) entry `sequence`."""
+    """One account's weekly sums of every entry up to (and including) entry `sequence`:
+    the account's version when they were read or last brought up to date. `committed` is
+    the newest version of the account known to have committed."""
 
-    __slots__ = ("sequence", "weeks", "forked", "merged", "_totals")
+    __slots__ = ("sequence", "committed", "weeks", "forked", "merged", "_totals")
 
     def __init__(self) -> None:
-        self.sequence = NOTHING_FOLDED
+        self.sequence = self.committed = NOTHING_FOLDED
         self.weeks: dict[date, list] = {}
         self.forked = self.merged = 0
         self._totals: list[WeekTotals] | None = []
 
+    @property
+    def current(self) -> bool:
+        """Nothing is known to have committed after what is folded in."""
+        return self.sequence == self.committed
+
     def fold(self, row) -> None:
         """Adds one row of SELECT_WEEKS_AFTER (one week's entries after `sequence`)."""
-        sums = self.weeks.get(row["week"])
+        self._add(row["week"], row["premium"], row["loss"], row["fee"], row["flow"], row["flow_cent_days"],
+                  row["first_inflow_weekday"], row["forked"], row["merged"])
+
+    def fold_entry(self, entry: Transaction) -> None:
+        """Adds one committed entry, as SELECT_WEEKS_AFTER sums it."""
+        kind, amount, day = entry.kind, entry.amount, entry.effective_date
+        weekday = day.weekday()
+        week = day - timedelta(days=weekday)
+        if kind in TRADE_KINDS:
+            self._add(week, amount if kind == "premium" else 0, amount if kind == "loss" else 0,
+                      amount if kind == "fee" else 0, 0, 0, None, 0, 0)
+            return
+        credit = entry.direction == "credit"
+        signed = amount if credit else -amount
+        debit = 0 if credit else amount
+        self._add(week, 0, 0, 0, signed, signed * (DAYS_PER_WEEK - weekday), weekday if credit else None,
+                  debit if kind == "fork" else 0, debit if kind == "merge" else 0)
+
+    def _add(self, week: date, premium: int, loss: int, fee: int, flow: int, cent_days: int,
+             first_inflow: int | None, forked: int, merged: int) -> None:
+        sums = self.weeks.get(week)
         if sums is None:
-            self.weeks[row["week"]] = [row["premium"], row["loss"], row["fee"], row["flow"], row["flow_cent_days"],
-                                       row["first_inflow_weekday"]]
+            self.weeks[week] = [premium, loss, fee, flow, cent_days, first_inflow]
         else:
-            sums[PREMIUM] += row["premium"]
-            sums[LOSS] += row["loss"]
-            sums[FEE] += row["fee"]
-            sums[FLOW] += row["flow"]
-            sums[FLOW_CENT_DAYS] += row["flow_cent_days"]
-            first = row["first_inflow_weekday"]
-            if first is not None and (sums[FIRST_INFLOW_WEEKDAY] is None or first < sums[FIRST_INFLOW_WEEKDAY]):
-                sums[FIRST_INFLOW_WEEKDAY] = first
-        self.forked += row["forked"]
-        self.merged += row["merged"]
+            sums[PREMIUM] += premium
+            sums[LOSS] += loss
+            sums[FEE] += fee
+            sums[FLOW] += flow
+            sums[FLOW_CENT_DAYS] += cent_days
+            if first_inflow is not None and (sums[FIRST_INFLOW_WEEKDAY] is None
+                                             or first_inflow < sums[FIRST_INFLOW_WEEKDAY]):
+                sums[FIRST_INFLOW_WEEKDAY] = first_inflow
+        self.forked += forked
+        self.merged += merged
         self._totals = None
 
     def totals(self, account_id: str) -> list[WeekTotals]:
@@ -125,15 +169,35 @@ class LedgerWeeks:
         self._accounts: collections.OrderedDict[str, AccountWeeks] = collections.OrderedDict()
         self._weeks_cached = 0
         self._joinable: dict[tuple[str, ...], asyncio.Future] = {}
+        # True while a writer hands over every batch it commits (`committed`): only then
+        # is a current account answered without a query.
+        self.fed = False
+        # Accounts with a query in flight (how many), the newest version committed
+        # meanwhile of those not kept, and those forgotten meanwhile (not to be kept).
+        self._reading: collections.Counter[str] = collections.Counter()
+        self._late: dict[str, int] = {}
+        self._doubtful: set[str] = set()
 
     async def read(self, pool, account_ids: list[str]) -> dict[str, AccountWeeks]:
         """Every account's sums as of a moment after this call began (an account with no
-        entries has none). `pool` is an asyncpg pool or connection.
+        entries has none). `pool` is an asyncpg pool or connection. Accounts kept and
+        current (while `fed`) are answered from memory; the others with one query.
 
         A portfolio's analytics ask for its weekly sums and its growth at once: a read of
         the same accounts that begins while another has not yet sent its query shares
         that query. The query's snapshot is taken after both began, so each still sees
         everything committed before it was called."""
+        if self.fed:
+            accounts = self._accounts
+            known = {}
+            for account_id in account_ids:
+                kept = accounts.get(account_id)
+                if kept is not None and kept.sequence == kept.committed:
+                    known[account_id] = kept
+                    accounts.move_to_end(account_id)
+            if known:
+                rest = [i for i in account_ids if i not in known]
+                return {**known, **await self.read(pool, rest)} if rest else known
         key = tuple(account_ids)
         shared = self._joinable.get(key)
         if shared is not None:
@@ -165,31 +229,51 @@ class LedgerWeeks:
     async def _read(self, pool, account_ids: list[str]) -> dict[str, AccountWeeks]:
         found: dict[str, AccountWeeks] = {}
         pending = list(dict.fromkeys(account_ids))
+        reading = self._reading
         for round_number in range(REFRESH_ROUNDS_MAX + 1):
             if not pending:
                 break
             cached = round_number < REFRESH_ROUNDS_MAX
             known = [self._accounts.get(i) if cached else None for i in pending]
             after = [k.sequence if k is not None else NOTHING_FOLDED for k in known]
-            rows = await pool.fetch(SELECT_WEEKS_AFTER, pending, [str(n) for n in after])
+            reading.update(pending)
+            try:
+                rows = await pool.fetch(SELECT_WEEKS_AFTER, pending, [str(n) for n in after])
+            finally:
+                late, doubtful = {}, set()
+                for account_id in pending:
+                    if account_id in self._late:
+                        late[account_id] = self._late[account_id]
+                    if account_id in self._doubtful:
+                        doubtful.add(account_id)
+                    if reading[account_id] > 1:
+                        reading[account_id] -= 1
+                    else:
+                        del reading[account_id]
+                        self._late.pop(account_id, None)
+                        self._doubtful.discard(account_id)
             by_account: dict[str, list] = {}
             for row in rows:
                 by_account.setdefault(row["account_id"], []).append(row)
             retry = []
             for account_id, sequence_after in zip(pending, after):
-                if not cached:
-                    found[account_id] = self._folded(AccountWeeks(), by_account.get(account_id, ()))
+                if not cached or account_id in doubtful:
+                    # Read afresh, or forgotten while the query was in flight (a batch of
+                    # unknown outcome): answered, not kept.
+                    found[account_id] = self._folded(AccountWeeks(), by_account.get(account_id, ()), NOTHING_FOLDED)
                     continue
                 current = self._accounts.get(account_id)
                 if (current.sequence if current is not None else NOTHING_FOLDED) != sequence_after:
-                    # Another read folded entries in (or the account was dropped) while
-                    # this one waited: what it read may overlap. Read again from there.
+                    # Another read or a batch folded entries in (or the account was
+                    # dropped) while this one waited: what it read may overlap. Read
+                    # again from there.
                     retry.append(account_id)
                     continue
                 if current is None:
                     current = self._accounts[account_id] = AccountWeeks()
                 weeks_before = len(current.weeks)
-                found[account_id] = self._folded(current, by_account.get(account_id, ()))
+                found[account_id] = self._folded(current, by_account.get(account_id, ()),
+                                                 late.get(account_id, NOTHING_FOLDED))
                 self._weeks_cached += len(current.weeks) - weeks_before
                 self._accounts.move_to_end(account_id)
             pending = retry
@@ -197,11 +281,67 @@ class LedgerWeeks:
         return found
 
     @staticmethod
-    def _folded(account: AccountWeeks, rows) -> AccountWeeks:
+    def _folded(account: AccountWeeks, rows, late: int) -> AccountWeeks:
+        """Folds a query's rows in: the account is then complete up to its version in the
+        query's snapshot; `late` is the newest version committed while it was in flight."""
         for row in rows:
-            account.fold(row)
-            account.sequence = max(account.sequence, row["sequence_max"])
+            if row["week"] is not None:
+                account.fold(row)
+            version = row["account_version"]
+            if version is not None and version > account.sequence:
+                account.sequence = version
+        account.committed = max(account.committed, account.sequence, late)
         return account
+
+    def committed(self, before: dict[str, int], updates: dict[str, Account], inserts: dict[str, Account],
+                  entries: list[Transaction]) -> None:
+        """The writer's, for every batch it commits: `updates` the state each existing
+        account was left in, `before[account]` its version before the batch, `inserts`
+        the accounts the batch opened, `entries` its ledger entries. An account kept
+        whose sums reach exactly `before` takes the batch's entries in; any other kept
+        account only learns that a newer version committed (it is read again)."""
+        accounts, reading = self._accounts, self._reading
+        if not accounts and not reading:
+            return
+        if inserts:
+            self.forget(inserts)   # an id read before it existed: read it again
+        folding: dict[str, AccountWeeks] = {}
+        for account_id, state in updates.items():
+            kept = accounts.get(account_id)
+            if kept is None:
+                if account_id in reading and self._late.get(account_id, NOTHING_FOLDED) < state.version:
+                    self._late[account_id] = state.version
+                continue
+            if kept.sequence == before[account_id]:
+                folding[account_id] = kept
+                kept.sequence = state.version
+            if state.version > kept.committed:
+                kept.committed = state.version
+        if folding:
+            weeks_before = sum(len(kept.weeks) for kept in folding.values())
+            for entry in entries:
+                kept = folding.get(entry.account_id)
+                if kept is not None:
+                    kept.fold_entry(entry)
+            self._weeks_cached += sum(len(kept.weeks) for kept in folding.values()) - weeks_before
+            self._bound()
+
+    def forget(self, account_ids) -> None:
+        """These accounts are read again (a batch touching them has an unknown outcome,
+        or opened them), also by a query in flight now."""
+        for account_id in account_ids:
+            kept = self._accounts.pop(account_id, None)
+            if kept is not None:
+                self._weeks_cached -= len(kept.weeks)
+            if account_id in self._reading:
+                self._doubtful.add(account_id)
+
+    def clear(self, *, fed: bool) -> None:
+        """Forgets every account (the writer's connection changed: another engine may
+        have written meanwhile); `fed`: whether batches are handed over from now on."""
+        self.forget(list(self._accounts))
+        self._doubtful.update(self._reading)
+        self.fed = fed
 
     def _bound(self) -> None:
         """Drops the least recently read accounts until the weeks kept fit the bound

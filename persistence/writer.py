@@ -251,6 +251,7 @@ class Writer:
             await self._task
             self._task = None
         if self.connection is not None:
+            self.store.ledger_weeks.clear(fed=False)
             await self.connection.close()
             self.connection = None
 
@@ -446,8 +447,7 @@ class Writer:
             connection = await asyncio.wait_for(self.store.connect(), timeout=3.0)
             if self.on_connect is not None:
                 await self.on_connect(connection)
-            self.connection = connection
-            self.healthy = True
+            self.adopt(connection)
             log.info("writer connected")
             return True
         except (EngineError, asyncio.TimeoutError) as error:
@@ -519,9 +519,18 @@ class Writer:
             return
         op.done(total, None)
 
+    def adopt(self, connection) -> None:
+        """Writes through `connection` from now on. Another engine may have written while
+        this one had none: the weekly sums kept in memory are read again, and kept
+        current from here on (`persistence.ledger_weeks`)."""
+        self.connection = connection
+        self.healthy = True
+        self.store.ledger_weeks.clear(fed=True)
+
     def _drop_connection(self) -> None:
         self._audit_head = None
         self._event_head = None
+        self.store.ledger_weeks.clear(fed=False)
         if self.connection is not None:
             self.connection.terminate()
             self.connection = None
@@ -631,6 +640,7 @@ class Writer:
         self._audit_head = batch.head
         self._event_head = batch.event_head
         self._last_committed = batch.serial
+        self.store.ledger_weeks.committed(batch.before, batch.updates, batch.inserts, batch.transactions)
         ops = batch.ops
         for op in ops:
             if op.audit is not None:
@@ -705,6 +715,10 @@ class Writer:
                 resolutions[account_id].failed_op_ids.append(op.op_id)
                 if poison:
                     self.poisoned.add(account_id)
+            if poison:
+                # The batch may have committed: the weekly sums kept of its accounts
+                # are read again.
+                self.store.ledger_weeks.forget(op.rows.states if op.rows is not None else op.accounts)
         if resolutions:
             self.notify(resolutions)
         for index, op in enumerate(ops):
@@ -727,6 +741,10 @@ class _Batch:
     write: BatchWrite
     inserts: dict[str, Account]
     updates: dict[str, Account]
+    # Each updated account's version before the batch, and the batch's ledger entries
+    # (for the weekly sums kept in memory, `persistence.ledger_weeks`).
+    before: dict[str, int]
+    transactions: list
     forks: int = 0
     merges: int = 0
     # Numbered when its statement is sent; a batch built ahead names the batch it was
@@ -799,6 +817,7 @@ class _Batch:
                            rare=rare_args(rare) if rare else None)
         write.updates, write.updates_expected = account_updates(updates, before)
         batch = cls(ops=ops, head=head, event_head=seq, write=write, inserts=inserts, updates=updates,
+                    before=before, transactions=transactions,
                     forks=sum(1 for p in rare.portfolios if p.is_unit), merges=len(rare.merged))
         batch.head = _chain_audit(ops, write.audit, head)
         return batch

@@ -48,18 +48,14 @@ async def open_portfolio(engine, weeks_back: int = 12):
     return view, opened, {a.type: a.id for a in view.accounts}
 
 
-async def test_kept_sums_equal_the_whole_ledgers_sums_after_every_kind_of_change(engine):
-    view, opened, ids = await open_portfolio(engine)
-    accounts = list(ids.values())
-    store = engine.store
-    assert await store.analytics_weeks(accounts) == await expected_weeks(store, accounts)
-
+def changes_of_every_kind(engine, view, opened, ids) -> list:
+    """Trades of each kind, flows, a transfer, a fork and the unit's merge, as calls."""
     async def merge_the_unit():
         unit = (await engine.get_portfolio(view.id)).units[0]
         return await engine.merge_portfolio(unit.id)
 
     # Effective dates never go back before a later entry: dated trades first.
-    changes = [
+    return [
         lambda: engine.book_trade(ids["revenue"], kind="premium", amount=500_00, effective_date=opened + timedelta(1)),
         lambda: engine.book_trade(ids["revenue"], kind="loss", amount=120_00, effective_date=opened + timedelta(3)),
         lambda: engine.book_trade(ids["revenue"], kind="fee", amount=3_00, effective_date=opened + timedelta(3)),
@@ -71,6 +67,15 @@ async def test_kept_sums_equal_the_whole_ledgers_sums_after_every_kind_of_change
         lambda: engine.fork(ids["generation"], amount=1_000_00),
         merge_the_unit,
     ]
+
+
+async def test_kept_sums_equal_the_whole_ledgers_sums_after_every_kind_of_change(engine):
+    view, opened, ids = await open_portfolio(engine)
+    accounts = list(ids.values())
+    store = engine.store
+    assert await store.analytics_weeks(accounts) == await expected_weeks(store, accounts)
+
+    changes = changes_of_every_kind(engine, view, opened, ids)
     for change in changes:
         await change()
         # A unit forked off has accounts of its own: read them too, cold.
@@ -98,6 +103,7 @@ async def test_reads_racing_writes_never_count_an_entry_twice(engine):
     async def reader(found: list):
         while not writing.done():
             found.append(await store.analytics_weeks([rev]))
+            await asyncio.sleep(0)   # a kept account is answered from memory, without a wait
 
     writing = asyncio.ensure_future(trades())
     seen: list = []
@@ -213,3 +219,99 @@ async def test_a_new_connection_reads_without_a_type_introspection_query(engine)
     # ...and the read has none.
     seen = await queries_of(lambda c: LedgerWeeks().read(c, list(ids.values())))
     assert seen and not any("typeinfo" in query for query in seen), seen
+
+
+def counting_reads(monkeypatch, weeks: LedgerWeeks) -> list:
+    """The accounts of every query `weeks` sends (its reads from memory send none)."""
+    queried: list = []
+    original = weeks._read
+
+    async def counted(pool, account_ids):
+        queried.append(list(account_ids))
+        return await original(pool, account_ids)
+
+    monkeypatch.setattr(weeks, "_read", counted)
+    return queried
+
+
+async def test_kept_accounts_follow_every_commit_without_a_query(engine, monkeypatch):
+    """The writer hands every committed batch to the kept sums (decision 91): after one
+    read, an account's sums follow trades, flows, transfers, a fork and a merge with no
+    query, and always equal the whole ledger's; a drawdown check reads none either."""
+    view, opened, ids = await open_portfolio(engine)
+    store = engine.store
+    accounts = list(ids.values())
+    await store.analytics_weeks(accounts)
+    queried = counting_reads(monkeypatch, store.ledger_weeks)
+    changes = changes_of_every_kind(engine, view, opened, ids) + [
+        lambda: asyncio.gather(*(engine.book_trade(ids["generation"], kind=kind, amount=10_00 + n)
+                                 for n, kind in enumerate(["premium", "loss", "fee", "premium"] * 4))),
+        lambda: engine.update_account(ids["revenue"], name="renamed"),   # a version with no entry
+        lambda: engine.book_trade(ids["revenue"], kind="premium", amount=1_00),
+    ]
+    for change in changes:
+        await change()
+        assert await store.analytics_weeks(accounts) == await expected_weeks(store, accounts)
+        assert await store.growth_moved(accounts) == await expected_moved(store, accounts)
+    await engine.risk.check_many(accounts)
+    assert queried == []
+
+
+class HeldAfterQuery:
+    """A pool whose query runs at once (its snapshot is taken) but whose answer is held
+    until released."""
+
+    def __init__(self, pool):
+        self.pool, self.ran, self.release = pool, asyncio.Event(), asyncio.Event()
+
+    async def fetch(self, *args):
+        rows = await self.pool.fetch(*args)
+        self.ran.set()
+        await self.release.wait()
+        return rows
+
+
+async def test_a_commit_while_the_first_read_is_in_flight_is_not_missed(engine, monkeypatch):
+    """The first read of an account takes its snapshot, a trade commits, then the read's
+    answer arrives: the trade is not in it, and the batch could not be folded in (the
+    account was not kept yet). The account is kept but not current: the next read
+    queries, and finds the trade."""
+    _, _, ids = await open_portfolio(engine)
+    rev = ids["revenue"]
+    store = engine.store
+    held = HeldAfterQuery(store.pool)
+    reading = asyncio.ensure_future(store.ledger_weeks.read(held, [rev]))
+    await held.ran.wait()
+    await engine.book_trade(rev, kind="premium", amount=42_00)
+    held.release.set()
+    await reading
+    queried = counting_reads(monkeypatch, store.ledger_weeks)
+    assert await store.analytics_weeks([rev]) == await expected_weeks(store, [rev])
+    assert queried == [[rev]]
+    # From there on it is current: the next trade needs no query.
+    await engine.book_trade(rev, kind="loss", amount=2_00)
+    assert await store.analytics_weeks([rev]) == await expected_weeks(store, [rev])
+    assert queried == [[rev]]
+
+
+async def test_a_batch_of_unknown_outcome_and_a_new_connection_make_the_sums_read_again(engine, monkeypatch):
+    """A batch that failed with its outcome unknown may have committed: its accounts are
+    forgotten. A new writer connection (another engine may have written meanwhile)
+    forgets every account."""
+    _, _, ids = await open_portfolio(engine)
+    accounts = list(ids.values())
+    store, writer = engine.store, engine.writer
+    await store.analytics_weeks(accounts)
+    assert len(store.ledger_weeks) == len(accounts) and store.ledger_weeks.fed
+    from persistence.writer import WriteOp
+    writer._fail([WriteOp(op_id=0, accounts=(ids["revenue"],), done=lambda result, error: None)],
+                 RuntimeError("outcome unknown"), poison=True)
+    assert len(store.ledger_weeks) == len(accounts) - 1
+    writer.poisoned.discard(ids["revenue"])
+    writer._drop_connection()
+    assert len(store.ledger_weeks) == 0 and not store.ledger_weeks.fed
+    await engine.deposit(ids["generation"], 5_00)   # reconnects
+    assert store.ledger_weeks.fed
+    queried = counting_reads(monkeypatch, store.ledger_weeks)
+    assert await store.analytics_weeks(accounts) == await expected_weeks(store, accounts)
+    assert queried == [accounts]
