@@ -13,6 +13,9 @@ from engine import analytics, limits
 from engine.errors import NotFound, Unavailable, ValidationFailed
 from engine.model import Account, Transaction
 
+# Every account id starts so (`actors.ids.new_id("acc")`), the cursor of a list of them too.
+ACCOUNT_ID_PREFIX = "acc_"
+
 
 class Queries:
     def __init__(self, engine) -> None:
@@ -49,6 +52,10 @@ class Queries:
                                         ("portfolio_id", portfolio_id, limits.ID_LENGTH_MAX)):
             if value is not None and not clean_text(value, length_max):
                 raise ValidationFailed(f"malformed {name}", {"field": name})
+        if cursor is not None and not cursor.startswith(ACCOUNT_ID_PREFIX):
+            # The cursor is the id the previous page ended with: anything else is a
+            # mistake (it used to answer an empty page, as if the list had ended).
+            raise ValidationFailed("malformed cursor: pass the previous page's next_cursor", {"field": "cursor"})
         items = await self._engine.store.list_accounts(limit=limit + 1, after_id=cursor, type=type, status=status,
                                                        owner=owner, portfolio_id=portfolio_id)
         next_cursor = items[limit - 1].id if len(items) > limit else None

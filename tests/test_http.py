@@ -287,6 +287,8 @@ CASES: list[Case] = [
     Case("list-unknown-status", "GET", "/v1/accounts?status=asleep", 422, "validation_failed", error_field="status"),
     Case("list-cursor-too-long", "GET", "/v1/accounts?cursor=" + "c" * 65, 422, "validation_failed",
          error_field="cursor"),
+    Case("list-cursor-not-an-account-id", "GET", "/v1/accounts?cursor=garbage", 422, "validation_failed",
+         error_field="cursor"),
     Case("history-bad-cursor", "GET", "/v1/accounts/{revenue}/transactions?cursor=abc", 422, "validation_failed",
          error_field="cursor"),
     Case("history-limit-zero", "GET", "/v1/accounts/{revenue}/transactions?limit=0", 422, "validation_failed",
