@@ -9,7 +9,8 @@ ledger, which the writer guarantees and this module relies on:
 
 - entries are append-only: a committed entry never changes and is never deleted;
 - an account's entries become visible in `sequence` order: each batch updates the
-  account's row guarded by the version it was decided on (`sequence` is that version),
+  account's row guarded by the version it was decided on (an entry's `sequence` is the
+  version its leg left the account at),
   so a batch with sequence n + 1 cannot commit before the one with n. Any snapshot
   therefore holds a prefix of each account's entries, and "the entries after the last
   sequence folded in" is exactly what is missing.
@@ -18,9 +19,9 @@ The engine's writer also hands over every batch it commits (`committed`), so an 
 read once stays current without another query: the drawdown check after every loss or
 fee and an operator's analytics read it from memory (decision 91). A commit is folded in
 only where it continues what is kept: an account's sums are complete up to its version
-(`AccountWeeks.sequence`: entries are numbered by the version their operation left, and
-a read takes the account's version from the same snapshot as its entries), and a batch
-names the version each account had before it. The account is *current* when nothing
+(`AccountWeeks.sequence`: an entry is numbered by the version its leg left, and a read
+takes the account's version from the same snapshot as its entries), and a batch names
+the version each account had before it. The account is *current* when nothing
 committed after that version (`AccountWeeks.committed`: the newest version known to have
 committed, from reads and batches, including those that committed while the read that
 first kept the account was in flight). A batch whose outcome is unknown (the connection
@@ -161,7 +162,9 @@ class AccountWeeks:
 
 
 class LedgerWeeks:
-    """The weekly sums of the accounts read recently, refreshed on every read."""
+    """The weekly sums of the accounts read recently: brought up to date by each read,
+    and by every batch the writer commits while it is `fed`. The sums handed out are the
+    kept objects themselves, which later batches go on changing: read them at once."""
 
     def __init__(self, weeks_cached_max: int = WEEKS_CACHED_MAX):
         assert weeks_cached_max >= 1
@@ -179,9 +182,10 @@ class LedgerWeeks:
         self._doubtful: set[str] = set()
 
     async def read(self, pool, account_ids: list[str]) -> dict[str, AccountWeeks]:
-        """Every account's sums as of a moment after this call began (an account with no
-        entries has none). `pool` is an asyncpg pool or connection. Accounts kept and
-        current (while `fed`) are answered from memory; the others with one query.
+        """Every account's sums, each as of a moment after this call began (an account
+        with no entries has none; the moment is per account, not one for all). `pool` is
+        an asyncpg pool or connection. Accounts kept and current (while `fed`) are
+        answered from memory; the others with one query.
 
         A portfolio's analytics ask for its weekly sums and its growth at once: a read of
         the same accounts that begins while another has not yet sent its query shares
@@ -257,9 +261,14 @@ class LedgerWeeks:
                 by_account.setdefault(row["account_id"], []).append(row)
             retry = []
             for account_id, sequence_after in zip(pending, after):
+                if cached and account_id in doubtful and sequence_after != NOTHING_FOLDED:
+                    # Forgotten while the query was in flight: its rows start after the
+                    # version it had, which is gone. Read again from nothing.
+                    retry.append(account_id)
+                    continue
                 if not cached or account_id in doubtful:
-                    # Read afresh, or forgotten while the query was in flight (a batch of
-                    # unknown outcome): answered, not kept.
+                    # Read from nothing: afresh, or forgotten while the query was in
+                    # flight (a batch of unknown outcome): answered, not kept.
                     found[account_id] = self._folded(AccountWeeks(), by_account.get(account_id, ()), NOTHING_FOLDED)
                     continue
                 current = self._accounts.get(account_id)
@@ -307,10 +316,12 @@ class LedgerWeeks:
             self.forget(inserts)   # an id read before it existed: read it again
         folding: dict[str, AccountWeeks] = {}
         for account_id, state in updates.items():
+            # A query in flight learns of the version too, kept or not: what it keeps may
+            # be another read's older snapshot if the bound drops this one meanwhile.
+            if account_id in reading and self._late.get(account_id, NOTHING_FOLDED) < state.version:
+                self._late[account_id] = state.version
             kept = accounts.get(account_id)
             if kept is None:
-                if account_id in reading and self._late.get(account_id, NOTHING_FOLDED) < state.version:
-                    self._late[account_id] = state.version
                 continue
             if kept.sequence == before[account_id]:
                 folding[account_id] = kept

@@ -716,8 +716,9 @@ class Writer:
                 if poison:
                     self.poisoned.add(account_id)
             if poison:
-                # The batch may have committed: the weekly sums kept of its accounts
-                # are read again.
+                # Its accounts reload; their weekly sums kept in memory are read again
+                # too. (Where the outcome is unknown, `_drop_connection` has already
+                # forgotten every account.)
                 self.store.ledger_weeks.forget(op.rows.states if op.rows is not None else op.accounts)
         if resolutions:
             self.notify(resolutions)
