@@ -271,6 +271,17 @@ class HeldAfterQuery:
         return rows
 
 
+async def read_around(weeks: LedgerWeeks, pool, account_ids: list, meanwhile) -> dict:
+    """A read of `account_ids` whose query runs (takes its snapshot) before
+    `await meanwhile()`, and whose answer arrives after it."""
+    held = HeldAfterQuery(pool)
+    reading = asyncio.ensure_future(weeks.read(held, account_ids))
+    await held.ran.wait()
+    await meanwhile()
+    held.release.set()
+    return await reading
+
+
 async def test_a_commit_while_the_first_read_is_in_flight_is_not_missed(engine, monkeypatch):
     """The first read of an account takes its snapshot, a trade commits, then the read's
     answer arrives: the trade is not in it, and the batch could not be folded in (the
@@ -279,12 +290,8 @@ async def test_a_commit_while_the_first_read_is_in_flight_is_not_missed(engine, 
     _, _, ids = await open_portfolio(engine)
     rev = ids["revenue"]
     store = engine.store
-    held = HeldAfterQuery(store.pool)
-    reading = asyncio.ensure_future(store.ledger_weeks.read(held, [rev]))
-    await held.ran.wait()
-    await engine.book_trade(rev, kind="premium", amount=42_00)
-    held.release.set()
-    await reading
+    await read_around(store.ledger_weeks, store.pool, [rev],
+                      lambda: engine.book_trade(rev, kind="premium", amount=42_00))
     queried = counting_reads(monkeypatch, store.ledger_weeks)
     assert await store.analytics_weeks([rev]) == await expected_weeks(store, [rev])
     assert queried == [[rev]]
@@ -321,12 +328,7 @@ async def test_a_batch_of_unknown_outcome_and_a_new_connection_make_the_sums_rea
 async def keep_not_current(engine, rev):
     """`rev` kept, but not current: a trade commits while its first read is in flight."""
     store = engine.store
-    held = HeldAfterQuery(store.pool)
-    reading = asyncio.ensure_future(store.ledger_weeks.read(held, [rev]))
-    await held.ran.wait()
-    await engine.book_trade(rev, kind="loss", amount=10_00)
-    held.release.set()
-    await reading
+    await read_around(store.ledger_weeks, store.pool, [rev], lambda: engine.book_trade(rev, kind="loss", amount=10_00))
     kept = store.ledger_weeks._accounts[rev]
     assert kept.sequence >= 0 and not kept.current
 
@@ -335,15 +337,14 @@ async def read_while_a_failure_forgets_it(engine, rev):
     """A read of `rev` (from its kept version) whose query has run when an operation on
     `rev` fails (its accounts forgotten), answered after."""
     store, writer = engine.store, engine.writer
-    held = HeldAfterQuery(store.pool)
-    reading = asyncio.ensure_future(store.ledger_weeks.read(held, [rev]))
-    await held.ran.wait()
     from persistence.writer import WriteOp
-    writer._fail([WriteOp(op_id=0, accounts=(rev,), done=lambda result, error: None)],
-                 RuntimeError("rejected"), poison=True)
-    writer.poisoned.discard(rev)
-    held.release.set()
-    return (await reading)[rev]
+
+    async def fail():
+        writer._fail([WriteOp(op_id=0, accounts=(rev,), done=lambda result, error: None)],
+                     RuntimeError("rejected"), poison=True)
+        writer.poisoned.discard(rev)
+
+    return (await read_around(store.ledger_weeks, store.pool, [rev], fail))[rev]
 
 
 async def test_a_read_whose_account_is_forgotten_meanwhile_reads_it_whole_again(engine, monkeypatch):
@@ -371,13 +372,9 @@ async def test_a_read_in_flight_across_a_writer_reconnection_reads_it_whole_agai
     await store.analytics_weeks([rev])
     assert rev in store.ledger_weeks._accounts and not store.ledger_weeks.fed
     expected = (await expected_weeks(store, [rev]))[rev]
-    held = HeldAfterQuery(store.pool)
-    reading = asyncio.ensure_future(store.ledger_weeks.read(held, [rev]))
-    await held.ran.wait()
-    await writer.ensure_connection()
+    found = await read_around(store.ledger_weeks, store.pool, [rev], writer.ensure_connection)
     assert store.ledger_weeks.fed
-    held.release.set()
-    assert (await reading)[rev].totals(rev) == expected
+    assert found[rev].totals(rev) == expected
 
 
 async def test_a_commit_folded_into_sums_the_bound_then_drops_is_not_lost(engine):
@@ -390,13 +387,12 @@ async def test_a_commit_folded_into_sums_the_bound_then_drops_is_not_lost(engine
     weeks = store.ledger_weeks
     weeks.clear(fed=True)
     weeks.weeks_cached_max = 1
-    held = HeldAfterQuery(store.pool)
-    first = asyncio.ensure_future(weeks.read(held, [rev]))
-    await held.ran.wait()
-    await weeks.read(store.pool, [rev])
-    await engine.book_trade(rev, kind="premium", amount=42_00)
-    await weeks.read(store.pool, [gen])
-    assert rev not in weeks._accounts
-    held.release.set()
-    await first
+
+    async def second_read_a_trade_and_the_bound():
+        await weeks.read(store.pool, [rev])
+        await engine.book_trade(rev, kind="premium", amount=42_00)
+        await weeks.read(store.pool, [gen])
+        assert rev not in weeks._accounts
+
+    await read_around(weeks, store.pool, [rev], second_read_a_trade_and_the_bound)
     assert await store.analytics_weeks([rev]) == await expected_weeks(store, [rev])
