@@ -37,8 +37,9 @@ chaos: $(STAMP)
 		-p no:randomly tests/test_chaos.py tests/test_fencing.py
 
 # perf.bench (issue 4): every workload in-process and over HTTP at 1..1000 users, the
-# naive and bare-ceiling baselines, the ALL-USE week, restarts; bench-full adds the
-# million-account figures and takes medians of three. Its table comes last; a missed
+# naive and bare-ceiling baselines, the ALL-USE week, restarts, each figure the median of
+# three passes; bench-full adds every level of every workload and the million-account
+# figures. Its table comes last; a missed
 # analytics target is reported without stopping the run.
 bench: $(BENCH_STAMP)
 	-$(BIN)/python -m perf.analytics

@@ -67,7 +67,11 @@ QUICK = Plan(
           ("create-accounts", (64,)), ("deposits", (64,)), ("trades", (64,)), ("reads", (64,))),
     ceiling=(("transfers-uniform", LEVELS), ("transfers-zipf", LEVELS)),
     naive=(("transfers-uniform", (64,)), ("transfers-zipf", (64,))),
-    repeats=1, week_portfolios=2_000, crashes=20, million_accounts=0)
+    # Three passes, each figure their median: on this shared machine one 2 s window
+    # moved a figure by 25% within a run (two workloads doing the same work read 89 + 68
+    # and 65 + 66 µs), and a ratio of two workloads (keyed against unkeyed) compared
+    # windows a minute apart. Three interleaved passes take ~7 minutes instead of ~3.
+    repeats=3, week_portfolios=2_000, crashes=20, million_accounts=0)
 FULL = Plan(
     name="full",
     in_process=tuple((name, LEVELS) for name in WORKLOADS),
@@ -227,7 +231,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "the naive design and the bare ceiling, on a temporary embedded PostgreSQL."))
     add_window_arguments(parser, quick=(2.0, 1.0), full=(5.0, 1.0))
     parser.add_argument("--only", choices=PARTS, nargs="+", help="run only these parts (default: all of the plan)")
-    parser.add_argument("--repeats", type=int, help="runs per figure, the median is reported (quick: 1, full: 3)")
+    parser.add_argument("--repeats", type=int, help="runs per figure, the median is reported (3; --repeats 1 for a single pass)")
     parser.add_argument("--levels", type=int, nargs="+", help=f"concurrency levels instead of {LEVELS}")
     parser.add_argument("--million-accounts", type=int, help="accounts of the scale part (full: 1,000,000)")
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop",
