@@ -23,10 +23,10 @@ only where it continues what is kept: an account's sums are complete up to its v
 takes the account's version from the same snapshot as its entries), and a batch names
 the version each account had before it. The account is *current* when nothing
 committed after that version (`AccountWeeks.committed`: the newest version known to have
-committed, from reads and batches, including those that committed while the read that
-first kept the account was in flight). A batch whose outcome is unknown (the connection
-failed during its statement) and every new writer connection forget what they touch or
-everything (`forget`, `clear`): those accounts are read again.
+committed, from reads and batches, including those that committed while a query of the
+account was in flight). A failed operation's accounts are forgotten (`forget`), and
+everything is when the writer's connection drops (a statement's outcome unknown) or a new
+one is made (`clear`): those accounts are read again.
 
 Every sum here is mergeable (sums add, the first inflow's weekday is a minimum), so a
 back-dated entry (an effective date in an old week) just changes that week; the running
@@ -175,8 +175,8 @@ class LedgerWeeks:
         # True while a writer hands over every batch it commits (`committed`): only then
         # is a current account answered without a query.
         self.fed = False
-        # Accounts with a query in flight (how many), the newest version committed
-        # meanwhile of those not kept, and those forgotten meanwhile (not to be kept).
+        # Accounts with a query in flight (how many), the newest version of each
+        # committed meanwhile, and those forgotten meanwhile (read again from nothing).
         self._reading: collections.Counter[str] = collections.Counter()
         self._late: dict[str, int] = {}
         self._doubtful: set[str] = set()
