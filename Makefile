@@ -39,8 +39,8 @@ chaos: $(STAMP)
 # perf.bench (issue 4): every workload in-process and over HTTP at 1..1000 users, the
 # naive and bare-ceiling baselines, the ALL-USE week, restarts, each figure the median of
 # three passes; bench-full adds every level of every workload and the million-account
-# figures. Its table comes last; a missed
-# analytics target is reported without stopping the run.
+# figures. Its table comes last; a missed analytics target is reported without stopping
+# the run.
 bench: $(BENCH_STAMP)
 	-$(BIN)/python -m perf.analytics
 	-$(BIN)/python -m perf.webhooks --quick

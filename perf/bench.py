@@ -16,8 +16,9 @@ mixed "ALL-USE week" (`perf.week`: the strategy engine books a week's trade resu
 thousands of portfolios in-process while operators read, in-process or over HTTP), at
 concurrency levels from 1 to 1,000 users. Baselines in the same run: the naive design
 (`perf.naive`) and the bare ceiling (`perf.ceiling`); our transfer figures are reported
-as ratios to both. `bench-full` adds the million-account figures (`perf.million`) and
-takes the median of three runs for every figure.
+as ratios to both. Both plans run three passes and report the median of each figure;
+`bench-full` adds every level of every workload and the million-account figures
+(`perf.million`).
 
 Only durable acknowledgements count: an operation counts when its reply (sent after
 COMMIT) arrives inside the measured window, which follows a warm-up. Every run is
