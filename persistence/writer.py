@@ -640,7 +640,11 @@ class Writer:
         self._audit_head = batch.head
         self._event_head = batch.event_head
         self._last_committed = batch.serial
-        self.store.ledger_weeks.committed(batch.before, batch.updates, batch.inserts, batch.transactions)
+        try:
+            self.store.ledger_weeks.committed(batch.before, batch.updates, batch.inserts, batch.transactions)
+        except Exception:  # noqa: BLE001 - a bug in a cache must not fail writes that committed
+            log.exception("keeping the weekly sums current failed; they are read from the database from now on")
+            self.store.ledger_weeks.clear(fed=False)
         ops = batch.ops
         for op in ops:
             if op.audit is not None:
@@ -717,8 +721,9 @@ class Writer:
                     self.poisoned.add(account_id)
             if poison:
                 # Its accounts reload; their weekly sums kept in memory are read again
-                # too. (Where the outcome is unknown, `_drop_connection` has already
-                # forgotten every account.)
+                # too. (Where a statement's outcome is unknown, `_drop_connection` has
+                # already forgotten every account; this covers a batch that committed
+                # but failed in the writer afterwards, a bug its loop survives.)
                 self.store.ledger_weeks.forget(op.rows.states if op.rows is not None else op.accounts)
         if resolutions:
             self.notify(resolutions)

@@ -396,3 +396,20 @@ async def test_a_commit_folded_into_sums_the_bound_then_drops_is_not_lost(engine
 
     await read_around(weeks, store.pool, [rev], second_read_a_trade_and_the_bound)
     assert await store.analytics_weeks([rev]) == await expected_weeks(store, [rev])
+
+
+async def test_a_failure_keeping_the_sums_fails_no_write_and_they_are_read_from_the_database(engine, monkeypatch):
+    """A bug in the hand-over must not fail operations that committed: the writer logs
+    it and stops answering from memory."""
+    _, _, ids = await open_portfolio(engine)
+    rev = ids["revenue"]
+    store = engine.store
+    await store.analytics_weeks([rev])
+
+    def broken(*args):
+        raise RuntimeError("a bug in the hand-over")
+
+    monkeypatch.setattr(store.ledger_weeks, "committed", broken)
+    await engine.deposit(rev, 7_00)
+    assert not store.ledger_weeks.fed and len(store.ledger_weeks) == 0
+    assert await store.analytics_weeks([rev]) == await expected_weeks(store, [rev])
